@@ -1,0 +1,211 @@
+"""Count multiply-accumulates (MACs) and parameters of any PyTorch model, on CPU or GPU.
+
+Convention (printed with every number): one fused multiply-add = 1 MAC; convolutions,
+transposed convolutions, linear layers and matrix products (attention included) are counted;
+bias adds, norms, activations, pooling, softmax and elementwise ops are not, and are listed as
+uncounted. The count is taken at the ATen level under a dispatch mode, so it sees what the model
+really runs: `F.scaled_dot_product_attention` on CPU (which `torch.utils.flop_counter` misses),
+grouped and depthwise convs, and transposed convs (counted from their *input* size: every input
+pixel is multiplied into a kernel-sized output patch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+CONVENTION = "1 MAC = 1 fused multiply-add; convs, transposed convs, linears and matmuls/attention only"
+
+OP_KINDS = ("conv", "depthwise_conv", "transposed_conv", "linear", "attention_matmul")
+
+# ATen ops that only move or view memory (or allocate): neither counted nor worth listing.
+_LAYOUT_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "slice",
+    "select",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "squeeze",
+    "unsqueeze",
+    "flatten",
+    "alias",
+    "detach",
+    "clone",
+    "contiguous",
+    "_to_copy",
+    "copy_",
+    "empty",
+    "empty_like",
+    "zeros",
+    "zeros_like",
+    "ones_like",
+    "full",
+    "new_empty",
+    "new_zeros",
+    "as_strided",
+    "lift_fresh",
+    "_reshape_alias",
+    "cat",
+    "stack",
+    "pad",
+    "constant_pad_nd",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_same_size",
+    "index",
+}
+
+_SDPA_OPS = {
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+}
+
+
+@dataclass
+class MacReport:
+    """What `count_macs` found. MACs are for the whole batch given (batch 1 by default)."""
+
+    macs: int
+    params: int
+    params_head: int
+    image_size: tuple[int, int]
+    batch_size: int
+    by_op: dict[str, int] = field(default_factory=dict)
+    uncounted: dict[str, int] = field(default_factory=dict)
+    convention: str = CONVENTION
+
+    @property
+    def params_backbone(self) -> int:
+        return self.params - self.params_head
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params,
+            "params_backbone": self.params_backbone,
+            "params_head": self.params_head,
+            "macs": self.macs,
+            "image_size": list(self.image_size),
+            "batch_size": self.batch_size,
+            "by_op": dict(self.by_op),
+            "uncounted": dict(self.uncounted),
+            "convention": self.convention,
+        }
+
+
+class _MacCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: Counter[str] = Counter()
+        self.uncounted: Counter[str] = Counter()
+        self.linear_depth = 0  # > 0 while inside an nn.Linear's forward
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in ("convolution", "_convolution", "convolution_overrideable"):
+            self._conv(args, out)
+        elif name in ("mm", "addmm", "bmm", "baddbmm"):
+            a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
+            macs = math.prod(a.shape) * b.shape[-1]
+            self.by_op["linear" if self.linear_depth else "attention_matmul"] += macs
+        elif name in _SDPA_OPS:
+            q, k, v = args[0], args[1], args[2]
+            batch = math.prod(q.shape[:-2])
+            self.by_op["attention_matmul"] += batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        elif name not in _LAYOUT_OPS:
+            self.uncounted[name.lstrip("_")] += 1
+        return out
+
+    def _conv(self, args, out) -> None:
+        x, w = args[0], args[1]
+        transposed, groups = bool(args[6]), int(args[8])
+        kernel = math.prod(w.shape[2:])
+        if transposed:
+            # weight (C_in, C_out / groups, k...): each input element feeds C_out/groups * k outputs
+            self.by_op["transposed_conv"] += x.numel() * w.shape[1] * kernel
+        else:
+            # weight (C_out, C_in / groups, k...): each output element sums C_in/groups * k products
+            kind = "depthwise_conv" if groups > 1 and w.shape[1] == 1 else "conv"
+            self.by_op[kind] += out.numel() * w.shape[1] * kernel
+
+
+def count_params(model: nn.Module, head_prefix: str = "head") -> tuple[int, int]:
+    """(all parameters, parameters under `head_prefix`), each shared tensor counted once."""
+    total = head = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name == head_prefix or name.startswith(head_prefix + "."):
+            head += p.numel()
+    return total, head
+
+
+@torch.no_grad()
+def count_macs(
+    model: nn.Module,
+    image_size: tuple[int, int] | int = 224,
+    batch_size: int = 1,
+    in_chans: int = 3,
+    device: str | torch.device | None = None,
+) -> MacReport:
+    """MACs of one forward pass at `image_size` (H, W) and the parameter counts of `model`.
+
+    The model runs once on zeros in eval mode (its train/eval state is restored after).
+    """
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.zeros(batch_size, in_chans, *image_size, device=device)
+    counter = _MacCounter()
+
+    def enter(module, inputs):
+        counter.linear_depth += 1
+
+    def leave(module, inputs, output):
+        counter.linear_depth -= 1
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave))
+    was_training = model.training
+    model.eval()
+    try:
+        with counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    params, params_head = count_params(model)
+    by_op = {k: int(counter.by_op.get(k, 0)) for k in OP_KINDS}
+    return MacReport(
+        macs=sum(by_op.values()),
+        params=params,
+        params_head=params_head,
+        image_size=tuple(image_size),
+        batch_size=batch_size,
+        by_op=by_op,
+        uncounted=dict(sorted(counter.uncounted.items())),
+    )
