@@ -21,6 +21,7 @@ class ModelEntry:
         family: "lowformer" or "edgevit".
         spec: the architecture spec the builder uses (saved into our checkpoints).
         convert: `convert(state_dict, spec) -> (native_state_dict, detected_format)`.
+        size_divisor: input height and width must be multiples of this (1: any size >= 32).
         classifier: state-dict prefix of the final linear layer (dropped when num_classes differs).
         paper: (params in M, MACs in M) as published; None where not published.
         pretrained: where official weights come from: {"paths": [...], "source": "..."}, or
@@ -33,6 +34,7 @@ class ModelEntry:
     spec: Any
     convert: Callable[[dict, Any], tuple[dict, str]]
     classifier: str = "head.fc"
+    size_divisor: int = 1
     paper: tuple[float | None, float | None] = (None, None)
     pretrained: dict = field(default_factory=dict)
 
