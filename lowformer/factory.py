@@ -76,7 +76,9 @@ def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
             f"{path} carries no lowformer metadata; use create_model(NAME, checkpoint_path={str(path)!r})"
         )
     variant = meta["variant"]
-    if variant in list_models() and json.loads(meta["spec"]) == get_entry(variant).spec.to_dict():
+    if variant in list_models() and json.loads(meta["spec"]) == json.loads(
+        json.dumps(get_entry(variant).spec.to_dict())
+    ):
         return create_model(variant, checkpoint_path=path, **overrides)
     raise CheckpointError(
         f"{path} holds variant {variant!r}, which is not registered here; register its spec with "

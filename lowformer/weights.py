@@ -138,7 +138,7 @@ def convert_checkpoint(
     state_dict, meta = read_checkpoint(path)
     if meta.get("format") == "lowformer":
         saved_spec = json.loads(meta.get("spec", "null"))
-        if meta.get("family") != entry.family or saved_spec != entry.spec.to_dict():
+        if meta.get("family") != entry.family or saved_spec != json.loads(json.dumps(entry.spec.to_dict())):
             raise CheckpointError(
                 f"{path} was saved from {meta.get('variant')!r} ({meta.get('family')}), whose "
                 f"architecture differs from {entry.name!r}; build it with "

@@ -34,7 +34,13 @@ def model_info(name: str, image_size: tuple[int, int] = (224, 224), checkpoint: 
     entry = get_entry(name)
     out = {"model": name, "family": entry.family, **report.to_dict()}
     out["features"] = [
-        {"index": i, "module": fi["module"], "channels": fi["num_chs"], "stride": fi["reduction"], "shape": list(f.shape)}
+        {
+            "index": i,
+            "module": fi["module"],
+            "channels": fi["num_chs"],
+            "stride": fi["reduction"],
+            "shape": list(f.shape),
+        }
         for i, (fi, f) in enumerate(zip(model.feature_info, feats))
     ]
     out["paper"] = {"params_m": entry.paper[0], "macs_m": entry.paper[1]}
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     h, w = info["image_size"]
     print(f"{info['model']}  ({info['family']})")
-    print(f"  params      {_fmt(info['params'])}  (backbone {_fmt(info['params_backbone'])}, head {_fmt(info['params_head'])})")
+    split = f"backbone {_fmt(info['params_backbone'])}, head {_fmt(info['params_head'])}"
+    print(f"  params      {_fmt(info['params'])}  ({split})")
     print(f"  MACs        {_fmt(info['macs'])}  at {h}x{w}, batch 1  [{info['convention']}]")
     for kind, macs in info["by_op"].items():
         share = 100 * macs / info["macs"] if info["macs"] else 0.0
@@ -67,5 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  not counted {uncounted}")
     print("  features")
     for f in info["features"]:
-        print(f"    [{f['index']}] {f['module']:<10} {f['channels']:>5} ch  stride {f['stride']:>2}  {tuple(f['shape'])}")
+        print(
+            f"    [{f['index']}] {f['module']:<10} {f['channels']:>5} ch  stride {f['stride']:>2}  {tuple(f['shape'])}"
+        )
     return 0

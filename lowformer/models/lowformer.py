@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,6 @@ __all__ = ["LowFormer", "LowFormerSpec", "StageSpec", "Lowtention", "convert_sta
 class FusedMBConv(nn.Module):
     """k x k expand conv (BN, act) then 1x1 project conv (BN), optional identity shortcut."""
 
-    drop_path_attrs = ("drop_path",)
-
     def __init__(
         self,
         in_chs: int,
@@ -55,6 +53,7 @@ class FusedMBConv(nn.Module):
         super().__init__()
         mid_chs = round(in_chs * expand_ratio)
         self.has_skip = has_skip and stride == 1 and in_chs == out_chs
+        self.drop_path_attrs = ("drop_path",) if self.has_skip else ()  # residual branches only
         self.conv_exp = ConvNormAct(in_chs, mid_chs, 3, stride=stride, bias=expand_bias, act_layer=act_layer)
         self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1)
         self.drop_path = nn.Identity()
@@ -510,7 +509,9 @@ def _wb(dst: str, src: str, bias: bool = True) -> list[tuple[str, str]]:
 
 
 def _bn(dst: str, src: str) -> list[tuple[str, str]]:
-    return [(f"{dst}.{p}", f"{src}.{p}") for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    return [
+        (f"{dst}.{p}", f"{src}.{p}") for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]
 
 
 def key_map(spec: LowFormerSpec) -> list[tuple[str, str]]:
@@ -540,7 +541,11 @@ def key_map(spec: LowFormerSpec) -> list[tuple[str, str]]:
                 pairs += _wb(f"{dst}.attn.up", f"{att}.upsampling")
             if st.mlp:
                 mlp = f"{blk}.0.1.main" if st.attn else f"{blk}.0.main"
-                pairs += _wb(f"{dst}.norm2", f"{mlp}.0") + _wb(f"{dst}.mlp.fc1", f"{mlp}.1") + _wb(f"{dst}.mlp.fc2", f"{mlp}.3")
+                pairs += (
+                    _wb(f"{dst}.norm2", f"{mlp}.0")
+                    + _wb(f"{dst}.mlp.fc1", f"{mlp}.1")
+                    + _wb(f"{dst}.mlp.fc2", f"{mlp}.3")
+                )
             local = f"{blk}.1.main"
             if st.width < spec.fused_below:
                 pairs += _fused_pairs(f"{dst}.local", local, expand_bias=True)
@@ -695,7 +700,12 @@ def _official_release(name: str) -> dict:
     short = _OFFICIAL_NAMES[name]
     return {
         "file": "evalmodel.pt",
-        "paths": [f"{name}.pt", f"{name}.safetensors", f"{name}/evalmodel.pt", f".exp/cls/imagenet/{short}/checkpoint/evalmodel.pt"],
+        "paths": [
+            f"{name}.pt",
+            f"{name}.safetensors",
+            f"{name}/evalmodel.pt",
+            f".exp/cls/imagenet/{short}/checkpoint/evalmodel.pt",
+        ],
         "source": (
             "the official LowFormer checkpoint folder linked from the README of "
             f"https://github.com/altair199797/LowFormer (file .exp/cls/imagenet/{short}/checkpoint/evalmodel.pt), "

@@ -1,0 +1,224 @@
+"""The machine a benchmark runs on: device choice, environment record, TF32 switches, peak memory
+and known peak throughput (for MFU)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import torch
+
+MIB = 2**20
+
+# Dense (no structured sparsity) peak TFLOP/s from NVIDIA's datasheets, per precision. "fp32" is
+# the CUDA-core rate (TF32 off); "tf32", "fp16" and "bf16" are tensor-core rates. Matched in order
+# against the device name, so the specific names come before the general ones.
+PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    (r"H200", "H200", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4}),
+    (r"H100.*PCIe", "H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0}),
+    (r"H100.*NVL", "H100 NVL", {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5, "bf16": 835.5}),
+    (r"H100", "H100 SXM", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4}),
+    (r"A100", "A100", {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0}),
+    (r"L40S", "L40S", {"fp32": 91.6, "tf32": 183.0, "fp16": 362.1, "bf16": 362.1}),
+    (r"A10\b", "A10", {"fp32": 31.2, "tf32": 62.5, "fp16": 125.0, "bf16": 125.0}),
+    (r"L4\b", "L4", {"fp32": 30.3, "tf32": 60.0, "fp16": 121.0, "bf16": 121.0}),
+    (r"T4\b", "T4", {"fp32": 8.1, "fp16": 65.0}),
+    (r"V100", "V100", {"fp32": 15.7, "fp16": 125.0}),
+]
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """"auto" (or None) -> "cuda" when a GPU is visible, else "cpu"; checks that CUDA exists when asked."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return device
+    raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
+
+
+def peak_tflops(name: str, precision: str) -> tuple[float | None, str | None]:
+    """(peak TFLOP/s, which table row) for a device name and precision; (None, None) if unknown."""
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, name):
+            peak = peaks.get(precision)
+            return (peak, f"table:{label}") if peak is not None else (None, None)
+    return None, None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def tf32_state() -> dict[str, bool | str]:
+    """Whether matmuls and cuDNN convolutions may use TF32 right now."""
+    try:
+        return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    except RuntimeError:  # the process mixed the legacy and the new TF32 API; read the new one
+        return {
+            "tf32_matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
+            "tf32_cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
+        }
+
+
+@contextmanager
+def tf32_mode(enabled: bool):
+    """Allow or forbid TF32 for matmuls and cuDNN convolutions inside the block, then restore."""
+    before = tf32_state()
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before["tf32_matmul"]
+        torch.backends.cudnn.allow_tf32 = before["tf32_cudnn"]
+
+
+@contextmanager
+def cudnn_benchmark_mode(enabled: bool):
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextmanager
+def num_threads(threads: int | None):
+    """Use `threads` intra-op threads inside the block (None: leave torch's choice)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class PeakMemory:
+    """Peak memory of one configuration.
+
+    CUDA: the caching allocator's `max_memory_allocated` (tensors only; no context, no workspace
+    held outside the allocator). CPU: the process's peak resident set (`VmHWM` in
+    /proc/self/status), reset before the configuration by writing 5 to /proc/self/clear_refs;
+    where that reset is refused the value is the process lifetime peak, and where /proc is missing
+    it is `ru_maxrss` (lifetime). `source` names which one was read.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._reset_ok = False
+
+    def reset(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._reset_ok = True
+        except OSError:
+            self._reset_ok = False
+
+    def read(self) -> tuple[float | None, str]:
+        if self.device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated(self.device) / MIB, "cuda_max_memory_allocated"
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        kib = int(line.split()[1])
+                        return kib * 1024 / MIB, "proc_vmhwm" if self._reset_ok else "proc_vmhwm_lifetime"
+        except OSError:
+            pass
+        # ru_maxrss is in KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (rss if sys.platform == "darwin" else rss * 1024) / MIB, "ru_maxrss_lifetime"
+
+
+def environment(device: str) -> dict:
+    """Everything a reader needs to reproduce or judge a number; recorded once per run."""
+    from .. import __version__
+
+    env: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "lowformer": __version__,
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "numpy": _version("numpy"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "device": device,
+        "device_name": device_name(device),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpu_driver": None,
+        "gpu_memory_gib": None,
+        "gpu_capability": None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        **tf32_state(),
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env["gpu_driver"] = _gpu_driver()
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 2)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+    return env
