@@ -174,7 +174,9 @@ def count_macs(
     """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
     x = torch.zeros(batch_size, in_chans, *image_size, device=device)
     counter = _MacCounter()
 

@@ -1,0 +1,204 @@
+"""Ways to run a model: eager, torch.compile, TorchScript, ONNX Runtime, CUDA graphs; plus the
+precision and reparameterisation switches that go with them.
+
+`prepare` turns (model, input) into a zero-argument `step` that runs one forward pass, and picks
+the timer that measures it correctly on that backend and device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .timing import CudaEventTimer, PerfCounterTimer, Timer
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "compile", "torchscript", "onnxruntime", "cudagraphs")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def unsupported_reason(backend: str, precision: str, device: str, channels_last: bool) -> str | None:
+    """Why this combination cannot run (it is then recorded as skipped), or None."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    cuda = device.startswith("cuda")
+    if precision == "tf32" and not cuda:
+        return "tf32 is a CUDA tensor-core mode; on CPU use fp32 or bf16"
+    if backend == "cudagraphs" and not cuda:
+        return "cudagraphs needs a CUDA device"
+    if backend in ("torchscript", "onnxruntime") and precision in AUTOCAST_DTYPES:
+        return f"{backend} runs the fp32 graph here (fp32 or tf32); autocast needs eager, compile or cudagraphs"
+    if backend == "onnxruntime" and channels_last:
+        return "channels_last does not apply to onnxruntime (it chooses its own layouts)"
+    return None
+
+
+def autocast(precision: str, device: str, cache_enabled: bool = True):
+    """The autocast context of a precision: a no-op for fp32 and tf32 (they are TF32 switches)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+_FUSE_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
+
+
+def reparameterize(model: nn.Module) -> tuple[nn.Module, str]:
+    """Fold training-time branches into inference form; returns (model, what was applied).
+
+    A model-level `reparameterize()` (our deploy mode, when a model has one) wins; otherwise
+    `timm.utils.reparameterize_model` runs when some submodule offers `fuse`, `reparameterize` or
+    `switch_to_deploy` (MobileOne, FastViT, RepViT, ...); otherwise nothing is changed and the
+    record says "none-available".
+    """
+    hook = getattr(model, "reparameterize", None)
+    if callable(hook):
+        out = hook()
+        return (out if isinstance(out, nn.Module) else model), "model.reparameterize"
+    if any(hasattr(m, h) for m in model.modules() if m is not model for h in _FUSE_HOOKS):
+        from timm.utils import reparameterize_model
+
+        return reparameterize_model(model), "timm.utils.reparameterize_model"
+    return model, "none-available"
+
+
+@dataclass
+class Prepared:
+    """One forward pass ready to time: `step()` runs it, `timer` measures it."""
+
+    step: Callable[[], Any]
+    timer: Timer
+    note: str | None = None  # e.g. the ONNX Runtime provider actually used
+    keep: Any = None  # objects the step needs alive (sessions, static outputs, graphs)
+
+
+def _device_timer(device: str) -> Timer:
+    return CudaEventTimer() if device.startswith("cuda") else PerfCounterTimer()
+
+
+def _forward(model: Callable, x: torch.Tensor, precision: str, device: str) -> Callable[[], Any]:
+    if precision not in AUTOCAST_DTYPES:
+        return functools.partial(model, x)
+
+    def step():
+        # NOTE: autocast is entered per call, as inference code does, so weight casts are timed
+        with autocast(precision, device):
+            return model(x)
+
+    return step
+
+
+def prepare(
+    model: nn.Module,
+    x: torch.Tensor,
+    backend: str,
+    precision: str,
+    device: str,
+    compile_mode: str | None = None,
+    threads: int | None = None,
+) -> Prepared:
+    """Build the step for `backend`. The model and `x` are already on `device` and in their layout.
+
+    Call under `torch.no_grad()` and the precision's TF32 switch (the runner does both).
+    """
+    reason = unsupported_reason(backend, precision, device, channels_last=False)
+    if reason is not None:
+        raise ValueError(reason)
+    if backend == "eager":
+        return Prepared(_forward(model, x, precision, device), _device_timer(device))
+    if backend == "compile":
+        compiled = torch.compile(model, mode=compile_mode)
+        step = _forward(compiled, x, precision, device)
+        step()  # compile now, so that the warm-up times running, not compiling
+        return Prepared(step, _device_timer(device), note=f"torch.compile mode={compile_mode or 'default'}")
+    if backend == "torchscript":
+        return Prepared(_forward(_torchscript(model, x), x, precision, device), _device_timer(device))
+    if backend == "onnxruntime":
+        return _onnxruntime(model, x, precision, device, threads)
+    if backend == "cudagraphs":
+        return _cuda_graph(model, x, precision, device)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
+    """Trace, freeze and `optimize_for_inference`, as the LowFormer papers measured.
+
+    NOTE: the official code scripts (`torch.jit.script`); we trace, because not every timm peer
+    scripts, and for these static-shape models both give the same frozen graph.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x, check_trace=False)
+        optimized = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    for w in caught:
+        _logger.debug("torchscript: %s", w.message)
+    return optimized
+
+
+def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str, threads: int | None) -> Prepared:
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..export import export_onnx
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    cuda = device.startswith("cuda")
+    if cuda:
+        index = torch.device(device).index or 0
+        # NOTE: the CUDA EP uses TF32 by default; fp32 here means TF32 off, as for PyTorch
+        providers = [("CUDAExecutionProvider", {"device_id": index, "use_tf32": int(precision == "tf32")})]
+    else:
+        providers = ["CPUExecutionProvider"]
+    x = x.contiguous()
+    with tempfile.TemporaryDirectory(prefix="lowformer-bench-") as tmp:
+        path = export_onnx(model, os.path.join(tmp, "model.onnx"), x)
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    wanted = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
+    used = session.get_providers()[0]
+    if used != wanted:
+        raise RuntimeError(f"onnxruntime ran on {used}, not {wanted}: install onnxruntime-gpu for CUDA")
+    if not cuda:
+        feed = {"input": x.cpu().numpy()}
+        return Prepared(functools.partial(session.run, None, feed), PerfCounterTimer(), note=used, keep=session)
+    # Input and output stay on the GPU (no host copies in the timed call). `run_with_iobinding`
+    # returns when the GPU work is done, so the host clock times it.
+    binding = session.io_binding()
+    binding.bind_input("input", "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+    binding.bind_output("output", "cuda", index)
+    step = functools.partial(session.run_with_iobinding, binding)
+    return Prepared(step, PerfCounterTimer(sync=torch.cuda.synchronize), note=used, keep=(session, binding, x))
+
+
+def _cuda_graph(model: nn.Module, x: torch.Tensor, precision: str, device: str) -> Prepared:
+    """Capture one forward pass into a CUDA graph; each step replays it on the same static input."""
+    # autocast's weight cache must be off while capturing (cached casts would outlive the graph)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm up on a side stream, as torch.cuda.graphs requires
+            with autocast(precision, device, cache_enabled=False):
+                model(x)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), autocast(precision, device, cache_enabled=False):
+        out = model(x)
+    return Prepared(graph.replay, CudaEventTimer(), keep=(graph, x, out))

@@ -1,0 +1,66 @@
+"""Default settings per device, and presets that reproduce the LowFormer papers' protocols.
+
+Explicit arguments override a preset; a preset overrides the device defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .timing import TimingPolicy
+
+MODES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    modes: tuple[str, ...]
+    batch_sizes: tuple[int, ...] | None = None  # throughput batch sizes (latency is always batch 1)
+    image_sizes: tuple[tuple[int, int], ...] = ((224, 224),)
+    backends: tuple[str, ...] = ("torchscript",)
+    precisions: tuple[str, ...] = ("fp32",)
+    timing: TimingPolicy | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    "paper-throughput": Preset(
+        description="LowFormer papers' throughput: batch 200 at 224x224, TorchScript "
+        "(trace, freeze, optimize_for_inference), fp32 (TF32 off), 10 warm-up + 100 timed calls",
+        modes=("throughput",),
+        batch_sizes=(200,),
+        timing=TimingPolicy(warmup_iters=10, warmup_s=0.0, min_iters=100, min_s=0.0),
+    ),
+    "paper-latency": Preset(
+        description="LowFormer papers' latency: batch 1 at 224x224, TorchScript + optimize_for_inference, "
+        "fp32 (TF32 off), median of 500 timed calls after 50 warm-up calls",
+        modes=("latency",),
+        timing=TimingPolicy(warmup_iters=50, warmup_s=0.0, min_iters=500, min_s=0.0),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+def default_batch_size(device: str) -> int:
+    """Throughput batch: large on a GPU; 16 on a CPU, where larger batches only add minutes."""
+    return 256 if device.startswith("cuda") else 16
+
+
+def default_timing(device: str) -> TimingPolicy:
+    """Bounded by time, so the default model set runs in a few minutes on a 2-core CPU."""
+    if device.startswith("cuda"):
+        return TimingPolicy(warmup_iters=10, warmup_s=2.0, min_iters=50, min_s=5.0)
+    return TimingPolicy(warmup_iters=2, warmup_s=1.0, min_iters=10, min_s=3.0)
+
+
+def default_round_timing(device: str) -> TimingPolicy:
+    """One round of a paired comparison: a re-warm call, then a short burst of timed calls."""
+    if device.startswith("cuda"):
+        return TimingPolicy(warmup_iters=2, warmup_s=0.0, min_iters=20, min_s=0.2)
+    return TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=5, min_s=0.5)
