@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..measure.macs import count_macs
 from . import stats
-from .backends import PRECISIONS, Prepared, prepare, reparameterize, unsupported_reason
+from .backends import Prepared, prepare, reparameterize, unsupported_reason
 from .env import (
     PeakMemory,
     cpu_name,
@@ -384,7 +384,7 @@ def _new_result(config: BenchConfig, source: Source) -> BenchResult:
         channels_last=config.channels_last,
         reparam=config.reparam,
         reparam_applied=None,
-        threads=config.threads,
+        threads=config.threads or torch.get_num_threads(),
         jobs=config.jobs,
     )
 
@@ -446,7 +446,7 @@ def run_config(
             model, result.reparam_applied = reparameterize(model)
         result.params, result.macs = _count(model, config, macs_cache if macs_cache is not None else {})
         if config.jobs > 1:
-            raw = _run_jobs(config, source if isinstance(source, str) else pristine or source)
+            raw = _run_jobs(config, source if isinstance(source, str) or pristine is None else pristine)
         else:
             raw = _measure_config(config, model)
         _fill(result, config, raw)
@@ -489,7 +489,7 @@ def run_plan(plan: Plan, progress: bool = False) -> BenchReport:
         else:
             result = run_config(config, source, pristine, macs_cache)
         if not result.ok:
-            bar.write(f"{config.describe()}: {result.status}: {result.error}") if progress else None
+            _logger.info("%s: %s: %s", config.describe(), result.status, result.error)
         report.results.append(result)
     return report
 
@@ -562,5 +562,3 @@ def benchmark(
     )
     return run_plan(p, progress=progress)
 
-
-__all__ = ["PRECISIONS", "Plan", "benchmark", "plan", "run_config", "run_plan"]

@@ -1,0 +1,355 @@
+"""Paired comparison: configurations interleaved round by round in one process.
+
+Each round times every configuration for a short burst; the order alternates between rounds
+(A B C, then C B A, ...) so that slow drifts of the machine (other load, clocks, thermals) hit
+every configuration alike. A pair's speedup is computed per round, from the two round medians
+taken moments apart, and reported as min / median / max over rounds: when even the minimum is
+above 1, the second configuration was faster in every round. This is robust on noisy machines
+where two separate runs are not comparable.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import stats
+from .backends import Prepared, reparameterize, unsupported_reason
+from .env import environment, resolve_device
+from .models import check_model_name, model_source
+from .presets import default_round_timing, default_timing
+from .result import BenchConfig
+from .runner import _count, build_source, config_context, failure, prepare_config
+from .timing import TimingPolicy, measure
+
+SCHEMA = "lowformer.bench.compare/1"
+
+# Options a comparison spec may set after "@": MODEL@backend=torchscript,channels_last
+SPEC_OPTIONS: dict[str, type] = {
+    "backend": str,
+    "precision": str,
+    "compile_mode": str,
+    "channels_last": bool,
+    "reparam": bool,
+    "threads": int,
+}
+
+
+def _parse_bool(spec: str, key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{spec!r}: {key}={value!r} is not a boolean (use true or false)")
+
+
+def parse_spec(spec: str, base: BenchConfig) -> BenchConfig:
+    """"MODEL[@key=value,...]" -> `base` with that model and those options.
+
+    Keys: backend, precision, compile_mode, channels_last, reparam, threads. A bare boolean key
+    ("@channels_last") means true.
+    """
+    name, _, options = spec.partition("@")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"{spec!r}: no model name before '@'")
+    check_model_name(name)
+    overrides: dict = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        kind = SPEC_OPTIONS.get(key)
+        if kind is None:
+            raise ValueError(f"{spec!r}: unknown option {key!r}; a spec may set {', '.join(SPEC_OPTIONS)}")
+        if kind is bool:
+            overrides[key] = True if not eq else _parse_bool(spec, key, value)
+        elif not eq or not value.strip():
+            raise ValueError(f"{spec!r}: {key} needs a value ({key}=...)")
+        elif kind is int:
+            try:
+                overrides[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{spec!r}: {key}={value!r} is not an integer") from None
+        else:
+            overrides[key] = value.strip()
+    config = dataclasses.replace(base, model=name, **overrides)
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"{spec!r}: threads must be >= 1")
+    if config.compile_mode is not None and config.backend != "compile":
+        raise ValueError(f"{spec!r}: compile_mode needs backend=compile")
+    unsupported_reason(config.backend, config.precision, config.device, config.channels_last)  # name check
+    return config
+
+
+@dataclass
+class CompareEntry:
+    """One configuration of a comparison and its timings over all rounds."""
+
+    label: str
+    config: BenchConfig
+    source: str
+    status: str = "ok"
+    error: str | None = None
+    reparam_applied: str | None = None
+    params: int | None = None
+    macs: int | None = None
+    timer: str | None = None
+    prepare_s: float | None = None
+    round_medians_ms: list[float] = field(default_factory=list)
+    samples_s: list[float] = field(default_factory=list, repr=False)
+    prepared: Prepared | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary(self) -> dict:
+        return stats.summarize_ms(self.samples_s) if self.samples_s else {}
+
+    @property
+    def latency_ms_p50(self) -> float | None:
+        return self.summary().get("latency_ms_p50")
+
+    @property
+    def latency_ms_p10(self) -> float | None:
+        return self.summary().get("latency_ms_p10")
+
+    @property
+    def latency_ms_p90(self) -> float | None:
+        return self.summary().get("latency_ms_p90")
+
+    @property
+    def throughput_img_s(self) -> float | None:
+        return self.config.batch_size / stats.median(self.samples_s) if self.samples_s else None
+
+    def to_dict(self) -> dict:
+        cfg = dataclasses.asdict(self.config)
+        cfg["image_size"] = list(cfg["image_size"])
+        return {
+            "label": self.label,
+            "config": cfg,
+            "source": self.source,
+            "status": self.status,
+            "error": self.error,
+            "reparam_applied": self.reparam_applied,
+            "params": self.params,
+            "macs": self.macs,
+            "timer": self.timer,
+            "prepare_s": self.prepare_s,
+            "iterations": len(self.samples_s),
+            **self.summary(),
+            "throughput_img_s": self.throughput_img_s,
+            "round_medians_ms": self.round_medians_ms,
+        }
+
+
+@dataclass
+class PairResult:
+    """Per-round speedup of `b` over `a`: time(a) / time(b); > 1 means b is faster."""
+
+    a: str
+    b: str
+    a_tag: str
+    b_tag: str
+    rounds: int
+    speedup_min: float
+    speedup_median: float
+    speedup_max: float
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def pair_result(a: CompareEntry, b: CompareEntry, a_tag: str = "A", b_tag: str = "B") -> PairResult:
+    """Speedups over the rounds both entries completed, and what they show."""
+    ratios = [ta / tb for ta, tb in zip(a.round_medians_ms, b.round_medians_ms)]
+    if not ratios:
+        raise ValueError(f"{a.label} and {b.label} share no completed round")
+    s = stats.ratio_summary(ratios)
+    if s["min"] > 1:
+        verdict = f"{b_tag} faster in every round"
+    elif s["max"] < 1:
+        verdict = f"{b_tag} slower in every round"
+    else:
+        verdict = "no consistent difference (range spans 1)"
+    return PairResult(a.label, b.label, a_tag, b_tag, len(ratios), s["min"], s["median"], s["max"], verdict)
+
+
+@dataclass
+class CompareReport:
+    environment: dict
+    settings: dict
+    entries: list[CompareEntry]
+    pairs: list[PairResult]
+
+    @property
+    def tags(self) -> list[str]:
+        return [_tag(i) for i in range(len(self.entries))]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "environment": self.environment,
+            "settings": self.settings,
+            "configs": [dict(tag=t, **e.to_dict()) for t, e in zip(self.tags, self.entries)],
+            "pairs": [p.to_dict() for p in self.pairs],
+        }
+
+    def table(self) -> str:
+        from .report import format_compare
+
+        return format_compare(self)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """One row per pair (the configurations' own timings are in the JSON)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = [f.name for f in dataclasses.fields(PairResult)]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for p in self.pairs:
+                writer.writerow(p.to_dict())
+        return path
+
+
+def _tag(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"C{i}"
+
+
+def compare(
+    configs: Sequence[str | BenchConfig],
+    *,
+    rounds: int = 10,
+    device: str | None = "auto",
+    batch_size: int = 1,
+    image_size: int | tuple[int, int] = 224,
+    precision: str = "fp32",
+    backend: str = "eager",
+    compile_mode: str | None = None,
+    channels_last: bool = False,
+    reparam: bool = False,
+    threads: int | None = None,
+    cudnn_benchmark: bool = True,
+    warmup: TimingPolicy | None = None,
+    round_timing: TimingPolicy | None = None,
+    progress: bool = False,
+) -> CompareReport:
+    """Time configurations interleaved, round by round, in this process; report per-pair speedups.
+
+    Args:
+        configs: two or more specs "MODEL[@key=value,...]" (see `parse_spec`; the keyword
+            arguments are the base every spec starts from) or ready `BenchConfig`s.
+        rounds: rounds of the interleaved schedule (>= 2; 10 by default).
+        batch_size: one batch size for all (1: latency). image_size: S or (H, W).
+        warmup: the warm-up each configuration gets once before round 1 (its `warmup_*` fields).
+        round_timing: one round of one configuration: re-warm calls, then timed calls.
+    """
+    if len(configs) < 2:
+        raise ValueError("a comparison needs at least two configurations")
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2, got {rounds}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    base = BenchConfig(
+        model="",
+        mode="latency" if batch_size == 1 else "throughput",
+        device=device,
+        batch_size=batch_size,
+        image_size=(h, w),
+        precision=precision,
+        backend=backend,
+        compile_mode=compile_mode,
+        channels_last=channels_last,
+        reparam=reparam,
+        threads=threads,
+        cudnn_benchmark=cudnn_benchmark,
+    )
+    parsed = [(c, parse_spec(c, base)) if isinstance(c, str) else (c.describe(), c) for c in configs]
+    labels = [label for label, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"configurations must differ: {labels}")
+    devices = {c.device for _, c in parsed}
+    if len(devices) > 1:
+        raise ValueError(f"all configurations must use one device, got {sorted(devices)}")
+    warmup = warmup or default_timing(device)
+    round_timing = round_timing or default_round_timing(device)
+    entries = [CompareEntry(label, cfg, model_source(cfg.model)) for label, cfg in parsed]
+    settings = {
+        "configs": labels,
+        "rounds": rounds,
+        "device": device,
+        "batch_size": batch_size,
+        "image_size": [h, w],
+        "warmup": warmup.to_dict(),
+        "round_timing": round_timing.to_dict(),
+    }
+    env = environment(device)
+
+    pristine: dict[str, object] = {}
+    macs_cache: dict = {}
+    warm_policy = TimingPolicy(warmup.warmup_iters, warmup.warmup_s, min_iters=1, min_s=0.0)
+    for e in entries:
+        reason = unsupported_reason(e.config.backend, e.config.precision, device, e.config.channels_last)
+        if reason is not None:
+            e.status, e.error = "skipped", reason
+            continue
+        try:
+            if e.config.model not in pristine:
+                pristine[e.config.model] = build_source(e.config.model)
+            model = copy.deepcopy(pristine[e.config.model])
+            if e.config.reparam:
+                model, e.reparam_applied = reparameterize(model)
+            e.params, e.macs = _count(model, e.config, macs_cache)
+            with config_context(e.config):
+                e.prepared, e.prepare_s = prepare_config(e.config, model)
+                e.timer = e.prepared.timer.name
+                measure(e.prepared.step, e.prepared.timer, warm_policy)
+        except Exception as exc:
+            e.status, e.error = failure(exc)
+            e.prepared = None
+
+    active = [e for e in entries if e.ok]
+    bar = tqdm(total=rounds * len(active), desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
+    for r in range(rounds):
+        for e in active if r % 2 == 0 else active[::-1]:
+            if not e.ok:
+                continue
+            try:
+                with config_context(e.config):
+                    m = measure(e.prepared.step, e.prepared.timer, round_timing)
+                e.round_medians_ms.append(stats.median(m.samples_s) * 1e3)
+                e.samples_s.extend(m.samples_s)
+            except Exception as exc:  # dropped from later rounds; pairs use the rounds it finished
+                e.status, e.error = failure(exc)
+            bar.update(1)
+    bar.close()
+    for e in entries:
+        e.prepared = None
+
+    tags = [_tag(i) for i in range(len(entries))]
+    pairs = [
+        pair_result(entries[i], entries[j], tags[i], tags[j])
+        for i in range(len(entries))
+        for j in range(i + 1, len(entries))
+        if entries[i].round_medians_ms and entries[j].round_medians_ms
+    ]
+    return CompareReport(environment=env, settings=settings, entries=entries, pairs=pairs)
