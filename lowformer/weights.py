@@ -8,6 +8,7 @@ files, whose metadata names the family, the variant and its spec. Pickles are op
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -52,7 +53,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # DeiT-style training checkpoints (EdgeViT's) carry their `args` Namespace: plain attributes,
+        # allowed; anything else that needs code still fails
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it is a pickle that needs code execution to load "

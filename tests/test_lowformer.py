@@ -116,6 +116,19 @@ def test_checkpoint_classes_are_kept_by_default(tmp_path):
     assert lowformer.create_model("lowformer_b0", checkpoint_path=path).num_classes == 37
 
 
+def test_training_checkpoint_with_args_namespace_loads(tmp_path):
+    import argparse
+
+    src = lowformer.create_model("lowformer_b0").eval()
+    official = to_official_state_dict(src.state_dict(), SPECS["lowformer_b0"])
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": official, "epoch": 3, "args": argparse.Namespace(lr=1e-3, model="b0")}, path)
+    model = lowformer.create_model("lowformer_b0", checkpoint_path=path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x))
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this would run",))

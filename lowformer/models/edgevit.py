@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ._keymap import batchnorm, detect_format, rename, unknown_layout, weight_bias
 from ._registry import register_model
 
 __all__ = [
@@ -558,40 +559,31 @@ def default_cfg(**kwargs) -> dict:
 # directions are exact dictionary lookups.
 
 
-def _wb(dst: str, src: str, bias: bool = True) -> list[tuple[str, str]]:
-    return [(f"{dst}.weight", f"{src}.weight")] + ([(f"{dst}.bias", f"{src}.bias")] if bias else [])
-
-
-_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _bn(dst: str, src: str) -> list[tuple[str, str]]:
-    return [(f"{dst}.{p}", f"{src}.{p}") for p in _BN_KEYS]
-
-
 def key_map(spec: EdgeViTSpec) -> list[tuple[str, str]]:
     """(native key, official key) for every state-dict entry of a model built from `spec`."""
     pairs = []
     for s, st in enumerate(spec.stages):
         dst, src = f"stages.{s}", f"patch_embed{s + 1}"
-        pairs += _wb(f"{dst}.downsample.conv", f"{src}.proj") + _wb(f"{dst}.downsample.norm", f"{src}.norm")
+        pairs += weight_bias(f"{dst}.downsample.conv", f"{src}.proj") + weight_bias(
+            f"{dst}.downsample.norm", f"{src}.norm"
+        )
         for j in range(st.depth):
             dst, src = f"stages.{s}.blocks.{j}", f"blocks{s + 1}.{j}"
             if st.local_agg:
                 la, ola = f"{dst}.local_agg", f"{src}.LocalAgg"
-                pairs += _wb(f"{la}.pos_embed", f"{ola}.pos_embed") + _bn(f"{la}.norm1", f"{ola}.norm1")
-                pairs += _wb(f"{la}.conv_in", f"{ola}.conv1") + _wb(f"{la}.conv_dw", f"{ola}.attn")
-                pairs += _wb(f"{la}.conv_out", f"{ola}.conv2") + _bn(f"{la}.norm2", f"{ola}.norm2")
-                pairs += _wb(f"{la}.mlp.fc1", f"{ola}.mlp.fc1") + _wb(f"{la}.mlp.fc2", f"{ola}.mlp.fc2")
+                pairs += weight_bias(f"{la}.pos_embed", f"{ola}.pos_embed") + batchnorm(f"{la}.norm1", f"{ola}.norm1")
+                pairs += weight_bias(f"{la}.conv_in", f"{ola}.conv1") + weight_bias(f"{la}.conv_dw", f"{ola}.attn")
+                pairs += weight_bias(f"{la}.conv_out", f"{ola}.conv2") + batchnorm(f"{la}.norm2", f"{ola}.norm2")
+                pairs += weight_bias(f"{la}.mlp.fc1", f"{ola}.mlp.fc1") + weight_bias(f"{la}.mlp.fc2", f"{ola}.mlp.fc2")
             sa = f"{src}.SelfAttn"
-            pairs += _wb(f"{dst}.pos_embed", f"{sa}.pos_embed") + _wb(f"{dst}.norm1", f"{sa}.norm1")
-            pairs += _wb(f"{dst}.attn.qkv", f"{sa}.attn.qkv", bias=spec.qkv_bias)
+            pairs += weight_bias(f"{dst}.pos_embed", f"{sa}.pos_embed") + weight_bias(f"{dst}.norm1", f"{sa}.norm1")
+            pairs += weight_bias(f"{dst}.attn.qkv", f"{sa}.attn.qkv", bias=spec.qkv_bias)
             if st.attn_stride > 1:
-                pairs += _wb(f"{dst}.attn.local_prop", f"{sa}.attn.LocalProp")
-                pairs += _wb(f"{dst}.attn.norm", f"{sa}.attn.norm")
-            pairs += _wb(f"{dst}.attn.proj", f"{sa}.attn.proj") + _wb(f"{dst}.norm2", f"{sa}.norm2")
-            pairs += _wb(f"{dst}.mlp.fc1", f"{sa}.mlp.fc1") + _wb(f"{dst}.mlp.fc2", f"{sa}.mlp.fc2")
-    pairs += _bn("head.norm", "norm") + _wb("head.fc", "head")
+                pairs += weight_bias(f"{dst}.attn.local_prop", f"{sa}.attn.LocalProp")
+                pairs += weight_bias(f"{dst}.attn.norm", f"{sa}.attn.norm")
+            pairs += weight_bias(f"{dst}.attn.proj", f"{sa}.attn.proj") + weight_bias(f"{dst}.norm2", f"{sa}.norm2")
+            pairs += weight_bias(f"{dst}.mlp.fc1", f"{sa}.mlp.fc1") + weight_bias(f"{dst}.mlp.fc2", f"{sa}.mlp.fc2")
+    pairs += batchnorm("head.norm", "norm") + weight_bias("head.fc", "head")
     return pairs
 
 
@@ -601,35 +593,23 @@ _FORMAT_MARKERS = {
 }
 
 
-def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
-    for name, marker in _FORMAT_MARKERS.items():
-        if marker in state_dict:
-            return name
-    return None
-
-
 def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: EdgeViTSpec) -> tuple[dict[str, torch.Tensor], str]:
     """Any known EdgeViT layout -> native keys. Returns (state dict, detected format).
 
     Pure and idempotent: a native dict is returned unchanged. Keys that have no counterpart are
     kept under their original name, so strict loading reports them as unexpected.
     """
-    fmt = detect_format(state_dict)
+    fmt = detect_format(state_dict, _FORMAT_MARKERS)
     if fmt is None:
-        raise ValueError(
-            "not an EdgeViT state dict: found none of the keys "
-            f"{sorted(_FORMAT_MARKERS.values())} (native, official layouts)"
-        )
+        raise unknown_layout("EdgeViT", _FORMAT_MARKERS)
     if fmt == "native":
         return state_dict, fmt
-    to_native = {official: native for native, official in key_map(spec)}
-    return {to_native.get(k, k): v for k, v in state_dict.items()}, fmt
+    return rename(state_dict, {official: native for native, official in key_map(spec)}), fmt
 
 
 def to_official_state_dict(state_dict: dict[str, torch.Tensor], spec: EdgeViTSpec) -> dict[str, torch.Tensor]:
     """Native -> official layout (the inverse of `convert_state_dict` for official files)."""
-    to_official = dict(key_map(spec))
-    return {to_official.get(k, k): v for k, v in state_dict.items()}
+    return rename(state_dict, dict(key_map(spec)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ._keymap import batchnorm, detect_format, rename, unknown_layout, weight_bias
 from ._layers import ConvNormAct, set_drop_path
 from ._registry import register_model
 
@@ -489,29 +490,14 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _conv_bn(dst: str, src: str, bn: bool = True, bias: bool = False) -> list[tuple[str, str]]:
-    pairs = [(f"{dst}.conv.weight", f"{src}.conv.weight")]
-    if bias:
-        pairs.append((f"{dst}.conv.bias", f"{src}.conv.bias"))
-    if bn:
-        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            pairs.append((f"{dst}.norm.{p}", f"{src}.norm.{p}"))
-    return pairs
+    pairs = weight_bias(f"{dst}.conv", f"{src}.conv", bias=bias)
+    return pairs + batchnorm(f"{dst}.norm", f"{src}.norm") if bn else pairs
 
 
 def _fused_pairs(dst: str, src: str, expand_bias: bool = False) -> list[tuple[str, str]]:
     return _conv_bn(f"{dst}.conv_exp", f"{src}.spatial_conv", bias=expand_bias) + _conv_bn(
         f"{dst}.conv_pwl", f"{src}.point_conv"
     )
-
-
-def _wb(dst: str, src: str, bias: bool = True) -> list[tuple[str, str]]:
-    return [(f"{dst}.weight", f"{src}.weight")] + ([(f"{dst}.bias", f"{src}.bias")] if bias else [])
-
-
-def _bn(dst: str, src: str) -> list[tuple[str, str]]:
-    return [
-        (f"{dst}.{p}", f"{src}.{p}") for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    ]
 
 
 def key_map(spec: LowFormerSpec) -> list[tuple[str, str]]:
@@ -534,17 +520,17 @@ def key_map(spec: LowFormerSpec) -> list[tuple[str, str]]:
                 ctx = f"{blk}.0.0.main" if st.mlp else f"{blk}.0.main"
                 att = f"{ctx}.1" if st.attn_norm and st.mlp else ctx
                 if st.attn_norm and st.mlp:
-                    pairs += _wb(f"{dst}.norm1", f"{ctx}.0")
+                    pairs += weight_bias(f"{dst}.norm1", f"{ctx}.0")
                 pairs += [(f"{dst}.attn.down.conv.weight", f"{att}.conv_proj.0.weight")]
-                pairs += _bn(f"{dst}.attn.down.norm", f"{att}.conv_proj.1")
+                pairs += batchnorm(f"{dst}.attn.down.norm", f"{att}.conv_proj.1")
                 pairs += [(f"{dst}.attn.qkv.weight", f"{att}.pwise.0.weight")]
-                pairs += _wb(f"{dst}.attn.up", f"{att}.upsampling")
+                pairs += weight_bias(f"{dst}.attn.up", f"{att}.upsampling")
             if st.mlp:
                 mlp = f"{blk}.0.1.main" if st.attn else f"{blk}.0.main"
                 pairs += (
-                    _wb(f"{dst}.norm2", f"{mlp}.0")
-                    + _wb(f"{dst}.mlp.fc1", f"{mlp}.1")
-                    + _wb(f"{dst}.mlp.fc2", f"{mlp}.3")
+                    weight_bias(f"{dst}.norm2", f"{mlp}.0")
+                    + weight_bias(f"{dst}.mlp.fc1", f"{mlp}.1")
+                    + weight_bias(f"{dst}.mlp.fc2", f"{mlp}.3")
                 )
             local = f"{blk}.1.main"
             if st.width < spec.fused_below:
@@ -555,8 +541,8 @@ def key_map(spec: LowFormerSpec) -> list[tuple[str, str]]:
                 pairs += _conv_bn(f"{dst}.local.conv_pwl", f"{local}.point_conv")
     pairs += _conv_bn("head.in_conv", "head.op_list.0")
     pairs += [("head.pre_fc.weight", "head.op_list.2.linear.weight")]
-    pairs += _wb("head.pre_norm", "head.op_list.2.norm")
-    pairs += _wb("head.fc", "head.op_list.3.linear")
+    pairs += weight_bias("head.pre_norm", "head.op_list.2.norm")
+    pairs += weight_bias("head.fc", "head.op_list.3.linear")
     return pairs
 
 
@@ -592,44 +578,26 @@ _FORMAT_MARKERS = {
 }
 
 
-def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
-    if any(k.startswith("head.opseq.") for k in state_dict):
-        return "official"
-    for name, marker in _FORMAT_MARKERS.items():
-        if marker in state_dict:
-            return name
-    return None
-
-
 def convert_state_dict(state_dict: dict[str, torch.Tensor], spec: LowFormerSpec) -> tuple[dict[str, torch.Tensor], str]:
     """Any known LowFormer layout -> native keys. Returns (state dict, detected format).
 
     Pure and idempotent: a native dict is returned unchanged. Keys that have no counterpart are
     kept under their original name, so strict loading reports them as unexpected.
     """
-    fmt = detect_format(state_dict)
+    if any(k.startswith("head.opseq.") for k in state_dict):  # official file saved with the TorchScript head
+        state_dict = {k.replace("head.opseq.", "head.", 1): v for k, v in state_dict.items()}
+    fmt = detect_format(state_dict, _FORMAT_MARKERS)
     if fmt is None:
-        raise ValueError(
-            "not a LowFormer state dict: found none of the keys "
-            f"{sorted(_FORMAT_MARKERS.values())} (native, official, timm layouts)"
-        )
+        raise unknown_layout("LowFormer", _FORMAT_MARKERS)
     if fmt == "native":
         return state_dict, fmt
-    to_native = {}
-    for native, official in key_map(spec):
-        src = official if fmt == "official" else official_to_timm_key(official)
-        to_native[src] = native
-    out = {}
-    for k, v in state_dict.items():
-        k = k.replace("head.opseq.", "head.", 1) if k.startswith("head.opseq.") else k
-        out[to_native.get(k, k)] = v
-    return out, fmt
+    to_key = (lambda k: k) if fmt == "official" else official_to_timm_key
+    return rename(state_dict, {to_key(official): native for native, official in key_map(spec)}), fmt
 
 
 def to_official_state_dict(state_dict: dict[str, torch.Tensor], spec: LowFormerSpec) -> dict[str, torch.Tensor]:
     """Native -> official layout (the inverse of `convert_state_dict` for official files)."""
-    to_official = dict(key_map(spec))
-    return {to_official.get(k, k): v for k, v in state_dict.items()}
+    return rename(state_dict, dict(key_map(spec)))
 
 
 # --------------------------------------------------------------------------------------------
