@@ -1,5 +1,6 @@
 """lowformer: hardware-efficient vision backbones (LowFormer, EdgeViT) and proof of their speed."""
 
+from .deploy import deploy
 from .factory import create_model, load_model
 from .models import LowFormer, LowFormerSpec, StageSpec, get_entry, list_models, register_model
 from .weights import CheckpointError, read_checkpoint, save_checkpoint, weights_dir
@@ -12,6 +13,7 @@ __all__ = [
     "LowFormerSpec",
     "StageSpec",
     "create_model",
+    "deploy",
     "get_entry",
     "list_models",
     "load_model",

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models._manipulate import checkpoint_seq, reparameterize_model
 from torch import nn
 
 from ._keymap import batchnorm, detect_format, rename, unknown_layout, weight_bias
+from ._layers import affine_free, fold_affine_into_next
 from ._registry import register_model
 
 __all__ = [
@@ -89,6 +90,13 @@ class LocalAggregation(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, use_conv=True)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def reparameterize(self) -> None:
+        """Deploy mode: fold both BatchNorms into the 1x1 convs after them (exact)."""
+        if not isinstance(self.norm1, nn.Identity):
+            self.conv_in = fold_affine_into_next(self.norm1, self.conv_in)
+            self.mlp.fc1 = fold_affine_into_next(self.norm2, self.mlp.fc1)
+            self.norm1, self.norm2 = affine_free(self.norm1), affine_free(self.norm2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
         x = x + self.drop_path1(self.conv_out(self.conv_dw(self.conv_in(self.norm1(x)))))
@@ -133,6 +141,12 @@ class GlobalSparseAttention(nn.Module):
             self.norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    def reparameterize(self) -> None:
+        """Deploy mode: fold the LayerNorm affine into the output projection (exact)."""
+        if getattr(self.norm, "elementwise_affine", False):
+            self.proj = fold_affine_into_next(self.norm, self.proj)
+            self.norm = affine_free(self.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
@@ -185,6 +199,14 @@ class LGLBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def reparameterize(self) -> None:
+        """Deploy mode: fold the LayerNorm affines into qkv and the first MLP layer (exact: the
+        delegate sub-sampling between norm1 and qkv picks tokens and commutes with a per-channel affine)."""
+        if self.norm1.elementwise_affine:
+            self.attn.qkv = fold_affine_into_next(self.norm1, self.attn.qkv)
+            self.mlp.fc1 = fold_affine_into_next(self.norm2, self.mlp.fc1)
+            self.norm1, self.norm2 = affine_free(self.norm1), affine_free(self.norm2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.local_agg(x)
@@ -404,6 +426,11 @@ class EdgeViT(nn.Module):
         self.head = ClassifierHead(in_chs, num_classes, drop_rate)
 
         self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def reparameterize(self) -> None:
+        """Deploy mode in place (see `lowformer.deploy`, which also checks and copies)."""
+        reparameterize_model(self, inplace=True)
 
     # -- timm contract ------------------------------------------------------------------------
 

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GroupNorm1
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models._manipulate import checkpoint_seq, reparameterize_model
 from torch import nn
 
 from ._keymap import batchnorm, detect_format, rename, unknown_layout, weight_bias
-from ._layers import ConvNormAct, set_drop_path
+from ._layers import ConvNormAct, affine_free, fold_affine_into_next, set_drop_path
 from ._registry import register_model
 
 __all__ = ["LowFormer", "LowFormerSpec", "StageSpec", "Lowtention", "convert_state_dict"]
@@ -180,6 +180,16 @@ class LowFormerBlock(nn.Module):
             self.local = FusedMBConv(dim, dim, expand_ratio=expand_ratio, expand_bias=True, act_layer=act_layer)
         else:
             self.local = MBConv(dim, expand_ratio=expand_ratio, act_layer=act_layer)
+
+    def reparameterize(self) -> None:
+        """Deploy mode: fold the MLP's GroupNorm affine into its first 1x1 conv (exact).
+
+        NOTE: the attention's GroupNorm keeps its affine: the next layer is a zero-padded k x k
+        depthwise conv, through which the shift is not a constant, so folding it would not be exact.
+        """
+        if self.mlp is not None and getattr(self.norm2, "affine", False):
+            self.mlp.fc1 = fold_affine_into_next(self.norm2, self.mlp.fc1)
+            self.norm2 = affine_free(self.norm2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attn is not None:
@@ -393,6 +403,11 @@ class LowFormer(nn.Module):
         self.apply(_init_weights)
         if drop_path_rate > 0:
             set_drop_path(self, drop_path_rate, skip=drop_path_skip)
+
+    @torch.jit.ignore
+    def reparameterize(self) -> None:
+        """Deploy mode in place (see `lowformer.deploy`, which also checks and copies)."""
+        reparameterize_model(self, inplace=True)
 
     # -- timm contract ------------------------------------------------------------------------
 

@@ -1,0 +1,100 @@
+"""Deploy mode computes the same function, for every registered variant and input size class."""
+
+import pytest
+import torch
+from helpers import randomize_bn
+from timm.utils import reparameterize_model
+
+import lowformer
+from lowformer.deploy import deploy
+from lowformer.models import get_entry
+
+MODELS = lowformer.list_models()
+
+
+def _nondefault(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and Group/LayerNorm affines: folding must get them all right."""
+    randomize_bn(model)
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
+
+
+def _sizes(name):
+    if get_entry(name).size_divisor == 32:
+        return [(64, 64), (64, 96)]
+    return [(64, 64), (64, 96), (97, 131)]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_deploy_is_equivalent_and_idempotent(name):
+    model = _nondefault(lowformer.create_model(name).eval())
+    fast = deploy(model)
+    again = deploy(fast)
+    assert fast is not model
+    assert not any(isinstance(m, torch.nn.Dropout) for m in fast.modules())
+    for h, w in _sizes(name):
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            ref, out = model(x), fast(x)
+            assert _rel(ref, out) <= 1e-5, (h, w)
+            assert torch.equal(out, again(x))
+            assert (
+                _rel(
+                    model.forward_head(model.forward_features(x), pre_logits=True),
+                    fast.forward_head(fast.forward_features(x), pre_logits=True),
+                )
+                <= 1e-5
+            )
+    assert fast.state_dict().keys() == again.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["lowformer_b1", "lowformer_e3", "edgevit_xs"])
+def test_no_batchnorm_left_in_lowformer_and_timm_finds_the_methods(name):
+    model = _nondefault(lowformer.create_model(name).eval())
+    via_timm = reparameterize_model(model)
+    ours = deploy(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _rel(model(x), via_timm(x)) <= 1e-5
+        assert _rel(ours(x), via_timm(x)) <= 1e-6
+    if name.startswith("lowformer"):
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
+
+
+@pytest.mark.parametrize("name", ["lowformer_b0", "edgevit_xxs"])
+def test_deploy_features_only(name, tmp_path):
+    ref = _nondefault(lowformer.create_model(name).eval())
+    path = lowformer.save_checkpoint(ref, tmp_path / "w.safetensors")
+    feat = lowformer.create_model(name, checkpoint_path=path, features_only=True, out_indices=(0, 2, 3)).eval()
+    fast = deploy(feat)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for a, b in zip(feat(x), fast(x)):
+            assert _rel(a, b) <= 1e-5
+
+
+def test_deploy_refuses_training_mode_and_unfoldable_parts():
+    model = lowformer.create_model("lowformer_b0")
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):
+        deploy(model)
+    model.eval()
+    model.stem.conv.norm = torch.nn.BatchNorm2d(16, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="running statistics"):
+        deploy(model)
+
+
+def test_root_reparameterize_in_place():
+    model = _nondefault(lowformer.create_model("lowformer_b0").eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model.reparameterize()
+        assert _rel(ref, model(x)) <= 1e-5
