@@ -8,9 +8,7 @@ import pytest
 
 
 def _run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "lowformer.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "lowformer.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_subcommands():

@@ -61,19 +61,21 @@ _FUSE_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
 def reparameterize(model: nn.Module) -> tuple[nn.Module, str]:
     """Fold training-time branches into inference form; returns (model, what was applied).
 
-    A model-level `reparameterize()` (our deploy mode, when a model has one) wins; otherwise
-    `timm.utils.reparameterize_model` runs when some submodule offers `fuse`, `reparameterize` or
-    `switch_to_deploy` (MobileOne, FastViT, RepViT, ...); otherwise nothing is changed and the
-    record says "none-available".
+    Our models get `lowformer.deploy` (BatchNorm and norm-affine folding, dropout removed);
+    others get `timm.utils.reparameterize_model` when some submodule offers `fuse`,
+    `reparameterize` or `switch_to_deploy` (MobileOne, FastViT, RepViT, ...); otherwise nothing
+    is changed and the record says "none-available".
     """
-    hook = getattr(model, "reparameterize", None)
-    if callable(hook):
-        out = hook()
-        return (out if isinstance(out, nn.Module) else model), "model.reparameterize"
+    from ..deploy import deploy
+    from ..models import LowFormer
+    from ..models.edgevit import EdgeViT
+
+    if isinstance(model, (LowFormer, EdgeViT)):
+        return deploy(model.eval()), "lowformer.deploy"
     if any(hasattr(m, h) for m in model.modules() if m is not model for h in _FUSE_HOOKS):
         from timm.utils import reparameterize_model
 
-        return reparameterize_model(model), "timm.utils.reparameterize_model"
+        return reparameterize_model(model.eval()), "timm.utils.reparameterize_model"
     return model, "none-available"
 
 

@@ -27,7 +27,7 @@ from .env import environment, resolve_device
 from .models import check_model_name, model_source
 from .presets import default_round_timing, default_timing
 from .result import BenchConfig
-from .runner import _count, build_source, config_context, failure, prepare_config
+from .runner import build_source, config_context, failure, params_and_macs, prepare_config
 from .timing import TimingPolicy, measure
 
 SCHEMA = "lowformer.bench.compare/1"
@@ -53,7 +53,7 @@ def _parse_bool(spec: str, key: str, value: str) -> bool:
 
 
 def parse_spec(spec: str, base: BenchConfig) -> BenchConfig:
-    """"MODEL[@key=value,...]" -> `base` with that model and those options.
+    """ "MODEL[@key=value,...]" -> `base` with that model and those options.
 
     Keys: backend, precision, compile_mode, channels_last, reparam, threads. A bare boolean key
     ("@channels_last") means true.
@@ -318,7 +318,7 @@ def compare(
             model = copy.deepcopy(pristine[e.config.model])
             if e.config.reparam:
                 model, e.reparam_applied = reparameterize(model)
-            e.params, e.macs = _count(model, e.config, macs_cache)
+            e.params, e.macs = params_and_macs(model, e.config, macs_cache)
             with config_context(e.config):
                 e.prepared, e.prepare_s = prepare_config(e.config, model)
                 e.timer = e.prepared.timer.name

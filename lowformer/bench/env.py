@@ -36,7 +36,7 @@ PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
 
 
 def resolve_device(device: str | None = "auto") -> str:
-    """"auto" (or None) -> "cuda" when a GPU is visible, else "cpu"; checks that CUDA exists when asked."""
+    """ "auto" (or None) -> "cuda" when a GPU is visible, else "cpu"; checks that CUDA exists when asked."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -94,6 +94,15 @@ def _gpu_driver() -> str | None:
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py":  # python -m lowformer
+        argv[0] = "python -m lowformer"
+    elif argv:
+        argv[0] = os.path.basename(argv[0])
+    return " ".join([*argv[:1], shlex.join(argv[1:])]).strip()
 
 
 def tf32_state() -> dict[str, bool | str]:
@@ -189,7 +198,7 @@ def environment(device: str) -> dict:
 
     env: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv),
+        "command": _command(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "lowformer": __version__,
@@ -201,13 +210,14 @@ def environment(device: str) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "device": device,
         "device_name": device_name(device),
         "cuda_available": torch.cuda.is_available(),
-        "cuda_runtime": torch.version.cuda,
+        "torch_cuda": torch.version.cuda,  # the CUDA version torch was built with
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "gpu_driver": None,
         "gpu_memory_gib": None,

@@ -56,7 +56,7 @@ def default_timing(device: str) -> TimingPolicy:
     """Bounded by time, so the default model set runs in a few minutes on a 2-core CPU."""
     if device.startswith("cuda"):
         return TimingPolicy(warmup_iters=10, warmup_s=2.0, min_iters=50, min_s=5.0)
-    return TimingPolicy(warmup_iters=2, warmup_s=1.0, min_iters=10, min_s=3.0)
+    return TimingPolicy(warmup_iters=2, warmup_s=1.0, min_iters=10, min_s=3.0, max_s=15.0)
 
 
 def default_round_timing(device: str) -> TimingPolicy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +107,7 @@ def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-_REPARAM_SHORT = {"timm.utils.reparameterize_model": "timm", "model.reparameterize": "model", "none-available": "none"}
+_REPARAM_SHORT = {"timm.utils.reparameterize_model": "timm", "lowformer.deploy": "deploy", "none-available": "none"}
 
 
 def format_results(results: Sequence[BenchResult]) -> str:
@@ -167,9 +168,10 @@ def format_correlations(corrs: Sequence[dict]) -> str:
         rho, tau = c["spearman_macs_latency"], c["kendall_macs_latency"]
         lines.append(
             f"MACs vs measured time ({c['mode']}, batch {c['batch_size']}, {h}x{w}, {c['backend']} {c['precision']}): "
-            f"Spearman rho {_num(rho, '.2f')}, Kendall tau {_num(tau, '.2f')} over {len(c['models'])} models "
-            "(1 = MACs rank the models exactly as the clock does)"
+            f"Spearman rho {_num(rho, '.2f')}, Kendall tau {_num(tau, '.2f')} over {len(c['models'])} models"
         )
+    if lines:
+        lines.append("(rank correlation 1 = MACs order the models exactly as the clock does; 0 = not at all)")
     return "\n".join(lines)
 
 
@@ -242,25 +244,30 @@ def plot_macs_vs_speed(report: BenchReport, path: str | os.PathLike, max_panels:
     corr = {_group_key_from_corr(c): c for c in report.correlations()}
     fig = Figure(figsize=(5.2 * len(groups), 4.4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    colors = {"lowformer": "tab:orange", "timm": "tab:blue", "module": "tab:green"}
+    styles = {"lowformer": ("tab:orange", "ours"), "timm": ("tab:blue", "timm"), "module": ("tab:green", "module")}
     for i, (key, rs) in enumerate(groups):
         ax = fig.add_subplot(1, len(groups), i + 1)
         throughput = key[0] == "throughput"
-        for source in colors:
+        for source, (color, name) in styles.items():
             pts = [r for r in rs if r.source == source]
             if not pts:
                 continue
             x = [r.macs / 1e9 for r in pts]
             if throughput:
-                ax.scatter(x, [r.throughput_img_s for r in pts], color=colors[source], label=source, zorder=3)
+                ax.scatter(x, [r.throughput_img_s for r in pts], color=color, label=name, zorder=3)
             else:
                 y = [r.latency_ms_p50 for r in pts]
-                err = [[r.latency_ms_p50 - r.latency_ms_p10 for r in pts], [r.latency_ms_p90 - r.latency_ms_p50 for r in pts]]
-                ax.errorbar(x, y, yerr=err, fmt="o", color=colors[source], label=source, capsize=2, zorder=3)
-        for r in rs:
-            y = r.throughput_img_s if throughput else r.latency_ms_p50
+                below = [r.latency_ms_p50 - r.latency_ms_p10 for r in pts]
+                above = [r.latency_ms_p90 - r.latency_ms_p50 for r in pts]
+                ax.errorbar(x, y, yerr=[below, above], fmt="o", color=color, label=name, capsize=2, zorder=3)
+        values = [r.throughput_img_s if throughput else r.latency_ms_p50 for r in rs]
+        log_y = max(values) > 20 * min(values)  # one outlier would flatten everything else
+        if log_y:
+            ax.set_yscale("log")
+        offsets = _label_offsets([r.macs for r in rs], values, log_y)
+        for r, y, dy in zip(rs, values, offsets):
             label = r.model.removeprefix("timm:")
-            ax.annotate(label, (r.macs / 1e9, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.annotate(label, (r.macs / 1e9, y), textcoords="offset points", xytext=(4, dy), fontsize=7)
         ax.set_xlabel("GMACs per image (counted)")
         ax.set_ylabel("throughput, img/s (higher is faster)" if throughput else "latency p50, ms (p10-p90 bars)")
         c = corr.get(key)
@@ -274,6 +281,24 @@ def plot_macs_vs_speed(report: BenchReport, path: str | os.PathLike, max_panels:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def _label_offsets(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> list[int]:
+    """Vertical label offsets (points) that step down where labels of nearby points would overlap."""
+    ys = [math.log10(y) for y in ys] if log_y else list(ys)
+
+    def norm(v):
+        lo, hi = min(v), max(v)
+        return [(a - lo) / ((hi - lo) or 1.0) for a in v]
+
+    nx, ny = norm(xs), norm(ys)
+    offsets: list[int] = []
+    for i in range(len(nx)):
+        dy = 3
+        while any(abs(nx[i] - nx[j]) < 0.15 and abs(ny[i] - ny[j]) < 0.06 and offsets[j] == dy for j in range(i)):
+            dy -= 10
+        offsets.append(dy)
+    return offsets
 
 
 def _group_key_from_corr(c: dict) -> tuple:

@@ -67,7 +67,7 @@ class BenchResult:
     compile_mode: str | None
     channels_last: bool
     reparam: bool
-    reparam_applied: str | None  # "timm.utils.reparameterize_model", "model.reparameterize", "none-available"
+    reparam_applied: str | None  # "lowformer.deploy", "timm.utils.reparameterize_model", "none-available"
     threads: int | None  # intra-op threads used (ONNX Runtime: intra_op_num_threads)
     jobs: int
     status: str = "ok"  # "ok", "error", "oom" or "skipped"
@@ -110,7 +110,7 @@ class BenchResult:
 
 
 # Environment keys repeated on every CSV row (prefixed "env_"), so that a row stands on its own.
-ENV_CSV_KEYS = ("date", "cpu", "torch", "timm", "onnxruntime", "cuda_runtime", "cudnn", "gpu_driver")
+ENV_CSV_KEYS = ("date", "cpu", "torch", "timm", "onnxruntime", "torch_cuda", "cudnn", "gpu_driver")
 CSV_COLUMNS = [f.name for f in fields(BenchResult)] + [f"env_{k}" for k in ENV_CSV_KEYS]
 
 

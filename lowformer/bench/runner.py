@@ -61,8 +61,9 @@ class Plan:
     def describe(self) -> str:
         s = self.settings
         device = s["device"]
-        where = f"{device} ({device_name(device) if device.startswith('cuda') else cpu_name()}"
-        where += f", {s['threads'] or torch.get_num_threads()} threads)" if not device.startswith("cuda") else ")"
+        where = f"{device} ({device_name(device) if device.startswith('cuda') else cpu_name()})"
+        threads = ", ".join(map(str, s["threads"])) if s["threads"] else str(torch.get_num_threads())
+        where += f", threads {threads}" if not device.startswith("cuda") else ""
         modes = []
         if "throughput" in s["modes"]:
             modes.append("throughput: batch " + ", ".join(map(str, s["batch_sizes"])))
@@ -90,11 +91,12 @@ def _image_size(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _as_tuple(value, default: tuple) -> tuple:
+    """A sweep list as a tuple without repeats (a single value becomes a 1-tuple)."""
     if value is None:
-        return default
+        return tuple(default)
     if isinstance(value, (str, int)):
         return (value,)
-    return tuple(value)
+    return tuple(dict.fromkeys(value))
 
 
 def _sources(models: Sequence[ModelArg]) -> dict[str, Source]:
@@ -147,7 +149,7 @@ def plan(
         raise ValueError("batch sizes apply to throughput mode; latency mode is batch 1 by definition")
     throughput_batch = (p.batch_sizes if p and p.batch_sizes else None) or (default_batch_size(device),)
     batch_sizes = _as_tuple(batch_sizes, throughput_batch)
-    image_sizes = tuple(_image_size(s) for s in _as_tuple(image_sizes, p.image_sizes if p else (224,)))
+    image_sizes = tuple(dict.fromkeys(_image_size(s) for s in _as_tuple(image_sizes, p.image_sizes if p else (224,))))
     precisions = _as_tuple(precisions, p.precisions if p else ("fp32",))
     backends = _as_tuple(backends, p.backends if p else ("eager",))
     timing = timing or (p.timing if p and p.timing else default_timing(device))
@@ -356,7 +358,8 @@ class _JobFailure(RuntimeError):
         self.status = status
 
 
-def _count(model: nn.Module, config: BenchConfig, cache: dict) -> tuple[int | None, int | None]:
+def params_and_macs(model: nn.Module, config: BenchConfig, cache: dict) -> tuple[int | None, int | None]:
+    """Parameters and MACs per image of `model` (on CPU) at the config's image size, counted once."""
     key = (config.model, config.image_size, config.reparam)
     if key not in cache:
         try:
@@ -444,7 +447,7 @@ def run_config(
         model = copy.deepcopy(pristine) if pristine is not None else build_source(source)
         if config.reparam:
             model, result.reparam_applied = reparameterize(model)
-        result.params, result.macs = _count(model, config, macs_cache if macs_cache is not None else {})
+        result.params, result.macs = params_and_macs(model, config, macs_cache if macs_cache is not None else {})
         if config.jobs > 1:
             raw = _run_jobs(config, source if isinstance(source, str) or pristine is None else pristine)
         else:
@@ -561,4 +564,3 @@ def benchmark(
         cudnn_benchmark=cudnn_benchmark,
     )
     return run_plan(p, progress=progress)
-

@@ -6,8 +6,10 @@ Runtime) and `CudaEventTimer` (CUDA events recorded around the call on the curre
 synchronised, so the time is what the GPU took and nothing queued is left out).
 
 `measure` runs a warm-up (at least `warmup_iters` calls *and* at least `warmup_s` seconds), then
-timed calls until at least `min_iters` calls *and* `min_s` seconds are done, or `max_iters` is hit.
-Every timed call is one sample; statistics are computed from the samples (see `stats.py`).
+timed calls until at least `min_iters` calls *and* `min_s` seconds are done; `max_iters` and
+`max_s` cap the timed phase (`max_s` wins over `min_iters`, so a slow configuration on a busy
+machine cannot hold a run for long). Every timed call is one sample; statistics are computed from
+the samples (see `stats.py`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """How long to warm up and how many calls to time. Both bounds of a phase must be met."""
+    """How long to warm up and how many calls to time. Both lower bounds of a phase must be met,
+    unless a cap (`max_iters`, `max_s`: timed calls and seconds) is reached first."""
 
     warmup_iters: int = 2
     warmup_s: float = 1.0
     min_iters: int = 10
     min_s: float = 3.0
     max_iters: int = 100_000
+    max_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.warmup_iters < 0 or self.warmup_s < 0 or self.min_s < 0:
@@ -35,14 +39,17 @@ class TimingPolicy:
             raise ValueError(f"at least one timed iteration is needed, got min_iters={self.min_iters}")
         if self.max_iters < self.min_iters:
             raise ValueError(f"max_iters ({self.max_iters}) must be >= min_iters ({self.min_iters})")
+        if self.max_s is not None and self.max_s < self.min_s:
+            raise ValueError(f"max_s ({self.max_s}) must be >= min_s ({self.min_s})")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
+        cap = f"at most {self.max_iters} iters" + (f" or {self.max_s:g} s" if self.max_s is not None else "")
         return (
             f"warm-up >= {self.warmup_iters} iters and >= {self.warmup_s:g} s, "
-            f"then >= {self.min_iters} timed iters and >= {self.min_s:g} s (at most {self.max_iters})"
+            f"then >= {self.min_iters} timed iters and >= {self.min_s:g} s ({cap})"
         )
 
 
@@ -121,6 +128,11 @@ def measure(
         before_timing()
     samples: list[float] = []
     start = clock()
-    while len(samples) < policy.max_iters and (len(samples) < policy.min_iters or clock() - start < policy.min_s):
+    while len(samples) < policy.max_iters:
+        elapsed = clock() - start
+        if len(samples) >= policy.min_iters and elapsed >= policy.min_s:
+            break
+        if samples and policy.max_s is not None and elapsed >= policy.max_s:
+            break
         samples.append(timer.time(fn))
     return Measurement(samples_s=samples, warmup_iters=warmup_iters, warmup_s=warmup_s, timed_s=clock() - start)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import info
+from . import bench, info
 
-SUBCOMMANDS = [info]
+SUBCOMMANDS = [info, bench]
 
 
 class _Parser(argparse.ArgumentParser):

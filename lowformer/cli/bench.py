@@ -1,0 +1,310 @@
+"""`lowformer bench`: throughput and latency of our models and any timm model, on the best device.
+
+With no arguments it times the built-in model set (LowFormer B0/B1/E1, EdgeViT-XS and timm peers)
+in both modes, prints a table with the MACs-vs-speed rank correlation, and writes JSON and a plot
+to bench-results/. Method and output schema: docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, TimingPolicy, compare, plan, run_plan
+from ..bench.env import resolve_device
+from ..bench.presets import default_round_timing, default_timing, get_preset
+
+EXAMPLES = """examples:
+  lowformer bench                                   # default model set, both modes, best device
+  lowformer bench -m lowformer_b1 timm:fastvit_t8 --batch-size 1 16 64 --image-size 224 256
+  lowformer bench -m timm:mobileone_s1 --reparam --backend eager torchscript onnxruntime
+  lowformer bench -m lowformer_b1 --mode latency --jobs 2 --threads 1
+  lowformer bench --preset paper-latency -m lowformer_b1 lowformer_e1
+  lowformer bench --compare lowformer_b1 timm:lowformer_b1 --batch-size 16
+  lowformer bench --compare lowformer_b1 lowformer_b1@backend=torchscript lowformer_b1@channels_last
+"""
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"image size is S or HxW (e.g. 224 or 256x192), got {text!r}")
+    h = int(m.group(1))
+    w = int(m.group(2)) if m.group(2) else h
+    if h < 8 or w < 8:
+        raise argparse.ArgumentTypeError(f"image size must be at least 8x8, got {h}x{w}")
+    return h, w
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure throughput and latency (default: the README's model set)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to time (list options sweep every combination)")
+    what.add_argument(
+        "-m",
+        "--model",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        help=f"our model name or timm:NAME; repeatable (default: {' '.join(DEFAULT_MODELS)})",
+    )
+    what.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    what.add_argument("--mode", nargs="+", choices=MODES, help="default: both")
+    what.add_argument(
+        "--batch-size",
+        nargs="+",
+        type=_positive_int,
+        metavar="N",
+        help="throughput batch sizes (default 256 on CUDA, 16 on CPU); latency is batch 1",
+    )
+    what.add_argument("--image-size", nargs="+", type=_image_size, metavar="S|HxW", help="default: 224")
+    what.add_argument("--precision", nargs="+", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16 = autocast")
+    what.add_argument("--backend", nargs="+", choices=BACKENDS, help="default: eager")
+    what.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (backend compile)")
+    what.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    what.add_argument("--reparam", action="store_true", help="reparameterise first (MobileOne, FastViT, RepViT, ...)")
+    what.add_argument("--threads", nargs="+", type=_positive_int, metavar="N", help="intra-op CPU threads")
+    what.add_argument("--jobs", type=_positive_int, default=1, help="concurrent processes sharing the device")
+    what.add_argument("--preset", choices=list(PRESETS), help="a paper's protocol; explicit options override it")
+    what.add_argument("--list-presets", action="store_true", help="describe the presets and exit")
+    what.add_argument("--peak-tflops", type=_positive_float, help="device peak TFLOP/s for MFU (default: GPU table)")
+    what.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (CUDA)")
+
+    timing = p.add_argument_group("timing (default: bounded by time; see the line printed before the run)")
+    timing.add_argument("--warmup-iters", type=_non_negative_int, metavar="N", help="at least N warm-up calls")
+    timing.add_argument("--warmup-seconds", type=_non_negative_float, metavar="S", help="and at least S seconds")
+    timing.add_argument("--iters", type=_positive_int, metavar="N", help="at least N timed calls (per --compare round)")
+    timing.add_argument("--seconds", type=_non_negative_float, metavar="S", help="and at least S seconds of them")
+    timing.add_argument("--max-iters", type=_positive_int, metavar="N", help="at most N timed calls")
+    timing.add_argument("--max-seconds", type=_positive_float, metavar="S", help="stop timing after S seconds")
+
+    paired = p.add_argument_group("paired comparison")
+    paired.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="SPEC",
+        help="MODEL[@key=value,...] (keys: backend, precision, compile_mode, channels_last, reparam, threads); "
+        "interleaved A B | B A rounds in one process, per-pair speedup min/median/max",
+    )
+    paired.add_argument("--rounds", type=_positive_int, help="rounds of a comparison (default 10)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write results as JSON")
+    out.add_argument("--csv", metavar="PATH", help="write results as CSV")
+    out.add_argument("--plot", metavar="PATH", help="write the MACs-vs-speed plot (PNG)")
+    out.add_argument(
+        "--out-dir",
+        default="bench-results",
+        metavar="DIR",
+        help="where JSON and plot go when no path is given: DIR/bench-YYYYmmdd-HHMMSS.{json,png}",
+    )
+    out.add_argument("--no-save", action="store_true", help="print only; write nothing unless a path is given")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("-v", "--verbose", action="store_true", help="log each step (and failures with tracebacks)")
+    p.set_defaults(run=run)
+
+
+def _timing_overrides(args: argparse.Namespace) -> dict:
+    pairs = {
+        "warmup_iters": args.warmup_iters,
+        "warmup_s": args.warmup_seconds,
+        "min_iters": args.iters,
+        "min_s": args.seconds,
+        "max_iters": args.max_iters,
+        "max_s": args.max_seconds,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _with_overrides(base: TimingPolicy, overrides: dict) -> TimingPolicy:
+    """`base` with the options given; a longer --seconds lifts a shorter default time cap."""
+    if "max_s" not in overrides and base.max_s is not None and overrides.get("min_s", 0) > base.max_s:
+        overrides = {**overrides, "max_s": None}
+    return dataclasses.replace(base, **overrides)
+
+
+def _default_paths(args: argparse.Namespace, stem: str, plot: bool) -> tuple[str | None, str | None]:
+    if args.json or args.csv or args.plot or args.no_save:
+        return args.json, args.plot
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(args.out_dir) / f"{stem}-{stamp}"
+    return str(base.with_suffix(".json")), str(base.with_suffix(".png")) if plot else None
+
+
+def _run_compare(args: argparse.Namespace, device: str) -> int:
+    clashes = [
+        flag
+        for flag, given in (
+            ("--model", args.model),
+            ("--mode", args.mode),
+            ("--preset", args.preset),
+            ("--plot", args.plot),
+            ("--jobs", args.jobs != 1),
+        )
+        if given
+    ]
+    if clashes:
+        raise ValueError(f"--compare takes its models from the specs and runs one process; drop {', '.join(clashes)}")
+    single = {
+        "--batch-size": args.batch_size,
+        "--image-size": args.image_size,
+        "--precision": args.precision,
+        "--backend": args.backend,
+        "--threads": args.threads,
+    }
+    for flag, values in single.items():
+        if values and len(values) > 1:
+            raise ValueError(f"--compare takes one {flag} value (set per configuration with MODEL@key=value)")
+    overrides = _timing_overrides(args)
+    warm = {k: v for k, v in overrides.items() if k.startswith("warmup")}
+    per_round = {k: v for k, v in overrides.items() if not k.startswith("warmup")}
+    warmup = _with_overrides(default_timing(device), warm)
+    round_timing = _with_overrides(default_round_timing(device), per_round)
+    print(
+        f"comparing {len(args.compare)} configurations on {device}: warm-up >= {warmup.warmup_iters} calls and "
+        f">= {warmup.warmup_s:g} s each, then {args.rounds or 10} rounds; in a round each configuration gets "
+        f"{round_timing.warmup_iters} re-warm call(s), then >= {round_timing.min_iters} timed calls and "
+        f">= {round_timing.min_s:g} s",
+        flush=True,
+    )
+    report = compare(
+        args.compare,
+        rounds=args.rounds or 10,
+        device=device,
+        batch_size=(args.batch_size or [1])[0],
+        image_size=(args.image_size or [(224, 224)])[0],
+        precision=(args.precision or ["fp32"])[0],
+        backend=(args.backend or ["eager"])[0],
+        compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
+        reparam=args.reparam,
+        threads=(args.threads or [None])[0],
+        cudnn_benchmark=not args.no_cudnn_benchmark,
+        warmup=warmup,
+        round_timing=round_timing,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    print(report.table())
+    json_path, _ = _default_paths(args, "compare", plot=False)
+    if json_path:
+        print(f"wrote {report.write_json(json_path)}")
+    if args.csv:
+        print(f"wrote {report.write_csv(args.csv)}")
+    return 0 if all(e.status in ("ok", "skipped") for e in report.entries) else 1
+
+
+def _warn_if_busy(device: str) -> None:
+    """CPU timings on a loaded machine are distorted (threads wait on each other): say so up front."""
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if not device.startswith("cuda") and load > 0.5 * cpus:
+        print(
+            f"  note: load average {load:.1f} on {cpus} CPUs before the run: if other processes are busy, "
+            "CPU timings are noisy (a paired --compare is robust to that)",
+            flush=True,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    if args.list_presets:
+        for name, preset in PRESETS.items():
+            print(f"{name}: {preset.description}")
+        return 0
+    device = resolve_device(args.device)
+    if args.compare:
+        return _run_compare(args, device)
+    if args.rounds is not None:
+        raise ValueError("--rounds applies to --compare")
+    timing = None
+    overrides = _timing_overrides(args)
+    if overrides:
+        base = (get_preset(args.preset).timing if args.preset else None) or default_timing(device)
+        timing = _with_overrides(base, overrides)
+    p = plan(
+        args.model,
+        modes=args.mode,
+        device=device,
+        batch_sizes=args.batch_size,
+        image_sizes=args.image_size,
+        precisions=args.precision,
+        backends=args.backend,
+        compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
+        reparam=args.reparam,
+        threads=args.threads,
+        jobs=args.jobs,
+        preset=args.preset,
+        timing=timing,
+        peak_tflops=args.peak_tflops,
+        cudnn_benchmark=not args.no_cudnn_benchmark,
+    )
+    print(p.describe(), flush=True)
+    _warn_if_busy(device)
+    start = time.perf_counter()
+    report = run_plan(p, progress=not args.no_progress and sys.stderr.isatty())
+    print()
+    print(report.table())
+    json_path, plot_path = _default_paths(args, "bench", plot=True)
+    if json_path:
+        print(f"wrote {report.write_json(json_path)}")
+    if args.csv:
+        print(f"wrote {report.write_csv(args.csv)}")
+    if plot_path:
+        if any(r.ok and r.macs for r in report.results):
+            print(f"wrote {report.plot(plot_path)}")
+        else:
+            print("no plot: no configuration succeeded with a MAC count")
+    print(f"took {time.perf_counter() - start:.0f} s")
+    return 0 if all(r.status in ("ok", "skipped") for r in report.results) else 1

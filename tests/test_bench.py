@@ -1,0 +1,549 @@
+"""`lowformer bench`: timer accuracy, statistics, schema, error paths and every CPU backend.
+
+Timing assertions use sleeps and spins with tolerant bounds, and models run with one thread at
+32-64 px, so the file stays fast and steady on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import lowformer
+from lowformer.bench import (
+    DEFAULT_MODELS,
+    BenchConfig,
+    CudaEventTimer,
+    PerfCounterTimer,
+    TimingPolicy,
+    benchmark,
+    compare,
+    measure,
+    parse_spec,
+    plan,
+    reparameterize,
+    stats,
+)
+from lowformer.bench.compare import CompareEntry, pair_result
+from lowformer.bench.env import PeakMemory, peak_tflops, resolve_device
+from lowformer.bench.models import check_model_name
+from lowformer.bench.result import CSV_COLUMNS, SCHEMA
+from lowformer.bench.runner import failure
+from lowformer.cli import main
+from lowformer.models import list_models
+
+TINY = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=3, min_s=0.0)
+SMALL_MODEL = "timm:test_resnet"
+
+
+class SleepNet(nn.Module):
+    """Takes a known time per call without using the CPU."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x.mean((2, 3)) * self.scale
+
+
+class SpinNet(SleepNet):
+    """Takes a known time per call by busy-waiting."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return x.mean((2, 3)) * self.scale
+
+
+class TinyConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class FailsAboveBatch1(TinyConvNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            raise RuntimeError("this model refuses batches")
+        return super().forward(x)
+
+
+class OutOfMemoryNet(TinyConvNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise MemoryError("cannot allocate")
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+
+
+def test_percentile_matches_linear_interpolation():
+    values = [5, 1, 4, 2, 3, 10]
+    # numpy.percentile(values, [10, 50, 90, 99]) with its default (linear) method
+    expected = {10: 1.5, 50: 3.5, 90: 7.5, 99: 9.75}
+    for q, want in expected.items():
+        assert stats.percentile(values, q) == pytest.approx(want)
+    assert stats.median([3.0]) == 3.0
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+
+
+def test_summarize_ms_names_units_and_values():
+    s = stats.summarize_ms([0.001, 0.002, 0.003, 0.004])
+    assert set(s) == {f"latency_ms_{k}" for k in ("p50", "p10", "p90", "p99", "min", "max", "mean", "std")}
+    assert s["latency_ms_p50"] == pytest.approx(2.5)
+    assert s["latency_ms_min"] == pytest.approx(1.0) and s["latency_ms_max"] == pytest.approx(4.0)
+    assert s["latency_ms_std"] == pytest.approx(1.2909944, rel=1e-6)  # sample std of 1, 2, 3, 4
+
+
+def test_rank_correlations_match_scipy():
+    # reference values from scipy.stats.spearmanr / kendalltau (tau-b)
+    assert stats.spearman([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]) == pytest.approx(0.8285714285714287)
+    assert stats.kendall([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]) == pytest.approx(0.6)
+    # with ties
+    assert stats.rankdata([1, 2, 2, 3, 5]) == [1.0, 2.5, 2.5, 4.0, 5.0]
+    assert stats.spearman([1, 2, 2, 3, 5], [3, 3, 1, 4, 9]) == pytest.approx(0.7631578947368421)
+    assert stats.kendall([1, 2, 2, 3, 5], [3, 3, 1, 4, 9]) == pytest.approx(0.6666666666666666)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.spearman([1, 1, 1], [1, 2, 3]) is None  # undefined without variance
+
+
+def test_ratio_summary():
+    assert stats.ratio_summary([1.2, 0.9, 1.1, 1.0]) == {"min": 0.9, "median": pytest.approx(1.05), "max": 1.2}
+
+
+# --------------------------------------------------------------------------------------------
+# timers and the timing loop
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", [SleepNet(0.020), SpinNet(0.010)], ids=["sleep20ms", "spin10ms"])
+def test_timer_measures_a_known_time(net):
+    x = torch.zeros(1, 3, 8, 8)
+    m = measure(lambda: net(x), PerfCounterTimer(), TimingPolicy(warmup_iters=1, warmup_s=0, min_iters=20, min_s=0))
+    ms = [s * 1e3 for s in m.samples_s]
+    want = net.seconds * 1e3
+    assert min(ms) >= want  # never less than the known time
+    assert stats.percentile(ms, 10) <= want * 1.05 + 1.0  # within 5% + 1 ms
+    # the median too, up to one scheduler time slice: when every core is busy with other work, a
+    # spinning call is sometimes preempted just before it ends
+    assert stats.median(ms) <= want * 1.05 + 3.0, ms
+
+
+def test_measure_follows_the_policy():
+    now = [0.0]
+
+    class StepTimer:  # every call takes exactly 0.1 s of a fake clock
+        name = "fake"
+
+        def time(self, fn):
+            fn()
+            now[0] += 0.1
+            return 0.1
+
+    def clock():
+        return now[0]
+
+    calls = []
+    m = measure(lambda: calls.append(1), StepTimer(), TimingPolicy(2, 0.45, 3, 0.95, 1000), clock=clock)
+    assert m.warmup_iters == 5  # 2 iterations were not enough; 0.45 s needed 5 calls
+    assert len(m.samples_s) == 10  # 3 iterations were not enough; 0.95 s needed 10 calls
+    m = measure(lambda: None, StepTimer(), TimingPolicy(0, 0.0, 3, 100.0, max_iters=4), clock=clock)
+    assert m.warmup_iters == 0 and len(m.samples_s) == 4  # max_iters caps the time bound
+    m = measure(lambda: None, StepTimer(), TimingPolicy(0, 0.0, 100, 0.0, max_s=0.35), clock=clock)
+    assert len(m.samples_s) == 4  # max_s caps min_iters: stopped at the first check past 0.35 s
+    with pytest.raises(ValueError):
+        TimingPolicy(min_iters=0)
+    with pytest.raises(ValueError):
+        TimingPolicy(min_iters=10, max_iters=5)
+
+
+def test_cuda_event_timer_logic_with_fake_events():
+    class FakeEvent:  # stands in for torch.cuda.Event(enable_timing=True)
+        def __init__(self):
+            self.t, self.synced = None, False
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            self.synced = True
+
+        def elapsed_time(self, end):  # milliseconds, as CUDA events report
+            return (end.t - self.t) * 1e3
+
+    timer = CudaEventTimer(event_factory=FakeEvent)
+    seconds = timer.time(lambda: time.sleep(0.01))
+    assert 0.01 <= seconds < 0.05
+    assert timer._end.synced  # the end event is waited for before reading the time
+    assert timer.name == "cuda_event"
+
+
+# --------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------
+
+
+def test_device_selection_and_peak_table():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.4, "table:H100 SXM")
+    assert peak_tflops("NVIDIA H100 PCIe", "fp32") == (51.0, "table:H100 PCIe")
+    assert peak_tflops("NVIDIA A10", "tf32")[1] == "table:A10"  # not the A100 row
+    assert peak_tflops("Tesla T4", "bf16") == (None, None)
+    assert peak_tflops("AMD EPYC", "fp32") == (None, None)
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    memory = PeakMemory("cpu")
+    memory.reset()
+    before, source = memory.read()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after, _ = memory.read()
+    del block
+    assert source in ("proc_vmhwm", "proc_vmhwm_lifetime", "ru_maxrss_lifetime")
+    assert after - before >= 60
+
+
+# --------------------------------------------------------------------------------------------
+# planning, presets, names
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_plan_uses_the_default_set():
+    if all(m in list_models() for m in DEFAULT_MODELS if not m.startswith("timm:")):
+        p = plan(device="cpu")
+        assert [c.model for c in p.configs[::2]] == list(DEFAULT_MODELS)
+        assert {(c.mode, c.batch_size) for c in p.configs} == {("throughput", 16), ("latency", 1)}
+    else:  # a default model not registered yet gets the ordinary unknown-model error
+        with pytest.raises(ValueError, match="unknown model"):
+            plan(device="cpu")
+
+
+def test_presets_and_explicit_arguments():
+    p = plan([SMALL_MODEL], device="cpu", preset="paper-latency")
+    (c,) = p.configs
+    assert (c.mode, c.batch_size, c.backend, c.precision, c.image_size) == (
+        "latency",
+        1,
+        "torchscript",
+        "fp32",
+        (224, 224),
+    )
+    assert c.timing.min_iters == 500
+    p = plan([SMALL_MODEL], device="cpu", preset="paper-throughput", backends=["eager"], batch_sizes=[4])
+    assert [(c.mode, c.batch_size, c.backend) for c in p.configs] == [("throughput", 4, "eager")]
+    with pytest.raises(ValueError, match="unknown preset"):
+        plan([SMALL_MODEL], device="cpu", preset="paper")
+
+
+def test_sweep_expands_every_combination():
+    p = plan([SMALL_MODEL], device="cpu", batch_sizes=[2, 4], image_sizes=[32, (48, 64)], threads=[1, 2])
+    assert len(p.configs) == (2 + 1) * 2 * 2  # (two throughput batches + latency) x images x threads
+    assert {c.image_size for c in p.configs} == {(32, 32), (48, 64)}
+
+
+def test_bad_arguments_raise_value_errors():
+    with pytest.raises(ValueError, match="latency mode is batch 1"):
+        plan([SMALL_MODEL], device="cpu", modes=["latency"], batch_sizes=[8])
+    with pytest.raises(ValueError, match="nothing to run: tf32"):
+        plan([SMALL_MODEL], device="cpu", precisions=["tf32"])
+    with pytest.raises(ValueError, match="unknown backend"):
+        plan([SMALL_MODEL], device="cpu", backends=["tensorrt"])
+    with pytest.raises(ValueError, match="compile backend"):
+        plan([SMALL_MODEL], device="cpu", compile_mode="max-autotune")
+    with pytest.raises(ValueError, match="jobs"):
+        plan([SMALL_MODEL], device="cpu", jobs=0)
+
+
+def test_unknown_model_names_get_close_matches():
+    with pytest.raises(ValueError, match="Did you mean.*lowformer_b1"):
+        check_model_name("lowformer_b1x")
+    with pytest.raises(ValueError, match="timm:fastvit_t8"):
+        check_model_name("timm:fastvit_t9")
+    with pytest.raises(ValueError, match="write timm:fastvit_t8"):
+        check_model_name("fastvit_t8")
+    check_model_name("timm:lowformer_b1")
+    check_model_name("timm:resnet18.a1_in1k")  # a pretrained tag is fine
+
+
+# --------------------------------------------------------------------------------------------
+# running: results, schema, failures
+# --------------------------------------------------------------------------------------------
+
+
+def test_runner_times_a_sleeping_module():
+    report = benchmark([("sleep20ms", SleepNet(0.020))], device="cpu", modes=["latency"], image_sizes=[8], timing=TINY)
+    (r,) = report.results
+    assert r.ok and r.source == "module" and r.timer == "perf_counter"
+    assert 20.0 <= r.latency_ms_p50 <= 22.0
+    assert r.throughput_img_s == pytest.approx(1e3 / r.latency_ms_p50)
+    assert r.latency_ms_min <= r.latency_ms_p10 <= r.latency_ms_p50 <= r.latency_ms_p90 <= r.latency_ms_max
+
+
+def test_json_and_csv_schema(tmp_path):
+    report = benchmark(
+        [SMALL_MODEL], device="cpu", batch_sizes=[2], image_sizes=[32], threads=1, timing=TINY, preset=None
+    )
+    data = json.loads(report.write_json(tmp_path / "r.json").read_text())
+    assert data["schema"] == SCHEMA
+    for key in ("date", "command", "torch", "timm", "onnxruntime", "cpu", "device_name", "tf32_matmul", "cudnn"):
+        assert key in data["environment"]
+    assert data["settings"]["timing"] == TINY.to_dict()
+    assert [r["mode"] for r in data["results"]] == ["throughput", "latency"]
+    for r in data["results"]:
+        assert list(r) == [c for c in CSV_COLUMNS if not c.startswith("env_")]
+        assert r["status"] == "ok" and r["latency_ms_p50"] > 0 and r["macs"] > 0 and r["params"] > 0
+        assert r["threads"] == 1 and r["memory_source"].startswith(("proc_vmhwm", "ru_maxrss"))
+        assert r["mfu"] is None  # no known CPU peak
+    rows = list(csv.DictReader(open(report.write_csv(tmp_path / "r.csv"))))
+    assert len(rows) == 2 and list(rows[0]) == CSV_COLUMNS
+    assert rows[0]["env_torch"] == torch.__version__
+    assert float(rows[1]["latency_ms_p50"]) == pytest.approx(data["results"][1]["latency_ms_p50"])
+
+
+def test_mfu_from_a_given_peak():
+    report = benchmark([SMALL_MODEL], device="cpu", modes=["latency"], image_sizes=[32], timing=TINY, peak_tflops=1.0)
+    (r,) = report.results
+    assert r.peak_tflops_source == "user"
+    assert r.mfu == pytest.approx(2 * r.macs * r.throughput_img_s / 1e12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_cpu_backends(backend):
+    report = benchmark(
+        [SMALL_MODEL], device="cpu", modes=["latency"], image_sizes=[32], backends=[backend], threads=1, timing=TINY
+    )
+    (r,) = report.results
+    assert r.ok, r.error
+    assert r.backend == backend and r.timer == "perf_counter" and r.latency_ms_p50 > 0
+    if backend == "onnxruntime":
+        assert r.backend_note == "CPUExecutionProvider"
+
+
+def test_compile_backend_runs_or_records_its_failure():
+    report = benchmark(
+        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[16], backends=["compile"], timing=TINY
+    )
+    (r,) = report.results
+    assert r.status in ("ok", "error")
+    if r.ok:
+        assert r.latency_ms_p50 > 0 and r.prepare_s > 0  # prepare_s holds the compilation
+    else:
+        assert r.error and r.latency_ms_p50 is None
+
+
+def test_channels_last_bf16_and_skipped_combinations():
+    report = benchmark(
+        [SMALL_MODEL],
+        device="cpu",
+        modes=["latency"],
+        image_sizes=[32],
+        backends=["eager", "onnxruntime"],
+        precisions=["fp32", "bf16"],
+        channels_last=True,
+        threads=1,
+        timing=TINY,
+    )
+    by = {(r.backend, r.precision): r for r in report.results}
+    assert by["eager", "fp32"].ok and by["eager", "bf16"].ok and by["eager", "bf16"].channels_last
+    assert by["onnxruntime", "fp32"].status == "skipped" and "channels_last" in by["onnxruntime", "fp32"].error
+    assert by["onnxruntime", "bf16"].status == "skipped"
+    assert "skipped [" in report.table()
+
+
+def test_reparam_on_a_timm_model_and_the_fallbacks():
+    plain, fused = (
+        benchmark(
+            ["timm:mobileone_s0"], device="cpu", modes=["latency"], image_sizes=[64], reparam=rep, timing=TINY
+        ).results[0]
+        for rep in (False, True)
+    )
+    assert fused.ok and fused.reparam_applied == "timm.utils.reparameterize_model"
+    assert fused.macs < plain.macs and fused.params < plain.params  # branches folded into one conv
+    assert reparameterize(TinyConvNet())[1] == "none-available"
+
+    ours = lowformer.create_model("lowformer_b0").eval()
+    model, applied = reparameterize(ours)
+    assert applied == "lowformer.deploy"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ours(x), rtol=1e-4, atol=1e-5)
+
+
+def test_failing_configuration_is_recorded_and_the_run_goes_on():
+    report = benchmark(
+        [("fussy", FailsAboveBatch1()), ("oom", OutOfMemoryNet()), ("tiny", TinyConvNet())],
+        device="cpu",
+        batch_sizes=[2],
+        image_sizes=[16],
+        timing=TINY,
+    )
+    status = {(r.model, r.mode): r.status for r in report.results}
+    assert status == {
+        ("fussy", "throughput"): "error",
+        ("fussy", "latency"): "ok",
+        ("oom", "throughput"): "oom",
+        ("oom", "latency"): "oom",
+        ("tiny", "throughput"): "ok",
+        ("tiny", "latency"): "ok",
+    }
+    fussy = next(r for r in report.results if r.model == "fussy" and not r.ok)
+    assert fussy.error == "RuntimeError: this model refuses batches"
+    assert failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))[0] == "oom"
+    assert "error [1]" in report.table()
+
+
+def test_two_jobs_share_the_device():
+    report = benchmark([SMALL_MODEL], device="cpu", modes=["latency"], image_sizes=[32], threads=1, jobs=2, timing=TINY)
+    (r,) = report.results
+    assert r.ok, r.error
+    assert r.jobs == 2 and len(r.jobs_latency_ms_p50) == 2 and r.iterations >= 2 * TINY.min_iters
+    assert r.throughput_img_s == pytest.approx(sum(1e3 / m for m in r.jobs_latency_ms_p50))
+
+
+def test_plot_is_written(tmp_path):
+    models = [SMALL_MODEL, "timm:test_efficientnet", "timm:test_byobnet"]
+    report = benchmark(models, device="cpu", batch_sizes=[2], image_sizes=[32], threads=1, timing=TINY)
+    assert len(report.correlations()) == 2  # throughput and latency groups, three models each
+    path = report.plot(tmp_path / "plot.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+# --------------------------------------------------------------------------------------------
+# paired comparison
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_spec():
+    base = BenchConfig(model="", device="cpu", batch_size=4)
+    c = parse_spec("lowformer_b1@backend=torchscript,channels_last,threads=1", base)
+    assert (c.model, c.backend, c.channels_last, c.threads, c.batch_size) == ("lowformer_b1", "torchscript", True, 1, 4)
+    assert parse_spec("timm:fastvit_t8@reparam=false", base).reparam is False
+    for bad, match in [
+        ("lowformer_b1@batch_size=2", "unknown option"),
+        ("lowformer_b1@threads=two", "not an integer"),
+        ("lowformer_b1@backend=trt", "unknown backend"),
+        ("lowformer_b1@channels_last=maybe", "not a boolean"),
+        ("lowformr_b1", "Did you mean"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_spec(bad, base)
+
+
+def test_pair_bookkeeping():
+    a = CompareEntry("A", BenchConfig("a"), "lowformer", round_medians_ms=[2.0, 2.2, 1.8, 2.0])
+    b = CompareEntry("B", BenchConfig("b"), "lowformer", round_medians_ms=[1.0, 1.0, 1.2, 2.5])
+    p = pair_result(a, b)
+    assert p.rounds == 4
+    assert (p.speedup_min, p.speedup_max) == (pytest.approx(0.8), pytest.approx(2.2))
+    assert p.speedup_median == pytest.approx((1.5 + 2.0) / 2)
+    assert p.verdict.startswith("no consistent")
+    b.round_medians_ms = [1.0, 1.0, 1.0]  # a failed config: pairs use the rounds both finished
+    p = pair_result(a, b)
+    assert p.rounds == 3 and p.verdict == "B faster in every round"
+
+
+def test_compare_interleaves_rounds_in_one_process(tmp_path):
+    specs = [SMALL_MODEL, f"{SMALL_MODEL}@backend=torchscript", f"{SMALL_MODEL}@precision=tf32"]
+    report = compare(specs, rounds=3, device="cpu", image_size=32, threads=1, warmup=TINY, round_timing=TINY)
+    a, b, c = report.entries
+    assert a.ok and b.ok and c.status == "skipped"
+    assert len(a.round_medians_ms) == len(b.round_medians_ms) == 3
+    assert len(a.samples_s) == 3 * TINY.min_iters
+    (p,) = report.pairs
+    ratios = [x / y for x, y in zip(a.round_medians_ms, b.round_medians_ms)]
+    assert (p.a, p.b, p.speedup_min, p.speedup_max) == (specs[0], specs[1], min(ratios), max(ratios))
+    data = json.loads(report.write_json(tmp_path / "c.json").read_text())
+    assert data["schema"] == "lowformer.bench.compare/1"
+    assert [c["tag"] for c in data["configs"]] == ["A", "B", "C"]
+    assert data["pairs"][0]["rounds"] == 3
+    assert "speedup" in report.table()
+    with pytest.raises(ValueError, match="at least two"):
+        compare([SMALL_MODEL], device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-m", "lowformr_b1"], "Did you mean"),
+        (["-m", "timm:fastvit_t9"], "timm:fastvit_t8"),
+        (["--device", "tpu"], "unknown device"),
+        (["--mode", "latency", "--batch-size", "8"], "latency mode is batch 1"),
+        (["--rounds", "3"], "--rounds applies to --compare"),
+        (["--compare", SMALL_MODEL, "timm:test_vit", "--batch-size", "1", "2"], "one --batch-size"),
+        (["--compare", SMALL_MODEL, "timm:test_vit", "--model", SMALL_MODEL], "drop --model"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--batch-size", "0"], ["--image-size", "big"], ["--backend", "tensorrt"], ["--jobs", "-1"], ["--iters", "x"]],
+)
+def test_cli_unparsable_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *argv])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_run_writes_json_csv_and_plot(tmp_path, capsys):
+    argv = ["bench", "-m", SMALL_MODEL, "timm:test_efficientnet", "timm:test_byobnet", "--image-size", "32"]
+    argv += ["--batch-size", "2", "--threads", "1", "--warmup-iters", "1", "--warmup-seconds", "0"]
+    argv += ["--iters", "3", "--seconds", "0", "--no-progress", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "timing per configuration" in out and "Spearman rho" in out and "ms p50" in out
+    (json_path,) = tmp_path.glob("bench-*.json")
+    (png_path,) = tmp_path.glob("bench-*.png")
+    assert json.loads(json_path.read_text())["schema"] == SCHEMA and png_path.stat().st_size > 20_000
+
+
+def test_cli_exit_code_1_when_a_configuration_fails(tmp_path, monkeypatch):
+    import lowformer.bench.runner as runner
+
+    def broken_prepare(*args, **kwargs):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(runner, "prepare", broken_prepare)
+    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--no-save", "--iters", "1"]
+    assert main(argv) == 1
+
+
+def test_cli_compare(capsys):
+    argv = ["bench", "--compare", SMALL_MODEL, f"{SMALL_MODEL}@threads=1", "--image-size", "32", "--rounds", "2"]
+    argv += ["--iters", "2", "--seconds", "0", "--warmup-iters", "1", "--warmup-seconds", "0", "--no-save"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "B vs A" in out and "paired comparison: 2 rounds" in out
