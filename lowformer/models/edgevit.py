@@ -14,6 +14,7 @@ Layout of this file: blocks -> stage -> model -> metadata -> checkpoint conversi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -679,20 +680,10 @@ _NO_WEIGHTS = (
 )
 
 
-def _make_builder(name: str):
-    spec = SPECS[name]
-
-    def build(**kwargs) -> EdgeViT:
-        return EdgeViT(spec, **kwargs)
-
-    build.__doc__ = f"EdgeViT preset {name!r}."
-    return build
-
-
 for _name in SPECS:
     register_model(
         _name,
-        _make_builder(_name),
+        functools.partial(EdgeViT, SPECS[_name]),
         family="edgevit",
         spec=SPECS[_name],
         paper=_PAPER[_name],

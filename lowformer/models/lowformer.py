@@ -14,6 +14,7 @@ Layout of this file: blocks -> stage -> model -> metadata -> checkpoint conversi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -697,20 +698,10 @@ def _official_release(name: str) -> dict:
     }
 
 
-def _make_builder(name: str):
-    spec = SPECS[name]
-
-    def build(**kwargs) -> LowFormer:
-        return LowFormer(spec, **kwargs)
-
-    build.__doc__ = f"LowFormer preset {name!r}."
-    return build
-
-
 for _name in SPECS:
     register_model(
         _name,
-        _make_builder(_name),
+        functools.partial(LowFormer, SPECS[_name]),
         family="lowformer",
         spec=SPECS[_name],
         paper=_PAPER[_name],
