@@ -54,7 +54,8 @@ def main() -> None:
         rows.append((name, medians, min(per_round), statistics.median(per_round), max(per_round)))
 
     print()
-    print("| model | timm NCHW ms | timm CL ms | ours deploy NCHW ms | ours deploy CL ms | speedup min / median / max |")
+    head = ["model", "timm NCHW ms", "timm CL ms", "ours deploy NCHW ms", "ours deploy CL ms", "speedup min/median/max"]
+    print("| " + " | ".join(head) + " |")
     print("|---|---:|---:|---:|---:|---|")
     for name, m, lo, med, hi in rows:
         print(f"| {name} | {m[0]:.1f} | {m[1]:.1f} | {m[2]:.1f} | {m[3]:.1f} | {lo:.2f} / **{med:.2f}** / {hi:.2f} |")

@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -138,25 +137,18 @@ def prepare(
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace, freeze and `optimize_for_inference`, as the LowFormer papers measured.
+    """Trace, freeze and `optimize_for_inference`, as the LowFormer papers measured: the module
+    `lowformer export --format torchscript` writes, optimised as after loading it."""
+    from ..export import torchscript_module
 
-    NOTE: the official code scripts (`torch.jit.script`); we trace, because not every timm peer
-    scripts, and for these static-shape models both give the same frozen graph.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        traced = torch.jit.trace(model, x, check_trace=False)
-        optimized = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-    for w in caught:
-        _logger.debug("torchscript: %s", w.message)
-    return optimized
+    return torchscript_module(model, x, optimize=True)
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str, threads: int | None) -> Prepared:
     import numpy as np
     import onnxruntime as ort
 
-    from ..export import export_onnx
+    from ..export import export
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -172,7 +164,7 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str,
         providers = ["CPUExecutionProvider"]
     x = x.contiguous()
     with tempfile.TemporaryDirectory(prefix="lowformer-bench-") as tmp:
-        path = export_onnx(model, os.path.join(tmp, "model.onnx"), x)
+        path = export(model, os.path.join(tmp, "model.onnx"), "onnx", example_input=x)
         session = ort.InferenceSession(str(path), options, providers=providers)
     wanted = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     used = session.get_providers()[0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, info
+from . import bench, export, info
 
-SUBCOMMANDS = [info, bench]
+SUBCOMMANDS = [info, bench, export]
 
 
 class _Parser(argparse.ArgumentParser):

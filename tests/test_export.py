@@ -1,0 +1,313 @@
+"""Export to ONNX and TorchScript: every registered model, dynamic axes, fp16, the CLI, and a verify
+that fails when the file is wrong."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_bn
+
+import lowformer
+from lowformer.cli import main
+from lowformer.export import (
+    FP16_BOUND,
+    KEEP_FP32_OPS,
+    convert_float16,
+    export,
+    verify,
+    verify_shapes,
+)
+
+MODELS = lowformer.list_models()
+SUBSET = ["lowformer_b0", "lowformer_e3", "edgevit_xxs"]  # norms + MLP, attention without MLP, EdgeViT
+
+
+def _deployed(name: str, seed: int = 0) -> torch.nn.Module:
+    """Deploy form of a model with non-default BatchNorm statistics and norm affines."""
+    torch.manual_seed(seed)
+    model = lowformer.create_model(name).eval()
+    randomize_bn(model, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return lowformer.deploy(model)
+
+
+def _input_dims(path) -> list:
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_every_model_dynamic_batch(name, tmp_path):
+    model = _deployed(name)
+    path = export(model, tmp_path / f"{name}.onnx", "onnx", (64, 96), dynamic_batch=True)
+    assert _input_dims(path) == ["batch", 3, 64, 96]
+    report = verify(model, path, "onnx", (64, 96), dynamic_batch=True)
+    assert report.input_shapes == [(1, 3, 64, 96), (3, 3, 64, 96)]
+    assert report.passed, report.summary()
+    assert report.max_rel_err <= 1e-4 and report.bound == 1e-4
+
+
+@pytest.mark.parametrize(
+    "name, image_size, other",
+    [("lowformer_b0", (64, 96), (65, 97)), ("lowformer_e3", (64, 64), (65, 65)), ("edgevit_xxs", (64, 64), (96, 128))],
+)
+def test_onnx_dynamic_size_is_right_at_another_size(name, image_size, other, tmp_path):
+    # 65x97: odd, so LowFormer's stride-2 attention up-conv overshoots and the crop must follow the input
+    model = _deployed(name)
+    assert verify_shapes(image_size, 1, True, True, lowformer.get_entry(name).size_divisor)[-1][1:] == other
+    path = export(model, tmp_path / "m.onnx", "onnx", image_size, dynamic_batch=True, dynamic_size=True)
+    assert _input_dims(path) == ["batch", 3, "height", "width"]
+    report = verify(model, path, "onnx", image_size, dynamic_batch=True, dynamic_size=True)
+    assert report.input_shapes[-1] == (3, 3, *other)
+    assert report.passed, report.summary()
+
+
+def test_onnx_static_export_has_fixed_shape(tmp_path):
+    model = _deployed("lowformer_b0")
+    path = export(model, tmp_path / "m.onnx", "onnx", (64, 64), batch_size=2)
+    assert _input_dims(path) == [2, 3, 64, 64]
+    assert verify(model, path, "onnx", (64, 64), batch_size=2).passed
+
+
+def test_onnx_features_only_exports_every_level(tmp_path):
+    model = lowformer.deploy(lowformer.create_model("lowformer_b0", features_only=True).eval())
+    path = export(model, tmp_path / "f.onnx", "onnx", (64, 64), dynamic_size=True)
+    outputs = onnx.load(str(path)).graph.output
+    assert [o.name for o in outputs] == ["output_0", "output_1", "output_2", "output_3"]
+    assert outputs[0].type.tensor_type.shape.dim[2].dim_param == "output_0_height"
+    report = verify(model, path, "onnx", (64, 64), dynamic_size=True)
+    assert report.passed, report.summary()
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_torchscript_traced_graph_follows_the_input_shape(name, tmp_path):
+    model = _deployed(name)
+    path = export(model, tmp_path / f"{name}.pt", "torchscript", (64, 96))
+    report = verify(model, path, "torchscript", (64, 96), dynamic_batch=True, dynamic_size=True)
+    assert len(report.input_shapes) == 3
+    assert report.passed, report.summary()
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_fp16_onnx_is_finite_and_close(name, tmp_path):
+    model = _deployed(name)
+    path = export(model, tmp_path / f"{name}.onnx", "onnx", (64, 64), dynamic_batch=True, fp16=True)
+    graph = onnx.load(str(path)).graph
+    fp16_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert sum(np.prod(t.dims) for t in fp16_weights) > 0.9 * sum(p.numel() for p in model.parameters())
+    report = verify(model, path, "onnx", (64, 64), dynamic_batch=True, fp16=True)
+    assert report.bound == FP16_BOUND and report.finite
+    assert report.passed, report.summary()
+    assert report.max_rel_err > 1e-5  # it really is half precision
+
+
+def test_fp16_graph_keeps_softmax_norms_and_attention_logits_in_fp32(tmp_path):
+    path = export(_deployed("lowformer_b0"), tmp_path / "b0.onnx", "onnx", (64, 64), dynamic_size=True, fp16=True)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    graph = model.graph
+    dtype = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
+    dtype.update({t.name: t.data_type for t in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    FP32, FP16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert dtype["input"] == FP32 and dtype["output"] == FP32
+    seen = set()
+    for n in graph.node:
+        if n.op_type in KEEP_FP32_OPS:
+            seen.add(n.op_type)
+            assert dtype[n.input[0]] == FP32 and dtype[n.output[0]] == FP32, n.name
+        if n.op_type == "Softmax":
+            logits = producer[n.input[0]]
+            assert logits.op_type == "MatMul" and all(dtype[i] == FP32 for i in logits.input)
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            assert dtype[n.output[0]] == FP16, n.name
+    assert {"Softmax", "InstanceNormalization", "LayerNormalization", "ReduceMean"} <= seen
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D), q = k = v = x
+        q = x.unsqueeze(1)
+        return F.scaled_dot_product_attention(q, q, q).squeeze(1)
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "module, x",
+    [
+        (_Attention(), 100 + _randn(1, 8, 64)),  # QK^T / sqrt(d) ~ 8e4 > 65504, the fp16 maximum
+        (_Norm(), 300 + 50 * _randn(1, 8, 256)),  # the sum of squares overflows, the values do not
+    ],
+)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fp16_policy_prevents_overflow(module, x):
+    """Evaluated in true fp16 (onnx.reference runs numpy in the graph's types; ONNX Runtime's CPU
+    provider computes fp16 MatMul/Softmax/LayerNorm in fp32 internally and would hide the overflow)."""
+    from onnx.reference import ReferenceEvaluator
+
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17, input_names=["input"])
+    fp32 = onnx.load_model_from_string(buffer.getvalue())
+    expected = module(x).detach().numpy()
+
+    def run(model):
+        with np.errstate(all="ignore"):
+            return ReferenceEvaluator(model).run(None, {"input": x.numpy()})[0].astype(np.float32)
+
+    ours = run(convert_float16(fp32))
+    assert np.isfinite(ours).all()
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 2e-2
+    naive = run(convert_float16(fp32, keep_fp32_ops=frozenset(), attention_logits_fp32=False))
+    assert not np.isfinite(naive).all()  # the check can fail: without the policy fp16 overflows
+
+
+class _Loud(torch.nn.Module):
+    """Conv activations ~1e5, beyond fp16; the head scales them back, so the output is moderate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv.weight.mul_(1e5)
+            self.fc.weight.mul_(1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def test_fp16_verify_catches_an_overflow_inside_the_graph(tmp_path):
+    # ONNX Runtime on CPU computes this Conv in fp32 and may pass the overflow on unseen
+    model = _Loud().eval()
+    path = export(model, tmp_path / "loud.onnx", "onnx", (32, 32), fp16=True)
+    report = verify(model, path, "onnx", (32, 32), fp16=True)
+    assert not report.passed and not report.finite
+    assert report.checks[0].overflowed[0] == "/conv/Conv_output_0" and "fp16 tensors overflow" in report.summary()
+
+
+def test_verify_fails_for_a_file_from_other_weights(tmp_path):
+    path = export(_deployed("lowformer_b0", seed=0), tmp_path / "m.onnx", "onnx", (64, 64))
+    report = verify(_deployed("lowformer_b0", seed=10), path, "onnx", (64, 64))
+    assert report.finite and not report.passed
+    assert report.max_rel_err > 1e-2 and "FAILED" in report.summary()
+    ts = export(_deployed("lowformer_b0", seed=0), tmp_path / "m.pt", "torchscript", (64, 64))
+    assert not verify(_deployed("lowformer_b0", seed=10), ts, "torchscript", (64, 64)).passed
+
+
+def test_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+
+    def broken_export(model, args, f, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("exporter crashed")
+
+    def broken_save(module, f, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export(_deployed("lowformer_b0"), path, "onnx", (64, 64))
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["m.onnx"]
+
+    monkeypatch.setattr(torch.jit, "save", broken_save)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export(_deployed("lowformer_b0"), tmp_path / "new" / "m.pt", "torchscript", (64, 64))
+    assert os.listdir(tmp_path / "new") == []
+
+
+def test_bad_export_arguments_raise_value_errors(tmp_path):
+    model = _deployed("edgevit_xxs")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        export(model, tmp_path / "m.onnx", "onnx", (64, 80))
+    with pytest.raises(ValueError, match="unknown export format"):
+        export(model, tmp_path / "m.tflite", "tflite", (64, 64))
+    with pytest.raises(ValueError, match="ONNX only"):
+        export(model, tmp_path / "m.pt", "torchscript", (64, 64), fp16=True)
+    with pytest.raises(ValueError, match="opset >= 17"):
+        export(model, tmp_path / "m.onnx", "onnx", (64, 64), fp16=True, opset=16)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "sub" / "dir" / "b0.onnx"
+    r = subprocess.run(
+        [sys.executable, "-m", "lowformer", "export", "lowformer_b0", "--format", "onnx", "--image-size", "64", "96"]
+        + ["--dynamic-batch", "--dynamic-size", "--out", str(out), "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and os.listdir(out.parent) == ["b0.onnx"]
+    assert f"wrote {out}" in r.stdout and "opset 17" in r.stdout and "deploy on" in r.stdout
+    assert "batch, height, width" in r.stdout
+    assert "1x3x64x96, 3x3x64x96, 3x3x65x97" in r.stdout and "max rel err" in r.stdout and ": ok" in r.stdout
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["lowformer.model"] == "lowformer_b0" and props["lowformer.deploy"] == "on"
+
+
+def test_cli_torchscript_fp16_and_no_deploy(tmp_path, capsys):
+    args = ["lowformer_b0", "--image-size", "64", "64", "--no-deploy", "--fp16", "--out", str(tmp_path / "b0.onnx")]
+    assert main(["export", *args, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "deploy off" in out and "fp16" in out and "<= 1e-02: ok" in out
+    args = ["edgevit_xxs", "--format", "torchscript", "--image-size", "64", "64", "--dynamic-size"]
+    assert main(["export", *args, "--out", str(tmp_path / "e.pt"), "--verify"]) == 0
+    assert "1x3x64x64, 1x3x96x128" in capsys.readouterr().out
+
+
+def test_cli_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lowformer.export.FP32_BOUND", 0.0)  # ONNX Runtime is never bit-exact
+    rc = main(["export", "lowformer_b0", "--image-size", "64", "64", "--out", str(tmp_path / "b0.onnx"), "--verify"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "verification failed" in captured.err
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["lowformer_b7"], "Did you mean"),
+        (["lowformer_b0", "--format", "tflite"], "invalid choice"),
+        (["lowformer_b0", "--image-size", "16", "16"], "at least 32"),
+        (["edgevit_xxs", "--image-size", "64", "80"], "multiples of 32"),
+        (["lowformer_b0", "--format", "torchscript", "--fp16"], "ONNX only"),
+        (["lowformer_b0", "--fp16", "--opset", "16"], "--opset 17"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(args, text, tmp_path, capsys):
+    out = tmp_path / "x" / "m.onnx"
+    try:
+        rc = main(["export", *args, "--out", str(out)])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    assert rc == 2
+    assert text in capsys.readouterr().err
+    assert not out.parent.exists()
