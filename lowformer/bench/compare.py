@@ -11,9 +11,7 @@ where two separate runs are not comparable.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from .backends import Prepared, reparameterize, unsupported_reason
 from .env import environment, resolve_device
 from .models import check_model_name, model_source
 from .presets import default_round_timing, default_timing
-from .result import BenchConfig
+from .result import BenchConfig, write_csv_file, write_json_file
 from .runner import build_source, config_context, failure, params_and_macs, prepare_config
 from .timing import TimingPolicy, measure
 
@@ -211,22 +209,12 @@ class CompareReport:
         return format_compare(self)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json_file(self.to_dict(), path)
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """One row per pair (the configurations' own timings are in the JSON)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         columns = [f.name for f in dataclasses.fields(PairResult)]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            for p in self.pairs:
-                writer.writerow(p.to_dict())
-        return path
+        return write_csv_file([p.to_dict() for p in self.pairs], columns, path)
 
 
 def _tag(i: int) -> str:

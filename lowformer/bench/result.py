@@ -13,6 +13,33 @@ from pathlib import Path
 
 from .timing import TimingPolicy
 
+
+def write_json_file(data: dict, path: str | os.PathLike) -> Path:
+    """`data` as indented JSON, written atomically (a temp file renamed over `path`)."""
+    return _write_atomic(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
+
+
+def write_csv_file(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
+    """One CSV row per dict (keys = `columns`), written atomically."""
+
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    return _write_atomic(path, write)
+
+
+def _write_atomic(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
+
+
 SCHEMA = "lowformer.bench/1"
 
 
@@ -142,24 +169,16 @@ class BenchReport:
         return format_report(self)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json_file(self.to_dict(), path)
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """One row per result; lists are joined with ";"; the main environment keys end each row."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            for r in self.results:
-                row = r.to_dict()
-                row = {k: ";".join(f"{v:g}" for v in row[k]) if isinstance(row[k], list) else row[k] for k in row}
-                row.update({f"env_{k}": self.environment.get(k) for k in ENV_CSV_KEYS})
-                writer.writerow(row)
-        return path
+        env = {f"env_{k}": self.environment.get(k) for k in ENV_CSV_KEYS}
+        rows = []
+        for r in self.results:
+            row = {k: ";".join(f"{x:g}" for x in v) if isinstance(v, list) else v for k, v in r.to_dict().items()}
+            rows.append({**row, **env})
+        return write_csv_file(rows, CSV_COLUMNS, path)
 
     def plot(self, path: str | os.PathLike) -> Path:
         from .report import plot_macs_vs_speed
