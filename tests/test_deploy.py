@@ -1,11 +1,14 @@
 """Deploy mode computes the same function, for every registered variant and input size class."""
 
+import importlib
+
 import pytest
 import torch
 from helpers import randomize_bn
 from timm.utils import reparameterize_model
 
 import lowformer
+from lowformer import onednn
 from lowformer.deploy import deploy
 from lowformer.models import get_entry
 
@@ -64,7 +67,9 @@ def test_no_batchnorm_left_in_lowformer_and_timm_finds_the_methods(name):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert _rel(model(x), via_timm(x)) <= 1e-5
-        assert _rel(ours(x), via_timm(x)) <= 1e-6
+        assert _rel(ours(x), via_timm(x)) <= 1e-5
+        # the same folding, the same plain kernels: only summation order differs
+        assert _rel(deploy(model, memory_format="keep")(x), via_timm(x)) <= 1e-6
     if name.startswith("lowformer"):
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
 
@@ -98,3 +103,51 @@ def test_root_reparameterize_in_place():
         ref = model(x)
         model.reparameterize()
         assert _rel(ref, model(x)) <= 1e-5
+
+
+def _stem_weight(model: torch.nn.Module) -> torch.Tensor:
+    return next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_deploy_layout_choices():
+    model = _nondefault(lowformer.create_model("lowformer_b0").eval())
+    x = torch.randn(2, 3, 64, 64)
+    auto = "packed" if onednn.available() else "channels_last"
+    with torch.no_grad():
+        ref = model(x)
+        for fmt, packed, channels_last in [
+            ("auto", auto == "packed", True),
+            ("channels_last", False, True),
+            ("contiguous", False, False),
+            ("keep", False, False),
+        ]:
+            fast = deploy(model, memory_format=fmt)
+            assert any(isinstance(m, onednn.PACKED_LAYERS) for m in fast.modules()) == packed, fmt
+            assert _stem_weight(fast).is_contiguous(memory_format=torch.channels_last) == channels_last, fmt
+            assert _stem_weight(fast).is_contiguous() != channels_last, fmt
+            assert _rel(ref, fast(x)) <= 1e-5, fmt
+            assert _rel(ref, fast(x.contiguous(memory_format=torch.channels_last))) <= 1e-5, fmt
+    # the model passed in is never changed unless inplace=True
+    assert _stem_weight(model).is_contiguous() and not isinstance(model.stem.conv.conv, onednn.PACKED_LAYERS)
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        deploy(model, memory_format="nhwc")
+    if onednn.available():
+        with pytest.raises(ValueError, match="already packed"):
+            deploy(deploy(model, memory_format="packed"), memory_format="contiguous")
+
+
+def test_deploy_tune_times_the_candidates_and_applies_the_fastest(monkeypatch):
+    deploy_module = importlib.import_module("lowformer.deploy")  # `lowformer.deploy` is the function
+
+    model = _nondefault(lowformer.create_model("lowformer_b0").eval())
+    x = torch.randn(1, 3, 64, 64)
+    folded = deploy(model, memory_format="keep")
+    assert deploy_module.tune_layout(folded, x, rounds=2) in deploy_module.layouts("cpu")
+    assert _stem_weight(folded).is_contiguous()  # candidates are copies
+    monkeypatch.setattr(deploy_module, "tune_layout", lambda m, x: "contiguous")
+    assert _stem_weight(deploy(model, memory_format="tune", example_input=x)).is_contiguous()
+    monkeypatch.setattr(deploy_module, "tune_layout", lambda m, x: "channels_last")
+    fast = deploy(model, memory_format="tune", example_input=x)
+    assert _stem_weight(fast).is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert _rel(model(x), fast(x)) <= 1e-5

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     model = create_model(args.model, checkpoint_path=args.checkpoint).eval()
     if args.deploy:
-        model = deploy(model, inplace=True)
+        model = deploy(model, inplace=True, memory_format="keep")  # the plain ops, for tracing
     image_size = tuple(args.image_size)
     path = export(
         model,
