@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/deploy_speed.py --models lowformer_b0 lowformer_b1 --out docs/perf
 
 For each model, four configurations are timed round by round in one process (A B C D, then
-D C B A, ...): timm's port in NCHW and channels_last, ours in deploy mode in NCHW and
-channels_last. Writes one JSON per model (every round, environment included) and prints a
-markdown table of the speedups of ours over timm at timm's better memory format.
+D C B A, ...): timm's port in NCHW and channels_last, ours in deploy mode with plain NCHW convs and
+in deploy mode's CPU layout (`@reparam,channels_last` on CPU = the packed oneDNN convs that
+`lowformer.deploy(model)` gives; on CUDA, channels_last). Writes one JSON per model (every round,
+environment included) and prints a markdown table of the speedups of ours over timm at timm's
+better memory format.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def main() -> None:
         rows.append((name, medians, min(per_round), statistics.median(per_round), max(per_round)))
 
     print()
-    head = ["model", "timm NCHW ms", "timm CL ms", "ours deploy NCHW ms", "ours deploy CL ms", "speedup min/median/max"]
+    head = ["model", "timm NCHW ms", "timm CL ms", "ours deploy NCHW ms", "ours deploy (auto) ms"]
+    head.append("speedup min/median/max")
     print("| " + " | ".join(head) + " |")
     print("|---|---:|---:|---:|---:|---|")
     for name, m, lo, med, hi in rows:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._io import atomic_write
 from .models._registry import ModelEntry
 
 _logger = logging.getLogger(__name__)
@@ -171,16 +171,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         "num_classes": str(getattr(model, "num_classes", "")),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def find_pretrained(entry: ModelEntry) -> Path:

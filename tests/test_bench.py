@@ -17,6 +17,7 @@ from torch import nn
 import lowformer
 from lowformer.bench import (
     DEFAULT_MODELS,
+    DETECTION_MODELS,
     BenchConfig,
     CudaEventTimer,
     PerfCounterTimer,
@@ -430,6 +431,71 @@ def test_plot_is_written(tmp_path):
     path = report.plot(tmp_path / "plot.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+# --------------------------------------------------------------------------------------------
+# task "detection": backbone + RetinaNet FPN neck
+# --------------------------------------------------------------------------------------------
+
+
+def test_detection_task_defaults_and_errors():
+    p = plan(task="detection", device="cpu")
+    assert [c.model for c in p.configs[::2]] == list(DETECTION_MODELS)
+    assert {c.task for c in p.configs} == {"detection"} and p.settings["task"] == "detection"
+    assert {c.image_size for c in p.configs} == {(512, 512)}  # the papers' detection speed setting
+    assert {(c.mode, c.batch_size) for c in p.configs} == {("throughput", 4), ("latency", 1)}
+    assert "RetinaNet FPN neck" in p.describe()
+    # a preset's 224x224 is a classification protocol; detection keeps 512 unless asked
+    (config,) = plan(["lowformer_b0"], task="detection", device="cpu", preset="paper-latency").configs
+    assert config.image_size == (512, 512) and config.backend == "torchscript"
+    with pytest.raises(ValueError, match="unknown task 'segmentation'"):
+        plan(task="segmentation", device="cpu")
+
+
+def test_detection_task_times_the_neck_on_every_cpu_backend(tmp_path):
+    from lowformer.bench.models import build_model
+
+    report = benchmark(
+        ["edgevit_xxs", SMALL_MODEL],
+        task="detection",
+        device="cpu",
+        modes=["latency"],
+        image_sizes=[64],
+        backends=["eager", "torchscript", "onnxruntime"],
+        reparam=True,
+        threads=1,
+        timing=TINY,
+    )
+    assert all(r.ok and r.task == "detection" for r in report.results), [r.error for r in report.results]
+    ours = [r for r in report.results if r.model == "edgevit_xxs"]
+    assert {r.reparam_applied for r in ours} == {"lowformer.deploy"}  # deploy mode reaches inside the neck
+    neck = build_model(SMALL_MODEL, task="detection")
+    with torch.no_grad():
+        maps = neck(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1:] for m in maps] == [(256, 8, 8), (256, 4, 4), (256, 2, 2), (256, 1, 1), (256, 1, 1)]  # P3-P7
+    timm_row = next(r for r in report.results if r.model == SMALL_MODEL)
+    assert timm_row.params == sum(p.numel() for p in neck.parameters())
+    assert timm_row.macs > 0
+    data = json.loads(report.write_json(tmp_path / "d.json").read_text())
+    assert data["settings"]["task"] == "detection" and {r["task"] for r in data["results"]} == {"detection"}
+    assert {c["task"] for c in data["correlations"]} <= {"detection"}
+    assert "all rows: task detection" in report.table()
+    rows = list(csv.DictReader(open(report.write_csv(tmp_path / "d.csv"))))
+    assert {row["task"] for row in rows} == {"detection"}
+
+
+def test_cli_detection_task(tmp_path, capsys):
+    argv = ["bench", "--task", "detection", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "64"]
+    argv += ["--threads", "1", "--warmup-iters", "1", "--warmup-seconds", "0", "--iters", "2", "--seconds", "0"]
+    argv += ["--no-progress", "--json", str(tmp_path / "d.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "RetinaNet FPN neck" in out and "task detection" in out
+    assert json.loads((tmp_path / "d.json").read_text())["results"][0]["task"] == "detection"
+    argv = ["bench", "--task", "detection", "--compare", SMALL_MODEL, f"{SMALL_MODEL}@threads=1", "--image-size", "64"]
+    argv += ["--rounds", "2", "--iters", "1", "--seconds", "0", "--warmup-iters", "1", "--warmup-seconds", "0"]
+    assert main([*argv, "--no-save"]) == 0
+    assert "detection neck, batch 1, 64x64" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,3 +228,17 @@ def test_spec_validation():
 def test_unknown_model_suggests_close_names():
     with pytest.raises(ValueError, match="lowformer_b1"):
         lowformer.create_model("lowformer_b11")
+
+
+def test_saved_checkpoint_is_atomic_and_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    model = lowformer.create_model("lowformer_b0", num_classes=3)
+    old_umask = os.umask(0o022)
+    try:
+        path = lowformer.save_checkpoint(model, tmp_path / "b0.safetensors")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["b0.safetensors"]  # no temporary file left

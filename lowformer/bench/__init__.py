@@ -2,6 +2,7 @@
 
     from lowformer.bench import benchmark, compare
     report = benchmark(["lowformer_b1", "timm:fastvit_t8"], device="cpu", batch_sizes=[16])
+    report = benchmark(["lowformer_b1", "timm:resnet50"], task="detection")   # backbone + FPN at 512
     print(report.table()); report.write_json("bench.json"); report.plot("bench.png")
     print(compare(["lowformer_b1", "lowformer_b1@backend=torchscript"], batch_size=16).table())
 
@@ -14,7 +15,7 @@ CSV) and `report` (table, plot). The method and every output field: docs/bench.m
 
 from .backends import BACKENDS, PRECISIONS, reparameterize
 from .compare import CompareReport, compare, parse_spec
-from .models import DEFAULT_MODELS, TIMM_PREFIX
+from .models import DEFAULT_MODELS, DETECTION_MODELS, TASKS, TIMM_PREFIX
 from .presets import MODES, PRESETS
 from .result import SCHEMA, BenchConfig, BenchReport, BenchResult
 from .runner import Plan, benchmark, plan, run_config, run_plan
@@ -23,10 +24,12 @@ from .timing import CudaEventTimer, PerfCounterTimer, TimingPolicy, measure
 __all__ = [
     "BACKENDS",
     "DEFAULT_MODELS",
+    "DETECTION_MODELS",
     "MODES",
     "PRECISIONS",
     "PRESETS",
     "SCHEMA",
+    "TASKS",
     "TIMM_PREFIX",
     "BenchConfig",
     "BenchReport",

@@ -57,25 +57,41 @@ def autocast(precision: str, device: str, cache_enabled: bool = True):
 _FUSE_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
 
 
-def reparameterize(model: nn.Module) -> tuple[nn.Module, str]:
+def reparameterize(model: nn.Module, layout: str = "keep") -> tuple[nn.Module, str]:
     """Fold training-time branches into inference form; returns (model, what was applied).
 
-    Our models get `lowformer.deploy` (BatchNorm and norm-affine folding, dropout removed);
-    others get `timm.utils.reparameterize_model` when some submodule offers `fuse`,
-    `reparameterize` or `switch_to_deploy` (MobileOne, FastViT, RepViT, ...); otherwise nothing
-    is changed and the record says "none-available".
+    Our models, and modules built around them (a detection neck), get `lowformer.deploy`
+    (BatchNorm and norm-affine folding, dropout removed) with `layout` as its memory format (see
+    `reparam_layout`); others get `timm.utils.reparameterize_model` when some submodule offers
+    `fuse`, `reparameterize` or `switch_to_deploy` (MobileOne, FastViT, RepViT, ...); otherwise
+    nothing is changed and the record says "none-available".
     """
     from ..deploy import deploy
     from ..models import LowFormer
     from ..models.edgevit import EdgeViT
 
-    if isinstance(model, (LowFormer, EdgeViT)):
-        return deploy(model.eval()), "lowformer.deploy"
+    if any(isinstance(m, (LowFormer, EdgeViT)) for m in model.modules()):
+        applied = "lowformer.deploy" + (f" ({layout})" if layout != "keep" else "")
+        return deploy(model.eval(), memory_format=layout), applied
     if any(hasattr(m, h) for m in model.modules() if m is not model for h in _FUSE_HOOKS):
         from timm.utils import reparameterize_model
 
         return reparameterize_model(model.eval()), "timm.utils.reparameterize_model"
     return model, "none-available"
+
+
+def reparam_layout(backend: str, device: str, channels_last: bool) -> str:
+    """The deploy layout that matches a benchmark configuration.
+
+    In eager mode on CPU with channels_last, deploy mode's packed oneDNN convs (which run
+    channels_last) are what a user of `lowformer.deploy` gets. Everywhere else the benchmark's
+    own channels_last switch decides, and tracing or compiling needs the plain ops anyway.
+    """
+    from ..deploy import auto_layout
+
+    if backend == "eager" and channels_last and device == "cpu" and auto_layout("cpu") == "packed":
+        return "packed"
+    return "keep"
 
 
 @dataclass
@@ -177,7 +193,8 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str,
     # returns when the GPU work is done, so the host clock times it.
     binding = session.io_binding()
     binding.bind_input("input", "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
-    binding.bind_output("output", "cuda", index)
+    for output in session.get_outputs():  # one for a classifier, one per level for a detection neck
+        binding.bind_output(output.name, "cuda", index)
     step = functools.partial(session.run_with_iobinding, binding)
     return Prepared(step, PerfCounterTimer(sync=torch.cuda.synchronize), note=used, keep=(session, binding, x))
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import stats
-from .backends import Prepared, reparameterize, unsupported_reason
+from .backends import Prepared, reparam_layout, reparameterize, unsupported_reason
 from .env import environment, resolve_device
-from .models import check_model_name, model_source
+from .models import check_model_name, check_task, model_source
 from .presets import default_round_timing, default_timing
 from .result import BenchConfig, write_csv_file, write_json_file
 from .runner import build_source, config_context, failure, params_and_macs, prepare_config
@@ -224,6 +224,7 @@ def _tag(i: int) -> str:
 def compare(
     configs: Sequence[str | BenchConfig],
     *,
+    task: str = "classification",
     rounds: int = 10,
     device: str | None = "auto",
     batch_size: int = 1,
@@ -244,6 +245,7 @@ def compare(
     Args:
         configs: two or more specs "MODEL[@key=value,...]" (see `parse_spec`; the keyword
             arguments are the base every spec starts from) or ready `BenchConfig`s.
+        task: "classification" or "detection" (backbone + RetinaNet FPN neck, see `benchmark`).
         rounds: rounds of the interleaved schedule (>= 2; 10 by default).
         batch_size: one batch size for all (1: latency). image_size: S or (H, W).
         warmup: the warm-up each configuration gets once before round 1 (its `warmup_*` fields).
@@ -255,11 +257,13 @@ def compare(
         raise ValueError(f"rounds must be >= 2, got {rounds}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_task(task)
     device = resolve_device(device)
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     base = BenchConfig(
         model="",
         mode="latency" if batch_size == 1 else "throughput",
+        task=task,
         device=device,
         batch_size=batch_size,
         image_size=(h, w),
@@ -283,6 +287,7 @@ def compare(
     entries = [CompareEntry(label, cfg, model_source(cfg.model)) for label, cfg in parsed]
     settings = {
         "configs": labels,
+        "task": task,
         "rounds": rounds,
         "device": device,
         "batch_size": batch_size,
@@ -302,10 +307,12 @@ def compare(
             continue
         try:
             if e.config.model not in pristine:
-                pristine[e.config.model] = build_source(e.config.model)
+                pristine[e.config.model] = build_source(e.config.model, e.config.task)
             model = copy.deepcopy(pristine[e.config.model])
             if e.config.reparam:
-                model, e.reparam_applied = reparameterize(model)
+                model, e.reparam_applied = reparameterize(
+                    model, reparam_layout(e.config.backend, device, e.config.channels_last)
+                )
             e.params, e.macs = params_and_macs(model, e.config, macs_cache)
             with config_context(e.config):
                 e.prepared, e.prepare_s = prepare_config(e.config, model)

@@ -30,6 +30,7 @@ def _group_key(r: BenchResult) -> tuple:
         r.reparam,
         r.threads,
         r.jobs,
+        r.task,
     )
 
 
@@ -42,8 +43,8 @@ def _groups(results: Sequence[BenchResult]) -> dict[tuple, list[BenchResult]]:
 
 
 def _group_title(key: tuple) -> str:
-    mode, bs, h, w, backend, precision, channels_last, reparam, threads, jobs = key
-    parts = [f"{mode}, batch {bs}, {h}x{w}, {backend} {precision}"]
+    mode, bs, h, w, backend, precision, channels_last, reparam, threads, jobs, task = key
+    parts = [f"{_task_prefix(task)}{mode}, batch {bs}, {h}x{w}, {backend} {precision}"]
     if channels_last:
         parts.append("channels_last")
     if reparam:
@@ -67,9 +68,10 @@ def correlations(results: Sequence[BenchResult]) -> list[dict]:
             continue
         macs = [float(r.macs) for r in rs]
         times = [r.latency_ms_p50 for r in rs]
-        mode, bs, h, w, backend, precision, channels_last, reparam, threads, jobs = key
+        mode, bs, h, w, backend, precision, channels_last, reparam, threads, jobs, task = key
         out.append(
             {
+                "task": task,
                 "mode": mode,
                 "batch_size": bs,
                 "image_size": [h, w],
@@ -114,6 +116,7 @@ def format_results(results: Sequence[BenchResult]) -> str:
     """The results table. Settings shared by every row are printed once above it."""
     rows = sorted(results, key=lambda r: MODE_ORDER.get(r.mode, 9))
     config_cols = {
+        "task": [r.task for r in rows],
         "mode": [r.mode for r in rows],
         "batch": [str(r.batch_size) for r in rows],
         "image": [f"{r.image_height}x{r.image_width}" for r in rows],
@@ -124,6 +127,8 @@ def format_results(results: Sequence[BenchResult]) -> str:
         "threads": [str(r.threads) for r in rows],
         "jobs": [str(r.jobs) for r in rows],
     }
+    if all(t == "classification" for t in config_cols["task"]):
+        del config_cols["task"]  # the classic run: nothing to say
     varying = [k for k, v in config_cols.items() if len(set(v)) > 1 or k in ("mode", "batch")]
     shared = [f"{k} {v[0]}" for k, v in config_cols.items() if k not in varying and v]
     show_mfu = any(r.mfu is not None for r in rows)
@@ -167,7 +172,8 @@ def format_correlations(corrs: Sequence[dict]) -> str:
         h, w = c["image_size"]
         rho, tau = c["spearman_macs_latency"], c["kendall_macs_latency"]
         lines.append(
-            f"MACs vs measured time ({c['mode']}, batch {c['batch_size']}, {h}x{w}, {c['backend']} {c['precision']}): "
+            f"MACs vs measured time ({_task_prefix(c.get('task'))}{c['mode']}, batch {c['batch_size']}, {h}x{w}, "
+            f"{c['backend']} {c['precision']}): "
             f"Spearman rho {_num(rho, '.2f')}, Kendall tau {_num(tau, '.2f')} over {len(c['models'])} models"
         )
     if lines:
@@ -192,7 +198,7 @@ def format_compare(report: CompareReport) -> str:
     head = (
         f"{env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}\n"
         f"paired comparison: {s['rounds']} rounds, order alternating (A B ... | ... B A), "
-        f"batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}"
+        f"{_task_prefix(s.get('task'))}batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}"
     )
     headers = ["", "configuration", "ms p50", "ms p10-p90", "round medians ms (min-max)", "img/s", "status"]
     rows = []
@@ -304,4 +310,8 @@ def _label_offsets(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> lis
 def _group_key_from_corr(c: dict) -> tuple:
     h, w = c["image_size"]
     keys = ("backend", "precision", "channels_last", "reparam", "threads", "jobs")
-    return (c["mode"], c["batch_size"], h, w, *(c[k] for k in keys))
+    return (c["mode"], c["batch_size"], h, w, *(c[k] for k in keys), c.get("task", "classification"))
+
+
+def _task_prefix(task: str | None) -> str:
+    return "detection neck, " if task == "detection" else ""

@@ -49,6 +49,7 @@ class BenchConfig:
 
     model: str  # registry name, "timm:NAME", or the label of a module given directly
     mode: str = "latency"  # "throughput" or "latency" (latency is batch 1)
+    task: str = "classification"  # or "detection": backbone + RetinaNet FPN neck (bench/models.py)
     device: str = "cpu"
     batch_size: int = 1
     image_size: tuple[int, int] = (224, 224)  # (H, W)
@@ -65,7 +66,15 @@ class BenchConfig:
 
     def describe(self) -> str:
         h, w = self.image_size
-        parts = [self.model, self.mode, f"bs{self.batch_size}", f"{h}x{w}", self.backend, self.precision]
+        parts = [
+            self.model,
+            *(["detection"] if self.task == "detection" else []),
+            self.mode,
+            f"bs{self.batch_size}",
+            f"{h}x{w}",
+            self.backend,
+            self.precision,
+        ]
         if self.channels_last:
             parts.append("channels_last")
         if self.reparam:
@@ -83,6 +92,7 @@ class BenchResult:
 
     model: str
     source: str  # "lowformer", "timm" or "module"
+    task: str  # "classification" or "detection" (backbone + FPN neck)
     mode: str
     device: str
     device_name: str

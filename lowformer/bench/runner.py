@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..measure.macs import count_macs
 from . import stats
-from .backends import Prepared, prepare, reparameterize, unsupported_reason
+from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
 from .env import (
     PeakMemory,
     cpu_name,
@@ -32,8 +32,8 @@ from .env import (
     tf32_mode,
     tf32_state,
 )
-from .models import DEFAULT_MODELS, build_model, check_model_name, model_source
-from .presets import MODES, default_batch_size, default_timing, get_preset
+from .models import build_model, check_model_name, check_task, default_models, model_source
+from .presets import MODES, default_batch_size, default_image_size, default_timing, get_preset
 from .result import BenchConfig, BenchReport, BenchResult
 from .timing import TimingPolicy, measure
 
@@ -71,8 +71,9 @@ class Plan:
             modes.append("latency: batch 1")
         images = ", ".join(f"{h}x{w}" for h, w in s["image_sizes"])
         layout = "channels_last" if s["channels_last"] else "NCHW"
+        task = " (detection: backbone + RetinaNet FPN neck, P3-P7 at 256 channels)" * (s["task"] == "detection")
         lines = [
-            f"{len(s['models'])} model(s), {len(self.configs)} configuration(s) on {where}",
+            f"{len(s['models'])} model(s), {len(self.configs)} configuration(s) on {where}{task}",
             f"  {' | '.join(modes)} | image {images} | backend {', '.join(s['backends'])} | "
             f"precision {', '.join(s['precisions'])} | {layout} | reparam {'on' if s['reparam'] else 'off'}"
             + (f" | {s['jobs']} jobs" if s["jobs"] > 1 else ""),
@@ -122,6 +123,7 @@ def _sources(models: Sequence[ModelArg]) -> dict[str, Source]:
 def plan(
     models: Sequence[ModelArg] | None = None,
     *,
+    task: str = "classification",
     modes: Sequence[str] | None = None,
     device: str | None = "auto",
     batch_sizes: Sequence[int] | int | None = None,
@@ -139,6 +141,7 @@ def plan(
     cudnn_benchmark: bool = True,
 ) -> Plan:
     """Resolve arguments (explicit > preset > device default) into configurations; see `benchmark`."""
+    check_task(task)
     device = resolve_device(device)
     p = get_preset(preset) if preset else None
     modes = _as_tuple(modes, p.modes if p else MODES)
@@ -147,9 +150,11 @@ def plan(
         raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
     if batch_sizes is not None and "throughput" not in modes and _as_tuple(batch_sizes, ()) != (1,):
         raise ValueError("batch sizes apply to throughput mode; latency mode is batch 1 by definition")
-    throughput_batch = (p.batch_sizes if p and p.batch_sizes else None) or (default_batch_size(device),)
+    throughput_batch = (p.batch_sizes if p and p.batch_sizes else None) or (default_batch_size(device, task),)
     batch_sizes = _as_tuple(batch_sizes, throughput_batch)
-    image_sizes = tuple(dict.fromkeys(_image_size(s) for s in _as_tuple(image_sizes, p.image_sizes if p else (224,))))
+    # the presets are the papers' classification protocols: their 224x224 does not apply to detection
+    default_images = p.image_sizes if p and task == "classification" else (default_image_size(task),)
+    image_sizes = tuple(dict.fromkeys(_image_size(s) for s in _as_tuple(image_sizes, default_images)))
     precisions = _as_tuple(precisions, p.precisions if p else ("fp32",))
     backends = _as_tuple(backends, p.backends if p else ("eager",))
     timing = timing or (p.timing if p and p.timing else default_timing(device))
@@ -167,11 +172,12 @@ def plan(
     for backend in backends:
         for precision in precisions:
             unsupported_reason(backend, precision, device, channels_last)  # raises on unknown names
-    sources = _sources(models if models is not None else DEFAULT_MODELS)
+    sources = _sources(models if models is not None else default_models(task))
     configs = [
         BenchConfig(
             model=label,
             mode=mode,
+            task=task,
             device=device,
             batch_size=bs,
             image_size=image,
@@ -199,6 +205,7 @@ def plan(
         raise ValueError("nothing to run: " + "; ".join(sorted(reasons)))
     settings = {
         "models": list(sources),
+        "task": task,
         "device": device,
         "modes": list(modes),
         "batch_sizes": list(batch_sizes),
@@ -241,8 +248,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_source(source: Source) -> nn.Module:
-    return build_model(source) if isinstance(source, str) else source.eval()
+def build_source(source: Source, task: str = "classification") -> nn.Module:
+    """The model a name builds for `task`; a module given directly is timed as it is."""
+    return build_model(source, task) if isinstance(source, str) else source.eval()
 
 
 def prepare_config(config: BenchConfig, model: nn.Module) -> tuple[Prepared, float]:
@@ -299,9 +307,9 @@ def failure(e: BaseException) -> tuple[str, str]:
 def _job_main(config: BenchConfig, source: Source, index: int, barrier, results) -> None:
     """One of `config.jobs` processes: build, prepare, then time in step with the others."""
     try:
-        model = build_source(source)
+        model = build_source(source, config.task)
         if config.reparam:
-            model, _ = reparameterize(model)
+            model, _ = reparameterize(model, reparam_layout(config.backend, config.device, config.channels_last))
         results.put((index, "ok", _measure_config(config, model, sync=barrier.wait)))
     except BaseException as e:  # report anything, so the parent never waits on a dead job
         barrier.abort()
@@ -360,7 +368,7 @@ class _JobFailure(RuntimeError):
 
 def params_and_macs(model: nn.Module, config: BenchConfig, cache: dict) -> tuple[int | None, int | None]:
     """Parameters and MACs per image of `model` (on CPU) at the config's image size, counted once."""
-    key = (config.model, config.image_size, config.reparam)
+    key = (config.model, config.task, config.image_size, config.reparam)
     if key not in cache:
         try:
             report = count_macs(model, config.image_size, in_chans=getattr(model, "in_chans", 3), device="cpu")
@@ -375,6 +383,7 @@ def _new_result(config: BenchConfig, source: Source) -> BenchResult:
     return BenchResult(
         model=config.model,
         source=model_source(source) if isinstance(source, str) else "module",
+        task=config.task,
         mode=config.mode,
         device=config.device,
         device_name=device_name(config.device),
@@ -444,9 +453,11 @@ def run_config(
         return result
     model = None
     try:
-        model = copy.deepcopy(pristine) if pristine is not None else build_source(source)
+        model = copy.deepcopy(pristine) if pristine is not None else build_source(source, config.task)
         if config.reparam:
-            model, result.reparam_applied = reparameterize(model)
+            model, result.reparam_applied = reparameterize(
+                model, reparam_layout(config.backend, config.device, config.channels_last)
+            )
         result.params, result.macs = params_and_macs(model, config, macs_cache if macs_cache is not None else {})
         if config.jobs > 1:
             raw = _run_jobs(config, source if isinstance(source, str) or pristine is None else pristine)
@@ -483,7 +494,7 @@ def run_plan(plan: Plan, progress: bool = False) -> BenchReport:
             label, pristine, build_error = config.model, None, None
             gc.collect()
             try:
-                pristine = build_source(source)
+                pristine = build_source(source, config.task)
             except Exception as e:
                 build_error = e
         if build_error is not None:
@@ -500,6 +511,7 @@ def run_plan(plan: Plan, progress: bool = False) -> BenchReport:
 def benchmark(
     models: Sequence[ModelArg] | None = None,
     *,
+    task: str = "classification",
     modes: Sequence[str] | None = None,
     device: str | None = "auto",
     batch_sizes: Sequence[int] | int | None = None,
@@ -523,11 +535,14 @@ def benchmark(
 
     Args:
         models: names from `lowformer.list_models()`, "timm:NAME", modules, or (label, module)
-            pairs. Default: `DEFAULT_MODELS`.
+            pairs. Default: `DEFAULT_MODELS` (`DETECTION_MODELS` for task "detection").
+        task: "classification" (the classifier) or "detection" (backbone + RetinaNet FPN neck, the
+            papers' dense-prediction speed setting; default image 512x512, CPU batch 4, GPU 32). A
+            module given directly is timed as it is.
         modes: "throughput" (each of `batch_sizes`) and/or "latency" (batch 1). Default: both.
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
-        batch_sizes: throughput batch sizes. Default: 256 on CUDA, 16 on CPU.
-        image_sizes: sizes as S or (H, W). Default: 224.
+        batch_sizes: throughput batch sizes. Default: 256 on CUDA, 16 on CPU (detection: 32, 4).
+        image_sizes: sizes as S or (H, W). Default: 224 (detection: 512).
         precisions: "fp32" (TF32 off), "tf32", "fp16", "bf16" (autocast). Default: fp32.
         backends: "eager", "compile", "torchscript", "onnxruntime", "cudagraphs". Default: eager.
         compile_mode: `torch.compile` mode for the compile backend.
@@ -547,6 +562,7 @@ def benchmark(
     """
     p = plan(
         models,
+        task=task,
         modes=modes,
         device=device,
         batch_sizes=batch_sizes,

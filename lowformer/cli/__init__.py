@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, export, info
+from . import analyze, bench, evaluate, export, info, train
 
-SUBCOMMANDS = [info, bench, export]
+SUBCOMMANDS = [info, bench, analyze, export, train, evaluate]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,7 +2,8 @@
 
 With no arguments it times the built-in model set (LowFormer B0/B1/E1, EdgeViT-XS and timm peers)
 in both modes, prints a table with the MACs-vs-speed rank correlation, and writes JSON and a plot
-to bench-results/. Method and output schema: docs/bench.md.
+to bench-results/. `--task detection` times backbone + RetinaNet FPN neck at 512x512 instead (the
+papers' dense-prediction speed setting). Method and output schema: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, TimingPolicy, compare, plan, run_plan
 from ..bench.env import resolve_device
-from ..bench.presets import default_round_timing, default_timing, get_preset
+from ..bench.models import DETECTION_MODELS, TASKS
+from ..bench.presets import default_image_size, default_round_timing, default_timing, get_preset
 
 EXAMPLES = """examples:
   lowformer bench                                   # default model set, both modes, best device
@@ -26,6 +28,8 @@ EXAMPLES = """examples:
   lowformer bench -m timm:mobileone_s1 --reparam --backend eager torchscript onnxruntime
   lowformer bench -m lowformer_b1 --mode latency --jobs 2 --threads 1
   lowformer bench --preset paper-latency -m lowformer_b1 lowformer_e1
+  lowformer bench --task detection                  # backbone + FPN neck at 512x512, detection model set
+  lowformer bench --task detection -m lowformer_b1 timm:resnet50 --mode latency --image-size 512 640x640
   lowformer bench --compare lowformer_b1 timm:lowformer_b1 --batch-size 16
   lowformer bench --compare lowformer_b1 lowformer_b1@backend=torchscript lowformer_b1@channels_last
 """
@@ -96,7 +100,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="extend",
         nargs="+",
         metavar="NAME",
-        help=f"our model name or timm:NAME; repeatable (default: {' '.join(DEFAULT_MODELS)})",
+        help=f"our model name or timm:NAME; repeatable (default: {' '.join(DEFAULT_MODELS)}; with --task "
+        f"detection: {' '.join(DETECTION_MODELS)})",
+    )
+    what.add_argument(
+        "--task",
+        choices=TASKS,
+        default="classification",
+        help="classification: the classifier; detection: backbone + RetinaNet FPN neck (P3-P7, 256 ch), "
+        "default image 512x512 and throughput batch 4 on CPU, 32 on CUDA (default: classification)",
     )
     what.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     what.add_argument("--mode", nargs="+", choices=MODES, help="default: both")
@@ -107,7 +119,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="throughput batch sizes (default 256 on CUDA, 16 on CPU); latency is batch 1",
     )
-    what.add_argument("--image-size", nargs="+", type=_image_size, metavar="S|HxW", help="default: 224")
+    what.add_argument(
+        "--image-size", nargs="+", type=_image_size, metavar="S|HxW", help="default: 224 (--task detection: 512)"
+    )
     what.add_argument("--precision", nargs="+", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16 = autocast")
     what.add_argument("--backend", nargs="+", choices=BACKENDS, help="default: eager")
     what.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (backend compile)")
@@ -219,10 +233,11 @@ def _run_compare(args: argparse.Namespace, device: str) -> int:
     )
     report = compare(
         args.compare,
+        task=args.task,
         rounds=args.rounds or 10,
         device=device,
         batch_size=(args.batch_size or [1])[0],
-        image_size=(args.image_size or [(224, 224)])[0],
+        image_size=(args.image_size or [default_image_size(args.task)])[0],
         precision=(args.precision or ["fp32"])[0],
         backend=(args.backend or ["eager"])[0],
         compile_mode=args.compile_mode,
@@ -274,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         timing = _with_overrides(base, overrides)
     p = plan(
         args.model,
+        task=args.task,
         modes=args.mode,
         device=device,
         batch_sizes=args.batch_size,

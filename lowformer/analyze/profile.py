@@ -1,0 +1,401 @@
+"""Where a model's time goes, per operator kind, against where its MACs are.
+
+`profile_model` runs the model eagerly under `torch.profiler` and attributes the time of every
+*top-level* ATen operator (one called from Python, not from inside another ATen operator; its time
+includes its children, e.g. `aten::conv2d` includes the oneDNN or cuDNN kernel) to a kind:
+
+    dense conv, depthwise conv, transposed conv, linear, attention, norm, activation,
+    reshape/copy, other
+
+Convolutions are told apart by their recorded weight shape, with the rule the MAC counter uses
+(weight (C_out, C_in / groups, k, k) with C_in / groups == 1 and C_in > 1 is depthwise). The MAC
+share per kind comes from `count_macs` (dense conv = "conv", attention = "attention_matmul").
+Time is host time on CPU and GPU kernel time on CUDA. The profiler adds overhead per operator, so
+the wall time per call is measured separately, without it, and reported beside the profile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..bench import stats
+from ..bench.backends import PRECISIONS, prepare, unsupported_reason
+from ..bench.env import environment, resolve_device
+from ..bench.models import build_model, model_source
+from ..bench.presets import MODES, default_batch_size
+from ..bench.result import write_csv_file, write_json_file
+from ..bench.timing import TimingPolicy, measure
+from ..measure.macs import _LAYOUT_OPS, CONVENTION, count_macs
+from .sweep import measure_context
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA = "lowformer.analyze.profile/1"
+
+KINDS: dict[str, str] = {
+    "dense_conv": "dense conv",
+    "depthwise_conv": "depthwise conv",
+    "transposed_conv": "transposed conv",
+    "linear": "linear",
+    "attention": "attention",
+    "norm": "norm",
+    "activation": "activation",
+    "reshape_copy": "reshape/copy",
+    "other": "other",
+}
+
+# count_macs kinds -> profile kinds
+MAC_KINDS = {
+    "conv": "dense_conv",
+    "depthwise_conv": "depthwise_conv",
+    "transposed_conv": "transposed_conv",
+    "linear": "linear",
+    "attention_matmul": "attention",
+}
+
+_CONV_OPS = {
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "_convolution",
+    "_convolution_mode",
+    "mkldnn_convolution",
+    "cudnn_convolution",
+    "thnn_conv2d",
+    "_slow_conv2d_forward",
+    "_conv_depthwise2d",
+    "conv_depthwise3d",
+}
+_TRANSPOSED_OPS = {
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "cudnn_convolution_transpose",
+    "slow_conv_transpose2d",
+}
+_LINEAR_OPS = {"linear", "addmm", "_addmm_activation"}
+_ATTENTION_OPS = {
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "matmul",
+    "bmm",
+    "baddbmm",
+    "mm",
+    "einsum",
+    "softmax",
+    "_softmax",
+    "_safe_softmax",
+}
+_NORM_OPS = {
+    "batch_norm",
+    "_batch_norm_impl_index",
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "cudnn_batch_norm",
+    "group_norm",
+    "native_group_norm",
+    "layer_norm",
+    "native_layer_norm",
+    "instance_norm",
+    "rms_norm",
+    "_fused_rms_norm",
+}
+_ACTIVATION_OPS = {
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardtanh_",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardsigmoid_",
+    "gelu",
+    "gelu_",
+    "silu",
+    "silu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "mish",
+    "mish_",
+    "elu",
+    "elu_",
+    "leaky_relu",
+    "leaky_relu_",
+    "prelu",
+    "_prelu_kernel",
+    "softplus",
+}
+# the MAC counter's view/copy ops, plus the profiler-visible ops that only move data
+_RESHAPE_OPS = _LAYOUT_OPS | {
+    "channel_shuffle",
+    "col2im",
+    "empty_strided",
+    "flip",
+    "gather",
+    "im2col",
+    "narrow",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "repeat",
+    "roll",
+    "to",
+    "unfold",
+}
+
+
+def classify_op(name: str, input_shapes: Sequence | None = None, transposed: bool | None = None) -> str:
+    """The kind of one top-level ATen operator (`name` with or without the `aten::` prefix).
+
+    `input_shapes` (as the profiler records them) decide dense vs depthwise for convolutions;
+    `transposed` is the `transposed` argument of `aten::convolution` when it was recorded.
+    """
+    op = name.split("::", 1)[-1].split(".", 1)[0]
+    if op in _TRANSPOSED_OPS or (op in _CONV_OPS and transposed):
+        return "transposed_conv"
+    if op in _CONV_OPS:
+        shapes = list(input_shapes or [])
+        if len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
+            x, w = shapes[0], shapes[1]
+            if w[1] == 1 and x[1] > 1:
+                return "depthwise_conv"
+        return "dense_conv"
+    if op in _LINEAR_OPS:
+        return "linear"
+    if op in _ATTENTION_OPS:
+        return "attention"
+    if op in _NORM_OPS:
+        return "norm"
+    if op in _ACTIVATION_OPS:
+        return "activation"
+    if op in _RESHAPE_OPS:
+        return "reshape_copy"
+    return "other"
+
+
+def _transposed_arg(event) -> bool | None:
+    """`transposed` of an `aten::convolution` / `aten::_convolution` event, when recorded."""
+    op = event.name.split("::", 1)[-1]
+    if op not in ("convolution", "_convolution"):
+        return None
+    concrete = getattr(event, "concrete_inputs", None) or []
+    value = concrete[6] if len(concrete) > 6 else None
+    return bool(value) if isinstance(value, bool) else None
+
+
+def _is_top_level(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def _event_time_us(event, cuda: bool) -> float:
+    if cuda:
+        return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0))
+    return float(event.cpu_time_total)
+
+
+@dataclass
+class ModelProfile:
+    """The result of `profile_model`; `to_dict()` is the JSON written by `lowformer analyze model`."""
+
+    model: str
+    source: str
+    environment: dict
+    settings: dict
+    params: int
+    macs: int  # per image
+    wall_ms: dict[str, float]
+    kinds: list[dict] = field(default_factory=list)
+    top_ops: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "source": self.source,
+            "environment": self.environment,
+            "settings": self.settings,
+            "params": self.params,
+            "macs": self.macs,
+            "mac_convention": CONVENTION,
+            "wall_ms_p50": self.wall_ms["p50"],
+            "wall_ms_p10": self.wall_ms["p10"],
+            "wall_ms_p90": self.wall_ms["p90"],
+            "profiled_ms_per_call": sum(k["time_ms"] for k in self.kinds),
+            "kinds": self.kinds,
+            "top_ops": self.top_ops,
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        return write_json_file(self.to_dict(), path)
+
+    def write_csv(self, path: str | Path) -> Path:
+        columns = ["kind", "label", "time_ms", "time_share", "macs", "mac_share", "ops"]
+        return write_csv_file(self.kinds, columns, path)
+
+    def plot(self, path: str | Path, dpi: int = 100) -> Path:
+        from .plots import plot_profile
+
+        return plot_profile(self.to_dict(), path, dpi=dpi)
+
+    def table(self) -> str:
+        from .report import format_profile
+
+        return format_profile(self.to_dict())
+
+
+def safe_name(model: str) -> str:
+    """A file-name stem for a model name ("timm:fastvit_t8" -> "timm_fastvit_t8")."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model)
+
+
+def profile_model(
+    model: str | nn.Module,
+    *,
+    device: str | None = "auto",
+    mode: str = "latency",
+    batch_size: int | None = None,
+    image_size: int | tuple[int, int] = 224,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    threads: int | None = None,
+    iters: int | None = None,
+    timing: TimingPolicy | None = None,
+    label: str | None = None,
+) -> ModelProfile:
+    """Profile one model eagerly: time per operator kind (torch.profiler) against MAC share.
+
+    Args:
+        model: our name, "timm:NAME", or a module (random weights are fine: speed does not need them).
+        mode: "latency" (batch 1) or "throughput" (`batch_size`, default 256 on CUDA, 16 on CPU).
+        iters: profiled calls (default 20 on CUDA, 5 on CPU), after the wall-clock measurement.
+        timing: the wall-clock measurement without the profiler (default: >= 1 s warm-up, >= 10
+            calls and >= 2 s).
+    """
+    device = resolve_device(device)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if batch_size is not None and mode == "latency" and batch_size != 1:
+        raise ValueError("a batch size applies to throughput mode; latency mode is batch 1 by definition")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    reason = unsupported_reason("eager", precision, device, channels_last)
+    if reason is not None:
+        raise ValueError(reason)
+    if iters is not None and iters < 1:
+        raise ValueError(f"at least one profiled call is needed, got iters={iters}")
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if h < 8 or w < 8:
+        raise ValueError(f"image size must be at least 8x8, got {h}x{w}")
+    batch = 1 if mode == "latency" else batch_size or default_batch_size(device)
+    cuda = device.startswith("cuda")
+    iters = iters or (20 if cuda else 5)
+    timing = timing or TimingPolicy(warmup_iters=3, warmup_s=1.0, min_iters=10, min_s=2.0, max_s=20.0)
+    if isinstance(model, str):
+        name, source, module = model, model_source(model), build_model(model)
+    else:
+        name, source, module = label or type(model).__name__, "module", model.eval()
+    in_chans = getattr(module, "in_chans", 3)
+    mac_report = count_macs(module, (h, w), in_chans=in_chans, device="cpu")
+
+    with measure_context(device, precision, threads):
+        module = module.to(device)
+        x = torch.randn(batch, in_chans, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        prepared = prepare(module, x, "eager", precision, device, threads=threads)
+        wall = measure(prepared.step, prepared.timer, timing)
+        used_threads = torch.get_num_threads()
+        by_kind, ops = _profile(prepared.step, iters, cuda)
+
+    total_macs = mac_report.macs or 0
+    macs_by_kind = {k: 0 for k in KINDS}
+    for mac_kind, value in mac_report.by_op.items():
+        macs_by_kind[MAC_KINDS[mac_kind]] += value
+    profiled = sum(t for t, _ in by_kind.values())
+    kinds = []
+    for kind, label_ in KINDS.items():
+        t_us, count = by_kind.get(kind, (0.0, 0))
+        kinds.append(
+            {
+                "kind": kind,
+                "label": label_,
+                "time_ms": t_us / iters / 1e3,
+                "time_share": t_us / profiled if profiled else 0.0,
+                "macs": macs_by_kind[kind],
+                "mac_share": macs_by_kind[kind] / total_macs if total_macs else 0.0,
+                "ops": count // iters,
+            }
+        )
+    top_ops = sorted(ops.items(), key=lambda kv: -kv[1][0])[:15]
+    summary = stats.summarize_ms(wall.samples_s, prefix="t")
+    settings = {
+        "device": device,
+        "mode": mode,
+        "batch_size": batch,
+        "image_size": [h, w],
+        "precision": precision,
+        "backend": "eager",
+        "channels_last": channels_last,
+        "threads": used_threads,
+        "iters": iters,
+        "timer": prepared.timer.name,
+        "wall_timing": timing.to_dict(),
+        "wall_iterations": len(wall.samples_s),
+        "time_source": "cuda kernel time (device_time_total)" if cuda else "host time (cpu_time_total)",
+    }
+    return ModelProfile(
+        model=name,
+        source=source,
+        environment=environment(device),
+        settings=settings,
+        params=mac_report.params,
+        macs=total_macs,
+        wall_ms={"p50": summary["t_p50"], "p10": summary["t_p10"], "p90": summary["t_p90"]},
+        kinds=kinds,
+        top_ops=[
+            {"op": op, "kind": kind, "time_ms": t / iters / 1e3, "calls": n // iters} for op, (t, n, kind) in top_ops
+        ],
+    )
+
+
+def _profile(step, iters: int, cuda: bool) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int, str]]]:
+    """Run `step` `iters` times under the profiler; time (us) and op count per kind and per op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    by_kind: dict[str, tuple[float, int]] = {}
+    by_op: dict[str, tuple[float, int, str]] = {}
+    for event in prof.events():
+        if not event.name.startswith("aten::") or not _is_top_level(event):
+            continue
+        kind = classify_op(event.name, event.input_shapes, _transposed_arg(event))
+        t = _event_time_us(event, cuda)
+        total, count = by_kind.get(kind, (0.0, 0))
+        by_kind[kind] = (total + t, count + 1)
+        key = f"{event.name}[{kind}]" if kind in ("dense_conv", "depthwise_conv") else event.name
+        t0, n0, _ = by_op.get(key, (0.0, 0, kind))
+        by_op[key] = (t0 + t, n0 + 1, kind)
+    return by_kind, by_op

@@ -1,0 +1,339 @@
+"""Datasets and the order they are read in.
+
+- Sources: an ImageFolder tree (`DIR/train/<class>/<image>`, `DIR/val/<class>/<image>`) read
+  through torchvision, or the built-in digits (scikit-learn's 8x8 handwritten digits, a fixed
+  stratified 80/20 split).
+- An unreadable image never stops a run. In training it is replaced by the next readable image (a
+  batch keeps its size, which DDP and mixing need); in evaluation it is left out. Either way its
+  path is returned with the batch so the trainer counts and reports it.
+- `StepBatchSampler` decides every micro-batch from (seed, epoch, step) alone: which images,
+  which resolution and each image's augmentation seed. The run is therefore the same whether it
+  uses 1 process with 8 accumulation steps or 8 processes, any number of loader workers, or is
+  interrupted and resumed mid-epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
+
+__all__ = [
+    "DataLayoutError",
+    "DigitsSource",
+    "EvalDataset",
+    "FolderSource",
+    "ImageSource",
+    "StepBatchSampler",
+    "TrainDataset",
+    "collate",
+    "eval_batches",
+    "load_sources",
+    "sample_seed",
+]
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class DataLayoutError(ValueError):
+    """The data directory does not have the layout the trainer reads."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources: index -> (PIL image, label)
+# ------------------------------------------------------------------------------------------------
+
+
+class ImageSource(Protocol):
+    """What the datasets read: images by index, with labels, and a name for error reports."""
+
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> tuple[Image.Image, int]: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+class FolderSource:
+    """Image files with labels, opened on access (so an unreadable one fails only when read)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return pil_loader(path), label
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+class DigitsSource:
+    """scikit-learn's handwritten digits as 8x8 RGB images (upsampled later by the transforms)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = images  # (N, 8, 8) uint8
+        self.labels = labels
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index], mode="L").convert("RGB"), int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return f"digits[{index}]"
+
+
+def digits_split() -> tuple[DigitsSource, DigitsSource]:
+    """(train, held-out): a stratified 80/20 split with a fixed seed, the same on every machine."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # pixel values are 0..16; spread them over 0..255 so ImageNet normalisation sees a normal range
+    images = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
+    idx = np.arange(len(digits.target))
+    train_idx, test_idx = train_test_split(
+        idx, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=digits.target
+    )
+    return (
+        DigitsSource(images[train_idx], digits.target[train_idx]),
+        DigitsSource(images[test_idx], digits.target[test_idx]),
+    )
+
+
+def _listing(path: Path, limit: int = 8) -> str:
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except OSError:
+        return "(unreadable)"
+    if not names:
+        return "(empty)"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+_LAYOUT = "DIR/train/<class>/<image> and DIR/val/<class>/<image> (torchvision ImageFolder, one folder per class)"
+
+
+def _folder(split_dir: Path, class_to_idx: dict[str, int] | None = None) -> FolderSource:
+    """ImageFolder samples of one split; `class_to_idx` forces the training split's class indices."""
+    if not split_dir.is_dir():
+        raise DataLayoutError(
+            f"{split_dir} is missing. Expected {_LAYOUT}; {split_dir.parent} has: {_listing(split_dir.parent)}"
+        )
+    try:
+        classes, own = find_classes(str(split_dir))
+    except FileNotFoundError:
+        raise DataLayoutError(
+            f"{split_dir} has no class folders. Expected {_LAYOUT}; it has: {_listing(split_dir)}"
+        ) from None
+    if class_to_idx is None:
+        class_to_idx = own
+    else:
+        extra = sorted(set(classes) - set(class_to_idx))
+        if extra:
+            raise DataLayoutError(
+                f"{split_dir} has classes the training split does not: {', '.join(extra[:10])}. "
+                "Both splits must use the same class folder names."
+            )
+    samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataLayoutError(
+            f"{split_dir} has class folders but no images ({', '.join(IMG_EXTENSIONS)}). Expected {_LAYOUT}"
+        )
+    names = sorted(class_to_idx, key=class_to_idx.get)
+    return FolderSource(samples, names)
+
+
+def load_sources(
+    data_dir: str | Path | None, classes: Sequence[str] | None = None, need_train: bool = True
+) -> tuple[FolderSource | DigitsSource | None, FolderSource | DigitsSource]:
+    """(train, val) sources: the ImageFolder tree at `data_dir`, or the built-in digits when None.
+
+    `classes` (a checkpoint's class list) fixes the label indices for evaluation.
+    """
+    if data_dir is None:
+        train, val = digits_split()
+        return (train if need_train else None), val
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataLayoutError(f"data directory not found: {root}. Expected {_LAYOUT}")
+    class_to_idx = {c: i for i, c in enumerate(classes)} if classes is not None else None
+    train = None
+    if need_train:
+        train = _folder(root / "train", class_to_idx)
+        class_to_idx = {c: i for i, c in enumerate(train.classes)}
+    return train, _folder(root / "val", class_to_idx)
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets: the sampler hands out (index, resolution, seed); unreadable images are reported
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with python, numpy and torch RNGs seeded, then restore them (the loader may run
+    in the main process, whose RNG streams the training loop must not see disturbed)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def sample_seed(*keys: int) -> int:
+    """A well-mixed 32-bit seed from integers (e.g. run seed, epoch, step, shard)."""
+    return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(1)[0])
+
+
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class TrainDataset(Dataset):
+    """Training images, augmented at the resolution and with the seed the sampler gives."""
+
+    def __init__(self, source: ImageSource, transforms: dict[int, Callable]) -> None:
+        self.source = source
+        self.transforms = transforms  # resolution -> transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+        index, size, seed = item
+        bad: list[str] = []
+        # an unreadable image is replaced by the next readable one, deterministically
+        for offset in range(len(self.source)):
+            i = (index + offset) % len(self.source)
+            try:
+                image, label = self.source.load(i)
+            except _READ_ERRORS:
+                bad.append(self.source.describe(i))
+                continue
+            with _seeded(seed):
+                return self.transforms[size](image), label, tuple(bad)
+        raise DataLayoutError(f"no image of the training set could be read (first failures: {bad[:3]})")
+
+
+class EvalDataset(Dataset):
+    """Evaluation images; an unreadable one yields None and is left out of the metrics."""
+
+    def __init__(self, source: ImageSource, transform: Callable, seed: int | None = None) -> None:
+        self.source = source
+        self.transform = transform
+        self.seed = seed  # set for the BN-reset subset, whose transform is the random training one
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, tuple[str, ...]]:
+        try:
+            image, label = self.source.load(index)
+        except _READ_ERRORS:
+            return None, -1, (self.source.describe(index),)
+        if self.seed is None:
+            return self.transform(image), label, ()
+        with _seeded(sample_seed(self.seed, index)):
+            return self.transform(image), label, ()
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack the readable samples; pass on the paths of those that were not."""
+    bad = [p for _, _, paths in batch for p in paths]
+    kept = [(x, y) for x, y, _ in batch if x is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept], dtype=torch.long), bad
+
+
+# ------------------------------------------------------------------------------------------------
+# Samplers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Micro-batches of one epoch for one process, in training order.
+
+    Each optimizer step t takes the next `batch_size x world_size x grad_accum` images of the
+    epoch's permutation (seeded by seed and epoch) and cuts them into that many micro-batches,
+    "virtual shards" v = accum_step x world_size + rank. All processes and accumulation steps of
+    step t share one resolution (drawn per step from `resolutions`). The last incomplete effective
+    batch of an epoch is dropped (official `drop_last: true`). `start_step` skips the steps a
+    resumed run has already done.
+    """
+
+    num_samples: int
+    batch_size: int
+    resolutions: Sequence[int]
+    seed: int
+    epoch: int
+    world_size: int = 1
+    rank: int = 0
+    grad_accum: int = 1
+    start_step: int = 0
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.effective_batch
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start_step) * self.grad_accum
+
+    def plan(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(permutation of the epoch, resolution index per step)."""
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x5A3))
+        perm = torch.randperm(self.num_samples, generator=g)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x4E5))
+        res = torch.randint(len(self.resolutions), (max(1, self.steps_per_epoch),), generator=g)
+        return perm, res
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        perm, res = self.plan()
+        E, B = self.effective_batch, self.batch_size
+        for t in range(self.start_step, self.steps_per_epoch):
+            size = int(self.resolutions[int(res[t])])
+            for a in range(self.grad_accum):
+                v = a * self.world_size + self.rank
+                chunk = perm[t * E + v * B : t * E + (v + 1) * B].tolist()
+                yield [(i, size, sample_seed(self.seed, self.epoch, i, 1)) for i in chunk]
+
+
+def eval_batches(num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[int]]:
+    """This process's share of an evaluation set (every image exactly once over all processes)."""
+    mine = list(range(rank, num_samples, world_size))
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def subset_indices(num_samples: int, count: int, seed: int) -> list[int]:
+    """A fixed random subset (the BN-reset images): the same every epoch, as the official caches it."""
+    g = torch.Generator().manual_seed(sample_seed(seed, 0xB9))
+    return torch.randperm(num_samples, generator=g)[: min(count, num_samples)].tolist()

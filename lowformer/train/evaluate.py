@@ -1,0 +1,192 @@
+"""Evaluation: top-1/top-5 and loss over a validation set, reduced over processes.
+
+`evaluate_model` is what the trainer calls after each epoch; `evaluate` is `lowformer eval`: it
+builds the model from any checkpoint format, takes the evaluation transform from the training
+recipe stored in our checkpoints (else the model's data config: 224, crop 0.95, bicubic) and
+evaluates on `DIR/val` or, without a data directory, on the held-out digits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..factory import create_model
+from ..weights import CheckpointError
+from . import checkpoint as ckpt_io
+from .augment import eval_transform
+from .data import EvalDataset, ImageSource, collate, eval_batches, load_sources
+from .distributed import DistInfo, all_reduce_sum, process_group
+
+__all__ = ["EvalResult", "autocast", "evaluate", "evaluate_model"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation; accuracies in percent."""
+
+    top1: float
+    top5: float
+    loss: float
+    images: int
+    skipped_images: int = 0
+    skipped_paths: list[str] = field(default_factory=list)
+    image_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    topk: int = 5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast(amp: str | None, device: torch.device):
+    """torch.autocast for "bf16"/"fp16", a no-op context for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader,
+    info: DistInfo,
+    amp: str | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> EvalResult:
+    """Cross-entropy loss, top-1 and top-k (k = min(5, classes)) of `model` over `loader`, all processes."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correctk = seen = 0.0
+    skipped: list[str] = []
+    k = 5
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not (progress and info.is_main), leave=False, file=sys.stderr)
+    for images, labels, bad in bar:
+        skipped += bad
+        if images.numel() == 0:
+            continue
+        images = images.to(info.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(info.device, non_blocking=True)
+        with autocast(amp, info.device):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(k, dim=-1).indices
+        hits = top.eq(labels[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correctk += hits.any(dim=-1).sum().item()
+        seen += labels.numel()
+    model.train(was_training)
+    totals = all_reduce_sum([loss_sum, correct1, correctk, seen, len(skipped)], info)
+    loss_sum, correct1, correctk, seen, n_skipped = totals.tolist()
+    if seen == 0:
+        raise ValueError(f"no evaluation image could be read ({int(n_skipped)} skipped, e.g. {skipped[:3]})")
+    return EvalResult(
+        top1=100.0 * correct1 / seen,
+        top5=100.0 * correctk / seen,
+        loss=loss_sum / seen,
+        images=int(seen),
+        skipped_images=int(n_skipped),
+        skipped_paths=skipped[:20],
+        topk=k,
+    )
+
+
+def eval_loader(source: ImageSource, transform: Callable, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
+    """This process's share of `source`, in order, unreadable images left out."""
+    batches = eval_batches(len(source), batch_size, info.world_size, info.rank)
+    return DataLoader(
+        EvalDataset(source, transform),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=info.device.type == "cuda",
+    )
+
+
+def _checkpoint_recipe(path: Path) -> dict:
+    """The training checkpoint's recipe, classes and model name; {} for any other format."""
+    if path.suffix == ".safetensors":
+        return {}
+    try:
+        return ckpt_io.load(path)
+    except CheckpointError:
+        return {}
+
+
+def evaluate(
+    model_name: str | None,
+    checkpoint: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    batch_size: int = 128,
+    workers: int = 0,
+    device: str | None = None,
+    amp: str | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a checkpoint (any format) on `data_dir/val`, or on the held-out digits when None."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    with process_group(device) as info:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        saved = _checkpoint_recipe(path)
+        recipe = saved.get("recipe", {})
+        saved_name = saved.get("model_name")
+        if model_name is None:
+            if saved_name is None:
+                raise ValueError(f"{path} does not name its model; pass --model")
+            model_name = saved_name
+        elif saved_name is not None and saved_name != model_name:
+            raise CheckpointError(
+                f"{path} was trained as {saved_name!r}, not {model_name!r}; pass --model {saved_name}"
+            )
+
+        model = create_model(model_name, checkpoint_path=path).to(info.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        cfg = model.pretrained_cfg
+        size = image_size or recipe.get("eval_image_size") or cfg["input_size"][-1]
+        crop = crop_pct or recipe.get("eval_crop_pct") or cfg.get("crop_pct", 0.95)
+        interp = interpolation or recipe.get("eval_interpolation") or cfg.get("interpolation", "bicubic")
+        mean = recipe.get("mean") or cfg.get("mean") or IMAGENET_DEFAULT_MEAN
+        std = recipe.get("std") or cfg.get("std") or IMAGENET_DEFAULT_STD
+
+        _, val = load_sources(data_dir, classes=saved.get("classes"), need_train=False)
+        if model.num_classes != len(val.classes):
+            where = str(data_dir) if data_dir is not None else "the built-in digits (no --data)"
+            raise ValueError(
+                f"the model has {model.num_classes} classes but {where} has {len(val.classes)}; "
+                + ("pass --data DIR with the data it was trained on" if data_dir is None else "is it the right data?")
+            )
+        loader = eval_loader(val, eval_transform(size, crop, interp, mean, std), batch_size, workers, info)
+        result = evaluate_model(model, loader, info, amp=amp, channels_last=channels_last, progress=progress)
+        result.image_size, result.crop_pct, result.interpolation = int(size), float(crop), str(interp)
+        if result.skipped_images:
+            _logger.warning("skipped %d unreadable images, e.g. %s", result.skipped_images, result.skipped_paths[:5])
+        return result
