@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .._io import atomic_write
 from ..factory import create_model
 from ..models import get_entry
 from ..weights import save_checkpoint
@@ -135,7 +136,7 @@ def _csv_text(history: list[dict]) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    ckpt_io._atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def train(
