@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..bench import BACKENDS, MODES, PRECISIONS, TimingPolicy
 from ..bench.env import resolve_device
 from ..bench.models import check_model_name
 from ..bench.presets import default_batch_size, default_timing
+from ._args import image_size
 
 EXAMPLES = """examples:
   lowformer analyze --list
@@ -71,17 +71,6 @@ def _gmacs(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
     return value
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"image size is S or HxW (e.g. 224 or 256x192), got {text!r}")
-    h = int(m.group(1))
-    w = int(m.group(2)) if m.group(2) else h
-    if h < 8 or w < 8:
-        raise argparse.ArgumentTypeError(f"image size must be at least 8x8, got {h}x{w}")
-    return h, w
 
 
 def _common(p: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -151,7 +140,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("model", help="our model name or timm:NAME")
     m.add_argument("--mode", default="latency", choices=MODES, help="latency: batch 1 (default); throughput: large")
     m.add_argument("--batch-size", type=_int_at_least(1, "batch size"), metavar="N", help="throughput batch")
-    m.add_argument("--image-size", type=_image_size, default=(224, 224), metavar="S|HxW", help="default 224")
+    m.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
     m.add_argument("--iters", type=_int_at_least(1, "iters"), metavar="N", help="profiled calls (CPU 5, CUDA 20)")
     _common(m, backend=False)
     m.set_defaults(run=run)
@@ -164,7 +153,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("models", nargs="*", metavar="MODEL", help="our names or timm:NAME (default: the bench set)")
     s.add_argument("--batch-size", type=_int_at_least(1, "batch size"), metavar="N", help="throughput batch")
-    s.add_argument("--image-size", type=_image_size, default=(224, 224), metavar="S|HxW", help="default 224")
+    s.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
     s.add_argument("--reparam", action="store_true", help="reparameterise first (MobileOne, FastViT, RepViT, ours)")
     s.add_argument("--quick", action="store_true", help="short timing per configuration (>= 3 calls, >= 0.5 s)")
     s.add_argument("--budget", type=_seconds, metavar="SECONDS", help="start no new configuration after this long")

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, Timing
 from ..bench.env import resolve_device
 from ..bench.models import DETECTION_MODELS, TASKS
 from ..bench.presets import default_image_size, default_round_timing, default_timing, get_preset
+from ._args import image_size, non_negative_float, non_negative_int, positive_float, positive_int
 
 EXAMPLES = """examples:
   lowformer bench                                   # default model set, both modes, best device
@@ -35,54 +35,6 @@ EXAMPLES = """examples:
 """
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip().lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"image size is S or HxW (e.g. 224 or 256x192), got {text!r}")
-    h = int(m.group(1))
-    w = int(m.group(2)) if m.group(2) else h
-    if h < 8 or w < 8:
-        raise argparse.ArgumentTypeError(f"image size must be at least 8x8, got {h}x{w}")
-    return h, w
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,32 +67,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument(
         "--batch-size",
         nargs="+",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="throughput batch sizes (default 256 on CUDA, 16 on CPU); latency is batch 1",
     )
     what.add_argument(
-        "--image-size", nargs="+", type=_image_size, metavar="S|HxW", help="default: 224 (--task detection: 512)"
+        "--image-size", nargs="+", type=image_size, metavar="S|HxW", help="default: 224 (--task detection: 512)"
     )
     what.add_argument("--precision", nargs="+", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16 = autocast")
     what.add_argument("--backend", nargs="+", choices=BACKENDS, help="default: eager")
     what.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (backend compile)")
     what.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     what.add_argument("--reparam", action="store_true", help="reparameterise first (MobileOne, FastViT, RepViT, ...)")
-    what.add_argument("--threads", nargs="+", type=_positive_int, metavar="N", help="intra-op CPU threads")
-    what.add_argument("--jobs", type=_positive_int, default=1, help="concurrent processes sharing the device")
+    what.add_argument("--threads", nargs="+", type=positive_int, metavar="N", help="intra-op CPU threads")
+    what.add_argument("--jobs", type=positive_int, default=1, help="concurrent processes sharing the device")
     what.add_argument("--preset", choices=list(PRESETS), help="a paper's protocol; explicit options override it")
     what.add_argument("--list-presets", action="store_true", help="describe the presets and exit")
-    what.add_argument("--peak-tflops", type=_positive_float, help="device peak TFLOP/s for MFU (default: GPU table)")
+    what.add_argument("--peak-tflops", type=positive_float, help="device peak TFLOP/s for MFU (default: GPU table)")
     what.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (CUDA)")
 
     timing = p.add_argument_group("timing (default: bounded by time; see the line printed before the run)")
-    timing.add_argument("--warmup-iters", type=_non_negative_int, metavar="N", help="at least N warm-up calls")
-    timing.add_argument("--warmup-seconds", type=_non_negative_float, metavar="S", help="and at least S seconds")
-    timing.add_argument("--iters", type=_positive_int, metavar="N", help="at least N timed calls (per --compare round)")
-    timing.add_argument("--seconds", type=_non_negative_float, metavar="S", help="and at least S seconds of them")
-    timing.add_argument("--max-iters", type=_positive_int, metavar="N", help="at most N timed calls")
-    timing.add_argument("--max-seconds", type=_positive_float, metavar="S", help="stop timing after S seconds")
+    timing.add_argument("--warmup-iters", type=non_negative_int, metavar="N", help="at least N warm-up calls")
+    timing.add_argument("--warmup-seconds", type=non_negative_float, metavar="S", help="and at least S seconds")
+    timing.add_argument("--iters", type=positive_int, metavar="N", help="at least N timed calls (per --compare round)")
+    timing.add_argument("--seconds", type=non_negative_float, metavar="S", help="and at least S seconds of them")
+    timing.add_argument("--max-iters", type=positive_int, metavar="N", help="at most N timed calls")
+    timing.add_argument("--max-seconds", type=positive_float, metavar="S", help="stop timing after S seconds")
 
     paired = p.add_argument_group("paired comparison")
     paired.add_argument(
@@ -150,7 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="MODEL[@key=value,...] (keys: backend, precision, compile_mode, channels_last, reparam, threads); "
         "interleaved A B | B A rounds in one process, per-pair speedup min/median/max",
     )
-    paired.add_argument("--rounds", type=_positive_int, help="rounds of a comparison (default 10)")
+    paired.add_argument("--rounds", type=positive_int, help="rounds of a comparison (default 10)")
 
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write results as JSON")
