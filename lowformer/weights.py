@@ -27,6 +27,13 @@ _logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "LOWFORMER_WEIGHTS"
 
+# What a checkpoint records so that it is used as it was trained: timm's data-config keys of the
+# model's `pretrained_cfg` (plus the class names). `create_model` puts them back on the model, so
+# `timm.data.resolve_data_config(model=model)` and `lowformer eval` use them.
+DATA_CONFIG_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "label_names")
+# A training checkpoint (a torch.save dict) keeps the same metadata as a safetensors file under this key.
+META_KEY = "meta"
+
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or does not fit the model."""
@@ -66,7 +73,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
-    return unwrap_state_dict(obj, path), {}
+    meta = obj.get(META_KEY) if isinstance(obj, dict) else None
+    meta = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return unwrap_state_dict(obj, path), meta
 
 
 def unwrap_state_dict(obj: object, origin: object = "checkpoint") -> dict[str, torch.Tensor]:
@@ -155,21 +164,46 @@ def convert_checkpoint(
     return native, ("lowformer safetensors" if meta.get("format") == "lowformer" else fmt), meta
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model`'s weights as safetensors with metadata (family, variant, spec), atomically."""
-    path = Path(path)
+def checkpoint_metadata(model: nn.Module) -> dict[str, str]:
+    """What our checkpoints record besides the weights (all strings, as safetensors metadata is):
+    format, family, variant, spec, num_classes and `pretrained_cfg`, the JSON of the model's data
+    config (`DATA_CONFIG_KEYS`: input size, crop, interpolation, mean/std, class names)."""
     spec = getattr(model, "spec", None)
     variant = getattr(model, "variant", None)
     family = getattr(model, "family", None)
     if spec is None or variant is None:
-        raise ValueError("save_checkpoint needs a model made by lowformer.create_model (it records the variant)")
-    meta = {
+        raise ValueError("saving needs a model made by lowformer.create_model (it records the variant)")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    data_cfg = {k: _jsonable(cfg[k]) for k in DATA_CONFIG_KEYS if cfg.get(k) is not None}
+    return {
         "format": "lowformer",
         "family": str(family),
         "variant": str(variant),
         "spec": json.dumps(spec.to_dict()),
         "num_classes": str(getattr(model, "num_classes", "")),
+        "pretrained_cfg": json.dumps(data_cfg),
     }
+
+
+def _jsonable(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def data_config_of(meta: dict[str, str]) -> dict:
+    """The data config a checkpoint's metadata records (`{}` for files that record none); tuples
+    where timm uses tuples."""
+    try:
+        cfg = json.loads(meta.get("pretrained_cfg") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    return {k: tuple(v) if isinstance(v, list) and k != "label_names" else v for k, v in cfg.items()}
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model`'s weights as safetensors with `checkpoint_metadata(model)`, atomically."""
+    meta = checkpoint_metadata(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

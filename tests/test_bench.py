@@ -32,10 +32,10 @@ from lowformer.bench import (
 )
 from lowformer.bench.compare import CompareEntry, pair_result
 from lowformer.bench.env import PeakMemory, peak_tflops, resolve_device
-from lowformer.bench.models import check_model_name
 from lowformer.bench.result import CSV_COLUMNS, SCHEMA
 from lowformer.bench.runner import failure
 from lowformer.cli import main
+from lowformer.factory import check_model_name
 from lowformer.models import list_models
 
 TINY = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=3, min_s=0.0)

@@ -27,10 +27,11 @@ from torch import nn
 from ..bench import stats
 from ..bench.backends import PRECISIONS, prepare, unsupported_reason
 from ..bench.env import environment, resolve_device
-from ..bench.models import build_model, model_source
+from ..bench.models import build_model
 from ..bench.presets import MODES, default_batch_size
 from ..bench.result import write_csv_file, write_json_file
 from ..bench.timing import TimingPolicy, measure
+from ..factory import model_source
 from ..measure.macs import _LAYOUT_OPS, CONVENTION, count_macs
 from .sweep import measure_context
 

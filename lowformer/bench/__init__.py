@@ -13,9 +13,10 @@ compile, TorchScript, ONNX Runtime, CUDA graphs; precision; reparameterisation),
 CSV) and `report` (table, plot). The method and every output field: docs/bench.md.
 """
 
+from ..factory import TIMM_PREFIX
 from .backends import BACKENDS, PRECISIONS, reparameterize
 from .compare import CompareReport, compare, parse_spec
-from .models import DEFAULT_MODELS, DETECTION_MODELS, TASKS, TIMM_PREFIX
+from .models import DEFAULT_MODELS, DETECTION_MODELS, TASKS
 from .presets import MODES, PRESETS
 from .result import SCHEMA, BenchConfig, BenchReport, BenchResult
 from .runner import Plan, benchmark, plan, run_config, run_plan

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..factory import check_model_name, model_source
 from . import stats
 from .backends import Prepared, reparam_layout, reparameterize, unsupported_reason
 from .env import environment, resolve_device
-from .models import check_model_name, check_task, model_source
+from .models import check_task
 from .presets import default_round_timing, default_timing
 from .result import BenchConfig, write_csv_file, write_json_file
 from .runner import build_source, config_context, failure, params_and_macs, prepare_config

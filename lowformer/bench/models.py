@@ -3,15 +3,10 @@ is timed for each task: the classifier, or (task "detection") the backbone + Ret
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import nn
 
-from ..factory import create_model
-from ..models import list_models
-
-TIMM_PREFIX = "timm:"
+from ..factory import check_model_name, create_model
 
 # "classification": the whole classifier. "detection": the dense-prediction part of a detector, the
 # backbone's stride 8-32 maps + RetinaNet's FPN (P3-P7, 256 channels), as the papers time detection
@@ -52,40 +47,6 @@ def check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-def model_source(name: str) -> str:
-    return "timm" if name.startswith(TIMM_PREFIX) else "lowformer"
-
-
-def _timm_names() -> list[str]:
-    import timm
-
-    return timm.list_models()
-
-
-def check_model_name(name: str) -> None:
-    """Raise ValueError, with close matches, unless `name` can be built."""
-    if name.startswith(TIMM_PREFIX):
-        import timm
-
-        arch = name[len(TIMM_PREFIX) :]
-        if arch and timm.is_model(arch.split(".")[0]):
-            return
-        close = difflib.get_close_matches(arch, _timm_names(), n=5, cutoff=0.6)
-        hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-        raise ValueError(f"unknown timm model {arch!r}.{hint} (see timm.list_models())")
-    ours = list_models()
-    if name in ours:
-        return
-    timm_names = _timm_names()
-    if name in timm_names:
-        raise ValueError(f"unknown model {name!r}: it is a timm model, write {TIMM_PREFIX}{name}")
-    candidates = ours + [TIMM_PREFIX + n for n in timm_names]
-    close = difflib.get_close_matches(name, ours, n=3, cutoff=0.5)
-    close += [c for c in difflib.get_close_matches(TIMM_PREFIX + name, candidates, n=3, cutoff=0.6) if c not in close]
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} Ours: {', '.join(ours)}; timm's: {TIMM_PREFIX}NAME")
-
-
 class NeckOutputs(nn.Module):
     """A backbone + FPN whose maps come back as a tuple: TorchScript tracing and ONNX export take
     tensors, not the ordered dict torchvision's FPN returns."""
@@ -106,10 +67,4 @@ def build_model(name: str, task: str = "classification") -> nn.Module:
         from ..downstream.detection import retinanet_neck
 
         return NeckOutputs(retinanet_neck(name)).eval()
-    if name.startswith(TIMM_PREFIX):
-        import timm
-
-        model = timm.create_model(name[len(TIMM_PREFIX) :], pretrained=False)
-    else:
-        model = create_model(name)
-    return model.eval()
+    return create_model(name).eval()

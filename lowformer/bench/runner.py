@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..factory import check_model_name, model_source
 from ..measure.macs import count_macs
 from . import stats
 from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
@@ -32,7 +33,7 @@ from .env import (
     tf32_mode,
     tf32_state,
 )
-from .models import build_model, check_model_name, check_task, default_models, model_source
+from .models import build_model, check_task, default_models
 from .presets import MODES, default_batch_size, default_image_size, default_timing, get_preset
 from .result import BenchConfig, BenchReport, BenchResult
 from .timing import TimingPolicy, measure

@@ -1,11 +1,15 @@
 """The `lowformer` command. Each subcommand lives in its own module with `add_parser` and `run`;
-this module only parses arguments and dispatches."""
+this module only parses arguments, dispatches, and turns an expected failure into one line on
+stderr and the exit code `lowformer.errors` defines (0 ok, 1 runtime failure, 2 usage error,
+130 interrupted). Set LOWFORMER_DEBUG=1 to see the traceback as well."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from ..errors import EXIT_INTERRUPTED, LowformerRuntimeError, exit_code, is_out_of_memory, one_line
 from . import analyze, bench, evaluate, export, info, train
 
 SUBCOMMANDS = [info, bench, analyze, export, train, evaluate]
@@ -36,9 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"lowformer {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"lowformer {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if not _expected(e) or os.environ.get("LOWFORMER_DEBUG"):
+            raise
+        print(f"lowformer {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
+
+
+def _expected(e: BaseException) -> bool:
+    """A failure the user can act on from its message; anything else is a bug and shows its traceback."""
+    return isinstance(e, (ValueError, TypeError, OSError, LowformerRuntimeError, MemoryError)) or is_out_of_memory(e)
 
 
 if __name__ == "__main__":

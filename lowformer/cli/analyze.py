@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..bench import BACKENDS, MODES, PRECISIONS, TimingPolicy
 from ..bench.env import resolve_device
-from ..bench.models import check_model_name
 from ..bench.presets import default_batch_size, default_timing
+from ..factory import check_model_name
 from ._args import image_size
 
 EXAMPLES = """examples:

@@ -10,7 +10,6 @@ maps, with the `out_channels` attribute torchvision's RetinaNet, Faster R-CNN an
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,10 +19,8 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 
-from ..factory import create_model
-from ..models import get_entry, list_models
-
-TIMM_PREFIX = "timm:"
+from ..factory import create_model, model_source
+from ..models import get_entry
 
 
 class FeatureBackbone(nn.Module):
@@ -233,12 +230,10 @@ def create_backbone(
             raise ValueError("pretrained/checkpoint_path apply to a model name; load weights into the module first")
         net = model
         label = type(model).__name__
-    elif isinstance(model, str) and model.startswith(TIMM_PREFIX):
-        net, label = _create_timm(model[len(TIMM_PREFIX) :], pretrained, checkpoint_path, model_kwargs)
     elif isinstance(model, str):
-        _check_our_name(model)
         net = create_model(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **model_kwargs)
-        size_divisor = get_entry(model).size_divisor
+        if model_source(model) == "lowformer":
+            size_divisor = get_entry(model).size_divisor
         label = model
     else:
         raise TypeError(f"model must be a name or an nn.Module, got {type(model).__name__}")
@@ -261,32 +256,6 @@ def create_backbone(
         size_divisor=size_divisor,
         pretrained_cfg=getattr(net, "pretrained_cfg", None),
     )
-
-
-def _check_our_name(name: str) -> None:
-    """ValueError with close matches, and the "timm:" hint for a timm-only name."""
-    if name in list_models():
-        return
-    import timm
-
-    if timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: it is a timm model, write {TIMM_PREFIX}{name}")
-    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(
-        f"unknown model {name!r}.{hint} Ours: {', '.join(list_models())}; any timm model: {TIMM_PREFIX}NAME"
-    )
-
-
-def _create_timm(name: str, pretrained: bool, checkpoint_path, kwargs: dict) -> tuple[nn.Module, str]:
-    import timm
-
-    if not name or not timm.is_model(name.split(".")[0]):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
-        raise ValueError(f"unknown timm model {name!r}.{hint} (see timm.list_models())")
-    net = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
-    return net, TIMM_PREFIX + name
 
 
 def _feature_info_of(net: nn.Module, label: str) -> list[dict]:
