@@ -1,6 +1,7 @@
 """The one atomic writer, output errors, exit codes, and the one model-name resolver."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -101,3 +102,35 @@ def test_one_input_size_rule():
     with pytest.raises(ValueError, match="multiples of 32, got 100x64 \\(e.g. 128x64\\)"):
         check_image_size("edgevit_xs", (100, 64))
     assert check_image_size("timm:resnet18", 64) == (64, 64)
+
+
+def test_run_folder_is_never_silently_reused(tmp_path):
+    from lowformer.train.lifecycle import RunFolderExists, prepare_run_folder
+
+    run = tmp_path / "run"
+    assert prepare_run_folder(run) == run and run.is_dir()  # new: created
+    prepare_run_folder(run)  # empty: fine
+    (run / "best.pt").write_bytes(b"first run")
+    (run / ".last.pt.0123abcd.tmp").write_bytes(b"half")
+    with pytest.raises(RunFolderExists, match="--resume .* --overwrite"):
+        prepare_run_folder(run)
+    assert (run / "best.pt").read_bytes() == b"first run"
+    prepare_run_folder(run, resume=True)  # kept, stale temp file cleared
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt"]
+    prepare_run_folder(run, overwrite=True)
+    assert list(run.iterdir()) == []
+    with pytest.raises(ValueError, match="give one"):
+        prepare_run_folder(run, resume=True, overwrite=True)
+
+
+def test_stop_signals_become_a_flag_then_restore(tmp_path):
+    import signal
+
+    from lowformer.train.lifecycle import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
