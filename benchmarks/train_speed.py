@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import lowformer
-from lowformer.bench.env import environment
-from lowformer.bench.stats import ratio_summary
-from lowformer.bench.timing import PerfCounterTimer
+from lowformer.measure.env import environment
+from lowformer.measure.stats import ratio_summary
+from lowformer.measure.timing import PerfCounterTimer
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: str | None):

@@ -23,8 +23,7 @@ fastest.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import functools
 
 import torch
 from timm.layers import DropPath
@@ -32,6 +31,7 @@ from timm.models._manipulate import reparameterize_model
 from torch import nn
 
 from . import onednn
+from .measure.timing import Candidate, PerfCounterTimer, Rounds, TimingPolicy, interleave
 
 MEMORY_FORMATS = ("auto", "tune", "packed", "channels_last", "contiguous", "keep")
 
@@ -127,29 +127,20 @@ def _device_type(model: nn.Module) -> str:
 
 @torch.no_grad()
 def tune_layout(model: nn.Module, example_input: torch.Tensor | None = None, rounds: int = 5) -> str:
-    """Time a folded `model` in each candidate layout, interleaved round by round (one warm-up
-    round not counted), and return the layout with the lowest median time. `model` is unchanged:
-    the candidates are copies."""
+    """Time a folded `model` in each candidate layout, interleaved round by round after one untimed
+    call each, and return the layout with the lowest median time. `model` is unchanged: the
+    candidates are copies."""
     device = next(model.parameters()).device
     x = (example_input if example_input is not None else torch.randn(16, 3, 224, 224)).to(device)
-    candidates = {name: apply_layout(copy.deepcopy(model), name) for name in layouts(device.type)}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    order = list(candidates)
-    for r in range(rounds + 1):
-        for name in order if r % 2 else order[::-1]:
-            candidate = candidates[name]
-            _sync(device)
-            t0 = time.perf_counter()
-            candidate(x)
-            _sync(device)
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return min(times, key=lambda k: statistics.median(times[k]))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    # the host clock around a call that ends synchronised: right for any device the model is on
+    timer = PerfCounterTimer(sync=functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
+    candidates = [
+        Candidate(name, functools.partial(apply_layout(copy.deepcopy(model), name), x), timer)
+        for name in layouts(device.type)
+    ]
+    one_call = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=1, min_s=0.0)
+    times = interleave(candidates, Rounds(rounds, burst=one_call, warmup=one_call))
+    return min(times, key=lambda t: t.median_s).label
 
 
 def _strip(module: nn.Module) -> None:

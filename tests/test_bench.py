@@ -19,23 +19,18 @@ from lowformer.bench import (
     DEFAULT_MODELS,
     DETECTION_MODELS,
     BenchConfig,
-    CudaEventTimer,
-    PerfCounterTimer,
     TimingPolicy,
     benchmark,
     compare,
-    measure,
     parse_spec,
     plan,
     reparameterize,
-    stats,
 )
 from lowformer.bench.compare import CompareEntry, pair_result
-from lowformer.bench.env import PeakMemory, peak_tflops, resolve_device
 from lowformer.bench.result import CSV_COLUMNS, SCHEMA
-from lowformer.bench.runner import failure
 from lowformer.cli import main
 from lowformer.factory import check_model_name
+from lowformer.measure.session import classify_failure
 from lowformer.models import list_models
 
 TINY = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=3, min_s=0.0)
@@ -52,16 +47,6 @@ class SleepNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.seconds)
-        return x.mean((2, 3)) * self.scale
-
-
-class SpinNet(SleepNet):
-    """Takes a known time per call by busy-waiting."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        end = time.perf_counter() + self.seconds
-        while time.perf_counter() < end:
-            pass
         return x.mean((2, 3)) * self.scale
 
 
@@ -86,144 +71,6 @@ class FailsAboveBatch1(TinyConvNet):
 class OutOfMemoryNet(TinyConvNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise MemoryError("cannot allocate")
-
-
-# --------------------------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------------------------
-
-
-def test_percentile_matches_linear_interpolation():
-    values = [5, 1, 4, 2, 3, 10]
-    # numpy.percentile(values, [10, 50, 90, 99]) with its default (linear) method
-    expected = {10: 1.5, 50: 3.5, 90: 7.5, 99: 9.75}
-    for q, want in expected.items():
-        assert stats.percentile(values, q) == pytest.approx(want)
-    assert stats.median([3.0]) == 3.0
-    with pytest.raises(ValueError):
-        stats.percentile([], 50)
-
-
-def test_summarize_ms_names_units_and_values():
-    s = stats.summarize_ms([0.001, 0.002, 0.003, 0.004])
-    assert set(s) == {f"latency_ms_{k}" for k in ("p50", "p10", "p90", "p99", "min", "max", "mean", "std")}
-    assert s["latency_ms_p50"] == pytest.approx(2.5)
-    assert s["latency_ms_min"] == pytest.approx(1.0) and s["latency_ms_max"] == pytest.approx(4.0)
-    assert s["latency_ms_std"] == pytest.approx(1.2909944, rel=1e-6)  # sample std of 1, 2, 3, 4
-
-
-def test_rank_correlations_match_scipy():
-    # reference values from scipy.stats.spearmanr / kendalltau (tau-b)
-    assert stats.spearman([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]) == pytest.approx(0.8285714285714287)
-    assert stats.kendall([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]) == pytest.approx(0.6)
-    # with ties
-    assert stats.rankdata([1, 2, 2, 3, 5]) == [1.0, 2.5, 2.5, 4.0, 5.0]
-    assert stats.spearman([1, 2, 2, 3, 5], [3, 3, 1, 4, 9]) == pytest.approx(0.7631578947368421)
-    assert stats.kendall([1, 2, 2, 3, 5], [3, 3, 1, 4, 9]) == pytest.approx(0.6666666666666666)
-    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert stats.spearman([1, 1, 1], [1, 2, 3]) is None  # undefined without variance
-
-
-def test_ratio_summary():
-    assert stats.ratio_summary([1.2, 0.9, 1.1, 1.0]) == {"min": 0.9, "median": pytest.approx(1.05), "max": 1.2}
-
-
-# --------------------------------------------------------------------------------------------
-# timers and the timing loop
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("net", [SleepNet(0.020), SpinNet(0.010)], ids=["sleep20ms", "spin10ms"])
-def test_timer_measures_a_known_time(net):
-    x = torch.zeros(1, 3, 8, 8)
-    m = measure(lambda: net(x), PerfCounterTimer(), TimingPolicy(warmup_iters=1, warmup_s=0, min_iters=20, min_s=0))
-    ms = [s * 1e3 for s in m.samples_s]
-    want = net.seconds * 1e3
-    assert min(ms) >= want  # never less than the known time
-    assert stats.percentile(ms, 10) <= want * 1.05 + 1.0  # within 5% + 1 ms
-    # the median too, up to one scheduler time slice: when every core is busy with other work, a
-    # spinning call is sometimes preempted just before it ends
-    assert stats.median(ms) <= want * 1.05 + 3.0, ms
-
-
-def test_measure_follows_the_policy():
-    now = [0.0]
-
-    class StepTimer:  # every call takes exactly 0.1 s of a fake clock
-        name = "fake"
-
-        def time(self, fn):
-            fn()
-            now[0] += 0.1
-            return 0.1
-
-    def clock():
-        return now[0]
-
-    calls = []
-    m = measure(lambda: calls.append(1), StepTimer(), TimingPolicy(2, 0.45, 3, 0.95, 1000), clock=clock)
-    assert m.warmup_iters == 5  # 2 iterations were not enough; 0.45 s needed 5 calls
-    assert len(m.samples_s) == 10  # 3 iterations were not enough; 0.95 s needed 10 calls
-    m = measure(lambda: None, StepTimer(), TimingPolicy(0, 0.0, 3, 100.0, max_iters=4), clock=clock)
-    assert m.warmup_iters == 0 and len(m.samples_s) == 4  # max_iters caps the time bound
-    m = measure(lambda: None, StepTimer(), TimingPolicy(0, 0.0, 100, 0.0, max_s=0.35), clock=clock)
-    assert len(m.samples_s) == 4  # max_s caps min_iters: stopped at the first check past 0.35 s
-    with pytest.raises(ValueError):
-        TimingPolicy(min_iters=0)
-    with pytest.raises(ValueError):
-        TimingPolicy(min_iters=10, max_iters=5)
-
-
-def test_cuda_event_timer_logic_with_fake_events():
-    class FakeEvent:  # stands in for torch.cuda.Event(enable_timing=True)
-        def __init__(self):
-            self.t, self.synced = None, False
-
-        def record(self):
-            self.t = time.perf_counter()
-
-        def synchronize(self):
-            self.synced = True
-
-        def elapsed_time(self, end):  # milliseconds, as CUDA events report
-            return (end.t - self.t) * 1e3
-
-    timer = CudaEventTimer(event_factory=FakeEvent)
-    seconds = timer.time(lambda: time.sleep(0.01))
-    assert 0.01 <= seconds < 0.05
-    assert timer._end.synced  # the end event is waited for before reading the time
-    assert timer.name == "cuda_event"
-
-
-# --------------------------------------------------------------------------------------------
-# environment
-# --------------------------------------------------------------------------------------------
-
-
-def test_device_selection_and_peak_table():
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("cpu") == "cpu"
-    with pytest.raises(ValueError, match="unknown device"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
-    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == (989.4, "table:H100 SXM")
-    assert peak_tflops("NVIDIA H100 PCIe", "fp32") == (51.0, "table:H100 PCIe")
-    assert peak_tflops("NVIDIA A10", "tf32")[1] == "table:A10"  # not the A100 row
-    assert peak_tflops("Tesla T4", "bf16") == (None, None)
-    assert peak_tflops("AMD EPYC", "fp32") == (None, None)
-
-
-def test_cpu_peak_memory_sees_an_allocation():
-    memory = PeakMemory("cpu")
-    memory.reset()
-    before, source = memory.read()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    after, _ = memory.read()
-    del block
-    assert source in ("proc_vmhwm", "proc_vmhwm_lifetime", "ru_maxrss_lifetime")
-    assert after - before >= 60
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,7 +259,7 @@ def test_failing_configuration_is_recorded_and_the_run_goes_on():
     }
     fussy = next(r for r in report.results if r.model == "fussy" and not r.ok)
     assert fussy.error == "RuntimeError: this model refuses batches"
-    assert failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))[0] == "oom"
+    assert classify_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))[0] == "oom"
     assert "error [1]" in report.table()
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..bench import stats
-from ..bench.env import environment
 from ..bench.models import DEFAULT_MODELS
 from ..bench.result import BenchReport, write_json_file
 from ..bench.runner import ModelArg, build_source, plan, run_config
-from ..bench.timing import TimingPolicy
+from ..measure import stats
+from ..measure.env import environment
+from ..measure.timing import TimingPolicy
 
 _logger = logging.getLogger(__name__)
 

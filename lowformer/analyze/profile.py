@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bench import stats
 from ..bench.backends import PRECISIONS, prepare, unsupported_reason
-from ..bench.env import environment, resolve_device
 from ..bench.models import build_model
 from ..bench.presets import MODES, default_batch_size
 from ..bench.result import write_csv_file, write_json_file
-from ..bench.timing import TimingPolicy, measure
 from ..factory import model_source
-from ..measure.macs import _LAYOUT_OPS, CONVENTION, count_macs
-from .sweep import measure_context
+from ..measure import stats
+from ..measure.env import environment, resolve_device
+from ..measure.macs import CONVENTION, LAYOUT_OPS, count_macs
+from ..measure.session import run_context
+from ..measure.timing import TimingPolicy, measure
 
 _logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ _ACTIVATION_OPS = {
     "softplus",
 }
 # the MAC counter's view/copy ops, plus the profiler-visible ops that only move data
-_RESHAPE_OPS = _LAYOUT_OPS | {
+_RESHAPE_OPS = LAYOUT_OPS | {
     "channel_shuffle",
     "col2im",
     "empty_strided",
@@ -315,7 +315,7 @@ def profile_model(
     in_chans = getattr(module, "in_chans", 3)
     mac_report = count_macs(module, (h, w), in_chans=in_chans, device="cpu")
 
-    with measure_context(device, precision, threads):
+    with run_context(device, precision, threads):
         module = module.to(device)
         x = torch.randn(batch, in_chans, h, w, generator=torch.Generator().manual_seed(0)).to(device)
         if channels_last:

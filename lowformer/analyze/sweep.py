@@ -24,8 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,13 +32,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..bench import stats
 from ..bench.backends import BACKENDS, PRECISIONS, prepare, unsupported_reason
-from ..bench.env import cudnn_benchmark_mode, environment, num_threads, resolve_device, tf32_mode
 from ..bench.presets import MODES, default_batch_size
 from ..bench.result import write_csv_file, write_json_file
-from ..bench.timing import TimingPolicy, measure
+from ..measure import stats
+from ..measure.env import environment, num_threads, resolve_device
 from ..measure.macs import CONVENTION, count_macs
+from ..measure.session import classify_failure, run_context
+from ..measure.timing import TimingPolicy, measure
 from .elements import MIN_CHANNELS, MIN_RESOLUTION, ElementPair, resolve_pairs
 
 _logger = logging.getLogger(__name__)
@@ -449,26 +449,6 @@ class CellCache:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def measure_context(device: str, precision: str, threads: int | None) -> Iterator[None]:
-    """Threads, TF32 switch, cudnn.benchmark and no_grad, all restored after (as the benchmark does)."""
-    with ExitStack() as stack:
-        if device.startswith("cuda"):
-            stack.enter_context(torch.cuda.device(torch.device(device)))
-        stack.enter_context(num_threads(threads))
-        stack.enter_context(tf32_mode(precision == "tf32"))
-        stack.enter_context(cudnn_benchmark_mode(True))
-        stack.enter_context(torch.no_grad())
-        yield
-
-
-def _failure(e: BaseException) -> tuple[str, str]:
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else ""
-    oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower()
-    return ("oom" if oom else "error"), f"{type(e).__name__}: {first}"[:500]
-
-
 def time_sides(
     modules: Sequence[nn.Module],
     x: torch.Tensor,
@@ -484,7 +464,7 @@ def time_sides(
 
     Round r visits the modules in order when r is even and in reverse when r is odd.
     """
-    with measure_context(device, precision, threads):
+    with run_context(device, precision, threads):
         x = x.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -698,7 +678,7 @@ def _run_cell(
     try:
         sides, fingerprint = count_sides(pair, c, r)
     except Exception as e:  # a side that cannot even be built: recorded, the sweep goes on
-        status, error = _failure(e)
+        status, error = classify_failure(e)
         return CellResult(pair.name, c, r, status, sides=[], error=error)
     reason = pair.skip_reason(c, r)
     if reason is not None:
@@ -724,7 +704,7 @@ def _run_cell(
     except KeyboardInterrupt:
         raise
     except Exception as e:  # recorded; the sweep goes on
-        cell.status, cell.error = _failure(e)
+        cell.status, cell.error = classify_failure(e)
         _logger.info("%s C=%d R=%d: %s", pair.name, c, r, cell.error)
         _logger.debug("%s C=%d R=%d failed", pair.name, c, r, exc_info=True)
         return cell

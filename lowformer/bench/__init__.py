@@ -14,13 +14,13 @@ CSV) and `report` (table, plot). The method and every output field: docs/bench.m
 """
 
 from ..factory import TIMM_PREFIX
+from ..measure.timing import CudaEventTimer, PerfCounterTimer, TimingPolicy, measure
 from .backends import BACKENDS, PRECISIONS, reparameterize
 from .compare import CompareReport, compare, parse_spec
 from .models import DEFAULT_MODELS, DETECTION_MODELS, TASKS
 from .presets import MODES, PRESETS
 from .result import SCHEMA, BenchConfig, BenchReport, BenchResult
 from .runner import Plan, benchmark, plan, run_config, run_plan
-from .timing import CudaEventTimer, PerfCounterTimer, TimingPolicy, measure
 
 __all__ = [
     "BACKENDS",

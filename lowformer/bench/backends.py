@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .timing import CudaEventTimer, PerfCounterTimer, Timer
+from ..measure.timing import CudaEventTimer, PerfCounterTimer, Timer
 
 _logger = logging.getLogger(__name__)
 

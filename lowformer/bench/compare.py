@@ -20,14 +20,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..factory import check_model_name, model_source
-from . import stats
+from ..measure import stats
+from ..measure.env import environment, resolve_device
+from ..measure.session import classify_failure
+from ..measure.timing import TimingPolicy, measure
 from .backends import Prepared, reparam_layout, reparameterize, unsupported_reason
-from .env import environment, resolve_device
 from .models import check_task
 from .presets import default_round_timing, default_timing
 from .result import BenchConfig, write_csv_file, write_json_file
-from .runner import build_source, config_context, failure, params_and_macs, prepare_config
-from .timing import TimingPolicy, measure
+from .runner import build_source, config_context, params_and_macs, prepare_config
 
 SCHEMA = "lowformer.bench.compare/1"
 
@@ -320,7 +321,7 @@ def compare(
                 e.timer = e.prepared.timer.name
                 measure(e.prepared.step, e.prepared.timer, warm_policy)
         except Exception as exc:
-            e.status, e.error = failure(exc)
+            e.status, e.error = classify_failure(exc)
             e.prepared = None
 
     active = [e for e in entries if e.ok]
@@ -335,7 +336,7 @@ def compare(
                 e.round_medians_ms.append(stats.median(m.samples_s) * 1e3)
                 e.samples_s.extend(m.samples_s)
             except Exception as exc:  # dropped from later rounds; pairs use the rounds it finished
-                e.status, e.error = failure(exc)
+                e.status, e.error = classify_failure(exc)
             bar.update(1)
     bar.close()
     for e in entries:

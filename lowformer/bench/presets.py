@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .timing import TimingPolicy
+from ..measure.timing import TimingPolicy
 
 MODES = ("throughput", "latency")
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import stats
+from ..measure import stats
 
 if TYPE_CHECKING:
     from .compare import CompareReport

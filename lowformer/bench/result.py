@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .timing import TimingPolicy
+from ..measure.timing import TimingPolicy
 
 
 def write_json_file(data: dict, path: str | os.PathLike) -> Path:

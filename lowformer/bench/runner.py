@@ -9,8 +9,7 @@ import logging
 import multiprocessing
 import queue
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,25 +17,23 @@ from torch import nn
 from tqdm import tqdm
 
 from ..factory import check_model_name, model_source
-from ..measure.macs import count_macs
-from . import stats
-from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
-from .env import (
+from ..measure import stats
+from ..measure.env import (
     PeakMemory,
     cpu_name,
-    cudnn_benchmark_mode,
     device_name,
     environment,
-    num_threads,
     peak_tflops,
     resolve_device,
-    tf32_mode,
     tf32_state,
 )
+from ..measure.macs import count_macs
+from ..measure.session import classify_failure, run_context
+from ..measure.timing import TimingPolicy, measure
+from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
 from .models import build_model, check_task, default_models
 from .presets import MODES, default_batch_size, default_image_size, default_timing, get_preset
 from .result import BenchConfig, BenchReport, BenchResult
-from .timing import TimingPolicy, measure
 
 _logger = logging.getLogger(__name__)
 
@@ -231,17 +228,9 @@ def plan(
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def config_context(config: BenchConfig) -> Iterator[None]:
-    """Threads, TF32 switch, cudnn.benchmark and no_grad for `config`; everything restored after."""
-    with ExitStack() as stack:
-        if config.device.startswith("cuda"):
-            stack.enter_context(torch.cuda.device(torch.device(config.device)))
-        stack.enter_context(num_threads(config.threads))
-        stack.enter_context(tf32_mode(config.precision == "tf32"))
-        stack.enter_context(cudnn_benchmark_mode(config.cudnn_benchmark))
-        stack.enter_context(torch.no_grad())
-        yield
+def config_context(config: BenchConfig):
+    """The run context of `config` (threads, TF32, cudnn.benchmark, no_grad), restored after."""
+    return run_context(config.device, config.precision, config.threads, config.cudnn_benchmark)
 
 
 def _sync(device: str) -> None:
@@ -297,14 +286,6 @@ def _measure_config(config: BenchConfig, model: nn.Module, sync=None) -> dict:
         }
 
 
-def failure(e: BaseException) -> tuple[str, str]:
-    """(status, message) of an exception: "oom" for out-of-memory, else "error"."""
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else ""
-    oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower()
-    return ("oom" if oom else "error"), f"{type(e).__name__}: {first}"[:500]
-
-
 def _job_main(config: BenchConfig, source: Source, index: int, barrier, results) -> None:
     """One of `config.jobs` processes: build, prepare, then time in step with the others."""
     try:
@@ -314,7 +295,7 @@ def _job_main(config: BenchConfig, source: Source, index: int, barrier, results)
         results.put((index, "ok", _measure_config(config, model, sync=barrier.wait)))
     except BaseException as e:  # report anything, so the parent never waits on a dead job
         barrier.abort()
-        results.put((index, *failure(e)))
+        results.put((index, *classify_failure(e)))
 
 
 def _run_jobs(config: BenchConfig, source: Source) -> dict:
@@ -466,7 +447,7 @@ def run_config(
             raw = _measure_config(config, model)
         _fill(result, config, raw)
     except Exception as e:  # recorded as a failed configuration; the run goes on
-        result.status, result.error = (e.status, str(e)) if isinstance(e, _JobFailure) else failure(e)
+        result.status, result.error = (e.status, str(e)) if isinstance(e, _JobFailure) else classify_failure(e)
         _logger.debug("%s failed", config.describe(), exc_info=True)
     finally:
         del model
@@ -500,7 +481,7 @@ def run_plan(plan: Plan, progress: bool = False) -> BenchReport:
                 build_error = e
         if build_error is not None:
             result = _new_result(config, source)
-            result.status, result.error = failure(build_error)
+            result.status, result.error = classify_failure(build_error)
         else:
             result = run_config(config, source, pristine, macs_cache)
         if not result.ok:

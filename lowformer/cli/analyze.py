@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from ..bench import BACKENDS, MODES, PRECISIONS, TimingPolicy
-from ..bench.env import resolve_device
 from ..bench.presets import default_batch_size, default_timing
 from ..factory import check_model_name
+from ..measure.env import resolve_device
 from ._args import image_size
 
 EXAMPLES = """examples:

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, TimingPolicy, compare, plan, run_plan
-from ..bench.env import resolve_device
 from ..bench.models import DETECTION_MODELS, TASKS
 from ..bench.presets import default_image_size, default_round_timing, default_timing, get_preset
+from ..measure.env import resolve_device
 from ._args import image_size, non_negative_float, non_negative_int, positive_float, positive_int
 
 EXAMPLES = """examples:

@@ -26,7 +26,7 @@ CONVENTION = "1 MAC = 1 fused multiply-add; convs, transposed convs, linears and
 OP_KINDS = ("conv", "depthwise_conv", "transposed_conv", "linear", "attention_matmul")
 
 # ATen ops that only move or view memory (or allocate): neither counted nor worth listing.
-_LAYOUT_OPS = {
+LAYOUT_OPS = {
     "view",
     "_unsafe_view",
     "reshape",
@@ -133,7 +133,7 @@ class _MacCounter(TorchDispatchMode):
             q, k, v = args[0], args[1], args[2]
             batch = math.prod(q.shape[:-2])
             self.by_op["attention_matmul"] += batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        elif name not in _LAYOUT_OPS:
+        elif name not in LAYOUT_OPS:
             self.uncounted[name.lstrip("_")] += 1
         return out
 

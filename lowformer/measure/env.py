@@ -1,5 +1,5 @@
-"""The machine a benchmark runs on: device choice, environment record, TF32 switches, peak memory
-and known peak throughput (for MFU)."""
+"""The machine a measurement runs on: device choice, the environment record, the TF32, cudnn.benchmark
+and thread switches, peak memory and known peak throughput (for MFU)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,24 @@ def num_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+# CPU timings are distorted (threads wait on each other) when the 1-minute load average before a run
+# is above this share of the CPUs.
+BUSY_LOAD_PER_CPU = 0.5
+
+
+def is_busy(device: str, load_avg_1m: float | None, cpu_count: int | None) -> bool:
+    """Whether other work on the machine distorts CPU timings on `device` (GPU timings are not affected)."""
+    if str(device).startswith("cuda") or load_avg_1m is None or not cpu_count:
+        return False
+    return load_avg_1m > BUSY_LOAD_PER_CPU * cpu_count
+
+
+def cpu_load() -> tuple[float | None, int]:
+    """(1-minute load average, CPU count) of the machine now; the load is None where the OS has none."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return load, os.cpu_count() or 1
+
+
 class PeakMemory:
     """Peak memory of one configuration.
 
@@ -194,14 +212,12 @@ class PeakMemory:
 
 def environment(device: str) -> dict:
     """Everything a reader needs to reproduce or judge a number; recorded once per run."""
-    from .. import __version__
-
     env: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _command(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "lowformer": __version__,
+        "lowformer": _version("lowformer"),
         "torch": torch.__version__,
         "timm": _version("timm"),
         "onnx": _version("onnx"),
