@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from lowformer.bench import TimingPolicy, compare
+from lowformer.report import format_compare
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
             progress=True,
         )
         report.write_json(args.out / f"deploy_{name}_{args.device}_bs{args.batch_size}.json")
-        print(report.table())
+        print(format_compare(report))
         # per-round ratio of ours (better format) over timm (better format), from the round medians
         rounds = [e.round_medians_ms for e in report.entries]
         per_round = [min(r[0], r[1]) / min(r[2], r[3]) for r in zip(*rounds)]

@@ -445,7 +445,7 @@ def _tiny_net(width: int) -> nn.Module:
 def test_models_ranks_correlations_and_budget(tmp_path, monkeypatch):
     models = [(f"net{w}", _tiny_net(w)) for w in (4, 8, 16)]
     timing = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=2, min_s=0.0)
-    report = analyze_models(models, device="cpu", batch_size=2, image_size=16, timing=timing, threads=1)
+    report = analyze_models(models, device="cpu", batch_size=2, image_size=32, timing=timing, threads=1)
     data = report.to_dict()
     assert data["schema"] == "lowformer.analyze.models/1"
     assert [r["model"] for r in data["ranks"]] == ["net4", "net8", "net16"]  # sorted by MACs
@@ -460,7 +460,7 @@ def test_models_ranks_correlations_and_budget(tmp_path, monkeypatch):
 
     clock = iter([0.0] + [100.0] * 50)
     monkeypatch.setattr("lowformer.analyze.models._monotonic", lambda: next(clock))
-    stopped = analyze_models(models, device="cpu", batch_size=2, image_size=16, timing=timing, budget_s=50)
+    stopped = analyze_models(models, device="cpu", batch_size=2, image_size=32, timing=timing, budget_s=50)
     assert stopped.stopped == "budget" and len(stopped.not_run) == 6 and not stopped.bench.results
 
 

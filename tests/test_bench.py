@@ -32,6 +32,7 @@ from lowformer.cli import main
 from lowformer.factory import check_model_name
 from lowformer.measure.session import classify_failure
 from lowformer.models import list_models
+from lowformer.report import format_bench, format_compare, plot_bench
 
 TINY = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=3, min_s=0.0)
 SMALL_MODEL = "timm:test_resnet"
@@ -141,7 +142,7 @@ def test_unknown_model_names_get_close_matches():
 
 
 def test_runner_times_a_sleeping_module():
-    report = benchmark([("sleep20ms", SleepNet(0.020))], device="cpu", modes=["latency"], image_sizes=[8], timing=TINY)
+    report = benchmark([("sleep20ms", SleepNet(0.020))], device="cpu", modes=["latency"], image_sizes=[32], timing=TINY)
     (r,) = report.results
     assert r.ok and r.source == "module" and r.timer == "perf_counter"
     assert 20.0 <= r.latency_ms_p50 <= 22.0
@@ -191,7 +192,7 @@ def test_cpu_backends(backend):
 
 def test_compile_backend_runs_or_records_its_failure():
     report = benchmark(
-        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[16], backends=["compile"], timing=TINY
+        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[32], backends=["compile"], timing=TINY
     )
     (r,) = report.results
     assert r.status in ("ok", "error")
@@ -217,7 +218,7 @@ def test_channels_last_bf16_and_skipped_combinations():
     assert by["eager", "fp32"].ok and by["eager", "bf16"].ok and by["eager", "bf16"].channels_last
     assert by["onnxruntime", "fp32"].status == "skipped" and "channels_last" in by["onnxruntime", "fp32"].error
     assert by["onnxruntime", "bf16"].status == "skipped"
-    assert "skipped [" in report.table()
+    assert "skipped [" in format_bench(report)
 
 
 def test_reparam_on_a_timm_model_and_the_fallbacks():
@@ -232,7 +233,8 @@ def test_reparam_on_a_timm_model_and_the_fallbacks():
     assert reparameterize(TinyConvNet())[1] == "none-available"
 
     ours = lowformer.create_model("lowformer_b0").eval()
-    model, applied = reparameterize(ours)
+    assert reparameterize(ours)[1] == "timm.utils.reparameterize_model"  # a module given directly: its hooks
+    model, applied = reparameterize(ours, source="lowformer")
     assert applied == "lowformer.deploy"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     x = torch.randn(1, 3, 64, 64)
@@ -245,7 +247,7 @@ def test_failing_configuration_is_recorded_and_the_run_goes_on():
         [("fussy", FailsAboveBatch1()), ("oom", OutOfMemoryNet()), ("tiny", TinyConvNet())],
         device="cpu",
         batch_sizes=[2],
-        image_sizes=[16],
+        image_sizes=[32],
         timing=TINY,
     )
     status = {(r.model, r.mode): r.status for r in report.results}
@@ -260,7 +262,7 @@ def test_failing_configuration_is_recorded_and_the_run_goes_on():
     fussy = next(r for r in report.results if r.model == "fussy" and not r.ok)
     assert fussy.error == "RuntimeError: this model refuses batches"
     assert classify_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))[0] == "oom"
-    assert "error [1]" in report.table()
+    assert "error [1]" in format_bench(report)
 
 
 def test_two_jobs_share_the_device():
@@ -275,7 +277,7 @@ def test_plot_is_written(tmp_path):
     models = [SMALL_MODEL, "timm:test_efficientnet", "timm:test_byobnet"]
     report = benchmark(models, device="cpu", batch_sizes=[2], image_sizes=[32], threads=1, timing=TINY)
     assert len(report.correlations()) == 2  # throughput and latency groups, three models each
-    path = report.plot(tmp_path / "plot.png")
+    path = plot_bench(report, tmp_path / "plot.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
@@ -326,7 +328,7 @@ def test_detection_task_times_the_neck_on_every_cpu_backend(tmp_path):
     data = json.loads(report.write_json(tmp_path / "d.json").read_text())
     assert data["settings"]["task"] == "detection" and {r["task"] for r in data["results"]} == {"detection"}
     assert {c["task"] for c in data["correlations"]} <= {"detection"}
-    assert "all rows: task detection" in report.table()
+    assert "all rows: task detection" in format_bench(report)
     rows = list(csv.DictReader(open(report.write_csv(tmp_path / "d.csv"))))
     assert {row["task"] for row in rows} == {"detection"}
 
@@ -393,7 +395,7 @@ def test_compare_interleaves_rounds_in_one_process(tmp_path):
     assert data["schema"] == "lowformer.bench.compare/1"
     assert [c["tag"] for c in data["configs"]] == ["A", "B", "C"]
     assert data["pairs"][0]["rounds"] == 3
-    assert "speedup" in report.table()
+    assert "speedup" in format_compare(report)
     with pytest.raises(ValueError, match="at least two"):
         compare([SMALL_MODEL], device="cpu")
 

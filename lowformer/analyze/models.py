@@ -18,9 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..bench.models import DEFAULT_MODELS
-from ..bench.result import BenchReport, write_json_file
-from ..bench.runner import ModelArg, build_source, plan, run_config
+from .._io import write_json
+from ..bench.models import DEFAULT_MODELS, build_source
+from ..bench.plan import ModelArg, plan
+from ..bench.result import BenchReport
+from ..bench.runner import run_config
 from ..measure import stats
 from ..measure.env import environment
 from ..measure.timing import TimingPolicy
@@ -72,16 +74,16 @@ class ModelsReport:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        return write_json_file(self.to_dict(), path)
+        return write_json(path, self.to_dict())
 
     def write_csv(self, path: str | Path) -> Path:
         return self.bench.write_csv(path)
 
     def plot(self, path: str | Path) -> Path:
         """The benchmark's MACs-vs-speed scatter (one panel per mode, Spearman rho in the titles)."""
-        from .plots import shrink_png
+        from ..report.plots import plot_models
 
-        return shrink_png(self.bench.plot(path), path)
+        return plot_models(self, path)
 
     def table(self) -> str:
         from .report import format_models

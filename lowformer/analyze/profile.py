@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import write_csv, write_json
 from ..bench.backends import PRECISIONS, prepare, unsupported_reason
 from ..bench.models import build_model
-from ..bench.presets import MODES, default_batch_size
-from ..bench.result import write_csv_file, write_json_file
+from ..bench.presets import default_batch_size
 from ..factory import model_source
 from ..measure import stats
 from ..measure.env import environment, resolve_device
 from ..measure.macs import CONVENTION, LAYOUT_OPS, count_macs
-from ..measure.session import run_context
+from ..measure.session import MODES, run_context
 from ..measure.timing import TimingPolicy, measure
 
 _logger = logging.getLogger(__name__)
@@ -244,11 +244,11 @@ class ModelProfile:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        return write_json_file(self.to_dict(), path)
+        return write_json(path, self.to_dict())
 
     def write_csv(self, path: str | Path) -> Path:
         columns = ["kind", "label", "time_ms", "time_share", "macs", "mac_share", "ops"]
-        return write_csv_file(self.kinds, columns, path)
+        return write_csv(path, self.kinds, columns)
 
     def plot(self, path: str | Path, dpi: int = 100) -> Path:
         from .plots import plot_profile

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..bench.report import format_correlations, render_table
+from ..report.tables import format_correlations, render_table
 from . import models as models_mod
 from . import profile as profile_mod
 from . import sweep as sweep_mod

@@ -32,13 +32,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._io import write_csv, write_json
 from ..bench.backends import BACKENDS, PRECISIONS, prepare, unsupported_reason
-from ..bench.presets import MODES, default_batch_size
-from ..bench.result import write_csv_file, write_json_file
+from ..bench.presets import default_batch_size
 from ..measure import stats
 from ..measure.env import environment, num_threads, resolve_device
 from ..measure.macs import CONVENTION, count_macs
-from ..measure.session import classify_failure, run_context
+from ..measure.session import MODES, classify_failure, run_context
 from ..measure.timing import TimingPolicy, measure
 from .elements import MIN_CHANNELS, MIN_RESOLUTION, ElementPair, resolve_pairs
 
@@ -298,10 +298,10 @@ class ElementReport:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        return write_json_file(self.to_dict(), path)
+        return write_json(path, self.to_dict())
 
     def write_csv(self, path: str | Path) -> Path:
-        return write_csv_file(self.rows(), ROW_COLUMNS, path)
+        return write_csv(path, self.rows(), ROW_COLUMNS)
 
     def plot(self, out_dir: str | Path, stem: str = "elements", dpi: int = 100) -> list[Path]:
         """One heatmap figure per pair, `<stem>_<pair>.png` in `out_dir`."""
@@ -441,7 +441,7 @@ class CellCache:
         if self.directory is None or not cell.ok or cell.key is None:
             return
         path = self._path(cell.pair, cell.channels, cell.resolution, cell.key)
-        write_json_file({"key_fields": key_fields, "cell": cell.to_dict()}, path)
+        write_json(path, {"key_fields": key_fields, "cell": cell.to_dict()})
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,26 +1,30 @@
 """`lowformer bench`: measured speed of our models and any timm model.
 
     from lowformer.bench import benchmark, compare
+    from lowformer.report import format_bench, format_compare, plot_bench
+
     report = benchmark(["lowformer_b1", "timm:fastvit_t8"], device="cpu", batch_sizes=[16])
     report = benchmark(["lowformer_b1", "timm:resnet50"], task="detection")   # backbone + FPN at 512
-    print(report.table()); report.write_json("bench.json"); report.plot("bench.png")
-    print(compare(["lowformer_b1", "lowformer_b1@backend=torchscript"], batch_size=16).table())
+    print(format_bench(report)); report.write_json("bench.json"); plot_bench(report, "bench.png")
+    print(format_compare(compare(["lowformer_b1", "lowformer_b1@backend=torchscript"], batch_size=16)))
 
-Layout: `timing` (timers, the warm-up/timed loop), `stats` (percentiles, ratios, rank
-correlation), `env` (device, environment record, memory, peak TFLOP/s), `backends` (eager,
-compile, TorchScript, ONNX Runtime, CUDA graphs; precision; reparameterisation), `models`
-(names), `presets`, `runner` (sweeps, jobs), `compare` (paired rounds), `result` (records, JSON,
-CSV) and `report` (table, plot). The method and every output field: docs/bench.md.
+Layout: `backends` (eager, compile, TorchScript, ONNX Runtime, CUDA graphs; precision;
+reparameterisation), `models` (what a name builds per task), `presets`, `plan` (arguments into
+configurations), `runner` (time configurations, jobs), `compare` (paired rounds) and `result` (the
+records, JSON, CSV, rank correlations). Timing, statistics, the environment and the run context
+are `lowformer.measure`'s; tables and plots are `lowformer.report`'s. Method and fields: docs/bench.md.
 """
 
 from ..factory import TIMM_PREFIX
+from ..measure.session import MODES
 from ..measure.timing import CudaEventTimer, PerfCounterTimer, TimingPolicy, measure
 from .backends import BACKENDS, PRECISIONS, reparameterize
-from .compare import CompareReport, compare, parse_spec
+from .compare import ComparePlan, CompareReport, compare, parse_spec, plan_compare, run_compare
 from .models import DEFAULT_MODELS, DETECTION_MODELS, TASKS
-from .presets import MODES, PRESETS
+from .plan import Plan, plan
+from .presets import PRESETS
 from .result import SCHEMA, BenchConfig, BenchReport, BenchResult
-from .runner import Plan, benchmark, plan, run_config, run_plan
+from .runner import benchmark, run_config, run_plan
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +39,7 @@ __all__ = [
     "BenchConfig",
     "BenchReport",
     "BenchResult",
+    "ComparePlan",
     "CompareReport",
     "CudaEventTimer",
     "PerfCounterTimer",
@@ -45,7 +50,9 @@ __all__ = [
     "measure",
     "parse_spec",
     "plan",
+    "plan_compare",
     "reparameterize",
+    "run_compare",
     "run_config",
     "run_plan",
 ]

@@ -12,14 +12,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..measure.timing import CudaEventTimer, PerfCounterTimer, Timer
+from ..measure.timing import Candidate, CudaEventTimer, PerfCounterTimer, Timer, device_timer
 
 _logger = logging.getLogger(__name__)
 
@@ -57,20 +57,20 @@ def autocast(precision: str, device: str, cache_enabled: bool = True):
 _FUSE_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
 
 
-def reparameterize(model: nn.Module, layout: str = "keep") -> tuple[nn.Module, str]:
-    """Fold training-time branches into inference form; returns (model, what was applied).
+def reparameterize(model: nn.Module, layout: str = "keep", source: str = "module") -> tuple[nn.Module, str]:
+    """Fold training-time branches into inference form, as a user of that model would; returns
+    (model, what was applied).
 
-    Our models, and modules built around them (a detection neck), get `lowformer.deploy`
-    (BatchNorm and norm-affine folding, dropout removed) with `layout` as its memory format (see
-    `reparam_layout`); others get `timm.utils.reparameterize_model` when some submodule offers
-    `fuse`, `reparameterize` or `switch_to_deploy` (MobileOne, FastViT, RepViT, ...); otherwise
-    nothing is changed and the record says "none-available".
+    Our models (`source` "lowformer", see `models.source_kind`; also inside a detection neck built
+    from our name) get `lowformer.deploy` (BatchNorm and norm-affine folding, dropout removed) with
+    `layout` as its memory format (see `reparam_layout`). Any other model gets
+    `timm.utils.reparameterize_model` when some submodule offers the hook it calls (`fuse`,
+    `reparameterize` or `switch_to_deploy`: MobileOne, FastViT, RepViT, ..., and our blocks inside a
+    module given directly); otherwise nothing is changed and the record says "none-available".
     """
-    from ..deploy import deploy
-    from ..models import LowFormer
-    from ..models.edgevit import EdgeViT
+    if source == "lowformer":
+        from ..deploy import deploy
 
-    if any(isinstance(m, (LowFormer, EdgeViT)) for m in model.modules()):
         applied = "lowformer.deploy" + (f" ({layout})" if layout != "keep" else "")
         return deploy(model.eval(), memory_format=layout), applied
     if any(hasattr(m, h) for m in model.modules() if m is not model for h in _FUSE_HOOKS):
@@ -103,9 +103,9 @@ class Prepared:
     note: str | None = None  # e.g. the ONNX Runtime provider actually used
     keep: Any = None  # objects the step needs alive (sessions, static outputs, graphs)
 
-
-def _device_timer(device: str) -> Timer:
-    return CudaEventTimer() if device.startswith("cuda") else PerfCounterTimer()
+    def candidate(self, label: str, context: Callable[[], AbstractContextManager] = nullcontext) -> Candidate:
+        """This step as a candidate of interleaved rounds (`lowformer.measure.timing.interleave`)."""
+        return Candidate(label, self.step, self.timer, context)
 
 
 def _forward(model: Callable, x: torch.Tensor, precision: str, device: str) -> Callable[[], Any]:
@@ -131,20 +131,20 @@ def prepare(
 ) -> Prepared:
     """Build the step for `backend`. The model and `x` are already on `device` and in their layout.
 
-    Call under `torch.no_grad()` and the precision's TF32 switch (the runner does both).
+    Call in the run context (`lowformer.measure.session.run_context`: no_grad, the TF32 switch).
     """
     reason = unsupported_reason(backend, precision, device, channels_last=False)
     if reason is not None:
         raise ValueError(reason)
     if backend == "eager":
-        return Prepared(_forward(model, x, precision, device), _device_timer(device))
+        return Prepared(_forward(model, x, precision, device), device_timer(device))
     if backend == "compile":
         compiled = torch.compile(model, mode=compile_mode)
         step = _forward(compiled, x, precision, device)
         step()  # compile now, so that the warm-up times running, not compiling
-        return Prepared(step, _device_timer(device), note=f"torch.compile mode={compile_mode or 'default'}")
+        return Prepared(step, device_timer(device), note=f"torch.compile mode={compile_mode or 'default'}")
     if backend == "torchscript":
-        return Prepared(_forward(_torchscript(model, x), x, precision, device), _device_timer(device))
+        return Prepared(_forward(_torchscript(model, x), x, precision, device), device_timer(device))
     if backend == "onnxruntime":
         return _onnxruntime(model, x, precision, device, threads)
     if backend == "cudagraphs":

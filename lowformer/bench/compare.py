@@ -2,16 +2,20 @@
 
 Each round times every configuration for a short burst; the order alternates between rounds
 (A B C, then C B A, ...) so that slow drifts of the machine (other load, clocks, thermals) hit
-every configuration alike. A pair's speedup is computed per round, from the two round medians
-taken moments apart, and reported as min / median / max over rounds: when even the minimum is
-above 1, the second configuration was faster in every round. This is robust on noisy machines
-where two separate runs are not comparable.
+every configuration alike (`lowformer.measure.timing.interleave`). A pair's speedup is computed per
+round, from the two round medians taken moments apart, and reported as min / median / max over
+rounds: when even the minimum is above 1, the second configuration was faster in every round. This
+is robust on noisy machines where two separate runs are not comparable.
+
+`plan_compare` parses and checks the configurations, `run_compare` prepares and times them, and
+`compare` does both.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,18 +23,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..factory import check_model_name, model_source
+from .._io import write_csv, write_json
+from ..factory import check_image_size, check_model_name, model_source
 from ..measure import stats
 from ..measure.env import environment, resolve_device
-from ..measure.session import classify_failure
-from ..measure.timing import TimingPolicy, measure
-from .backends import Prepared, reparam_layout, reparameterize, unsupported_reason
-from .models import check_task
-from .presets import default_round_timing, default_timing
-from .result import BenchConfig, write_csv_file, write_json_file
-from .runner import build_source, config_context, params_and_macs, prepare_config
+from ..measure.session import classify_failure, mode_of
+from ..measure.timing import Candidate, Rounds, TimingPolicy, interleave
+from .backends import unsupported_reason
+from .models import build_source, check_task
+from .presets import default_image_size, default_round_timing, default_timing
+from .result import BenchConfig
+from .runner import config_context, inference_form, params_and_macs, prepare_config
 
 SCHEMA = "lowformer.bench.compare/1"
+MIN_ROUNDS = 2
 
 # Options a comparison spec may set after "@": MODEL@backend=torchscript,channels_last
 SPEC_OPTIONS: dict[str, type] = {
@@ -106,7 +112,6 @@ class CompareEntry:
     prepare_s: float | None = None
     round_medians_ms: list[float] = field(default_factory=list)
     samples_s: list[float] = field(default_factory=list, repr=False)
-    prepared: Prepared | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -187,6 +192,8 @@ def pair_result(a: CompareEntry, b: CompareEntry, a_tag: str = "A", b_tag: str =
 
 @dataclass
 class CompareReport:
+    """A comparison's configurations with their round-by-round timings, and every pair's speedups."""
+
     environment: dict
     settings: dict
     entries: list[CompareEntry]
@@ -205,32 +212,52 @@ class CompareReport:
             "pairs": [p.to_dict() for p in self.pairs],
         }
 
-    def table(self) -> str:
-        from .report import format_compare
-
-        return format_compare(self)
-
     def write_json(self, path: str | os.PathLike) -> Path:
-        return write_json_file(self.to_dict(), path)
+        return write_json(path, self.to_dict())
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """One row per pair (the configurations' own timings are in the JSON)."""
         columns = [f.name for f in dataclasses.fields(PairResult)]
-        return write_csv_file([p.to_dict() for p in self.pairs], columns, path)
+        return write_csv(path, [p.to_dict() for p in self.pairs], columns)
 
 
 def _tag(i: int) -> str:
     return chr(ord("A") + i) if i < 26 else f"C{i}"
 
 
-def compare(
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComparePlan:
+    """The parsed configurations of a comparison (label, config) and how they will be timed."""
+
+    configs: list[tuple[str, BenchConfig]]
+    rounds: int
+    warmup: TimingPolicy
+    round_timing: TimingPolicy
+    settings: dict
+
+    def describe(self) -> str:
+        w, r = self.warmup, self.round_timing
+        return (
+            f"comparing {len(self.configs)} configurations on {self.settings['device']}: warm-up >= "
+            f"{w.warmup_iters} calls and >= {w.warmup_s:g} s each, then {self.rounds} rounds; in a round each "
+            f"configuration gets {r.warmup_iters} re-warm call(s), then >= {r.min_iters} timed calls and "
+            f">= {r.min_s:g} s"
+        )
+
+
+def plan_compare(
     configs: Sequence[str | BenchConfig],
     *,
     task: str = "classification",
     rounds: int = 10,
     device: str | None = "auto",
     batch_size: int = 1,
-    image_size: int | tuple[int, int] = 224,
+    image_size: int | tuple[int, int] | None = None,
     precision: str = "fp32",
     backend: str = "eager",
     compile_mode: str | None = None,
@@ -240,31 +267,31 @@ def compare(
     cudnn_benchmark: bool = True,
     warmup: TimingPolicy | None = None,
     round_timing: TimingPolicy | None = None,
-    progress: bool = False,
-) -> CompareReport:
-    """Time configurations interleaved, round by round, in this process; report per-pair speedups.
+) -> ComparePlan:
+    """Parse and check a comparison without running it.
 
     Args:
         configs: two or more specs "MODEL[@key=value,...]" (see `parse_spec`; the keyword
             arguments are the base every spec starts from) or ready `BenchConfig`s.
-        task: "classification" or "detection" (backbone + RetinaNet FPN neck, see `benchmark`).
+        task: "classification" or "detection" (backbone + RetinaNet FPN neck, see `plan`).
         rounds: rounds of the interleaved schedule (>= 2; 10 by default).
-        batch_size: one batch size for all (1: latency). image_size: S or (H, W).
+        batch_size: one batch size for all (1: latency). image_size: S or (H, W) (default: the task's).
         warmup: the warm-up each configuration gets once before round 1 (its `warmup_*` fields).
         round_timing: one round of one configuration: re-warm calls, then timed calls.
     """
     if len(configs) < 2:
         raise ValueError("a comparison needs at least two configurations")
-    if rounds < 2:
-        raise ValueError(f"rounds must be >= 2, got {rounds}")
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"a comparison needs at least {MIN_ROUNDS} rounds, got {rounds}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     check_task(task)
     device = resolve_device(device)
+    image_size = image_size or default_image_size(task)
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     base = BenchConfig(
         model="",
-        mode="latency" if batch_size == 1 else "throughput",
+        mode=mode_of(batch_size),
         task=task,
         device=device,
         batch_size=batch_size,
@@ -284,9 +311,10 @@ def compare(
     devices = {c.device for _, c in parsed}
     if len(devices) > 1:
         raise ValueError(f"all configurations must use one device, got {sorted(devices)}")
+    for _, config in parsed:
+        check_image_size(config.model, config.image_size)
     warmup = warmup or default_timing(device)
     round_timing = round_timing or default_round_timing(device)
-    entries = [CompareEntry(label, cfg, model_source(cfg.model)) for label, cfg in parsed]
     settings = {
         "configs": labels,
         "task": task,
@@ -297,56 +325,77 @@ def compare(
         "warmup": warmup.to_dict(),
         "round_timing": round_timing.to_dict(),
     }
-    env = environment(device)
+    return ComparePlan(parsed, rounds, warmup, round_timing, settings)
 
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run_compare(plan: ComparePlan, progress: bool = False) -> CompareReport:
+    """Prepare every configuration, time them in interleaved rounds, and pair them up."""
+    entries = [CompareEntry(label, config, model_source(config.model)) for label, config in plan.configs]
+    env = environment(plan.settings["device"])
+    ready = _prepare(entries)
+    _time_in_rounds(ready, plan, progress)
+    return CompareReport(environment=env, settings=plan.settings, entries=entries, pairs=_pairs(entries))
+
+
+def compare(configs: Sequence[str | BenchConfig], *, progress: bool = False, **options) -> CompareReport:
+    """Time configurations interleaved, round by round, in this process; report per-pair speedups.
+
+    `options` are the keyword arguments of `plan_compare` (task, rounds, device, batch_size,
+    image_size, precision, backend, compile_mode, channels_last, reparam, threads, cudnn_benchmark,
+    warmup, round_timing); `progress` shows a progress bar (stderr).
+    """
+    return run_compare(plan_compare(configs, **options), progress=progress)
+
+
+def _prepare(entries: list[CompareEntry]) -> list[tuple[CompareEntry, Candidate]]:
+    """Build (each model once), reparameterise, count and prepare every runnable configuration; a
+    skipped or failing one is recorded on its entry and left out."""
     pristine: dict[str, object] = {}
     macs_cache: dict = {}
-    warm_policy = TimingPolicy(warmup.warmup_iters, warmup.warmup_s, min_iters=1, min_s=0.0)
+    ready = []
     for e in entries:
-        reason = unsupported_reason(e.config.backend, e.config.precision, device, e.config.channels_last)
+        c = e.config
+        reason = unsupported_reason(c.backend, c.precision, c.device, c.channels_last)
         if reason is not None:
             e.status, e.error = "skipped", reason
             continue
         try:
-            if e.config.model not in pristine:
-                pristine[e.config.model] = build_source(e.config.model, e.config.task)
-            model = copy.deepcopy(pristine[e.config.model])
-            if e.config.reparam:
-                model, e.reparam_applied = reparameterize(
-                    model, reparam_layout(e.config.backend, device, e.config.channels_last)
-                )
-            e.params, e.macs = params_and_macs(model, e.config, macs_cache)
-            with config_context(e.config):
-                e.prepared, e.prepare_s = prepare_config(e.config, model)
-                e.timer = e.prepared.timer.name
-                measure(e.prepared.step, e.prepared.timer, warm_policy)
+            if c.model not in pristine:
+                pristine[c.model] = build_source(c.model, c.task)
+            model, e.reparam_applied = inference_form(copy.deepcopy(pristine[c.model]), c, c.model)
+            e.params, e.macs = params_and_macs(model, c, macs_cache)
+            with config_context(c):
+                prepared, e.prepare_s = prepare_config(c, model)
+            e.timer = prepared.timer.name
+            ready.append((e, prepared.candidate(e.label, functools.partial(config_context, c))))
         except Exception as exc:
             e.status, e.error = classify_failure(exc)
-            e.prepared = None
+    return ready
 
-    active = [e for e in entries if e.ok]
-    bar = tqdm(total=rounds * len(active), desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
-    for r in range(rounds):
-        for e in active if r % 2 == 0 else active[::-1]:
-            if not e.ok:
-                continue
-            try:
-                with config_context(e.config):
-                    m = measure(e.prepared.step, e.prepared.timer, round_timing)
-                e.round_medians_ms.append(stats.median(m.samples_s) * 1e3)
-                e.samples_s.extend(m.samples_s)
-            except Exception as exc:  # dropped from later rounds; pairs use the rounds it finished
-                e.status, e.error = classify_failure(exc)
-            bar.update(1)
-    bar.close()
-    for e in entries:
-        e.prepared = None
 
+def _time_in_rounds(ready: list[tuple[CompareEntry, Candidate]], plan: ComparePlan, progress: bool) -> None:
+    """The interleaved rounds; each entry gets its round medians and samples (or its failure)."""
+    rounds = Rounds(plan.rounds, burst=plan.round_timing, warmup=plan.warmup)
+    bar = tqdm(total=plan.rounds * len(ready), desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
+    with bar:
+        times = interleave([c for _, c in ready], rounds, keep_going=True, on_burst=lambda i, r: bar.update(1))
+    for (e, _), t in zip(ready, times):
+        e.round_medians_ms = [m * 1e3 for m in t.round_medians_s]
+        e.samples_s = t.samples_s
+        if t.error is not None:  # dropped from later rounds; pairs use the rounds it finished
+            e.status, e.error = classify_failure(t.error)
+
+
+def _pairs(entries: list[CompareEntry]) -> list[PairResult]:
     tags = [_tag(i) for i in range(len(entries))]
-    pairs = [
+    return [
         pair_result(entries[i], entries[j], tags[i], tags[j])
         for i in range(len(entries))
         for j in range(i + 1, len(entries))
         if entries[i].round_medians_ms and entries[j].round_medians_ms
     ]
-    return CompareReport(environment=env, settings=settings, entries=entries, pairs=pairs)

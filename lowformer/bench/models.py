@@ -1,12 +1,15 @@
-"""Model names a benchmark accepts: ours (`lowformer.list_models()`) and timm's (`timm:NAME`), and what
-is timed for each task: the classifier, or (task "detection") the backbone + RetinaNet FPN neck."""
+"""What a benchmark times: a model name (ours, `lowformer.list_models()`, or timm's, `timm:NAME`,
+resolved by `lowformer.factory`) or a module given directly, and for each task the classifier or
+(task "detection") the backbone + RetinaNet FPN neck."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..factory import check_model_name, create_model
+from ..factory import check_model_name, create_model, model_source
+
+Source = str | nn.Module  # what builds a model: a name, or the module itself
 
 # "classification": the whole classifier. "detection": the dense-prediction part of a detector, the
 # backbone's stride 8-32 maps + RetinaNet's FPN (P3-P7, 256 channels), as the papers time detection
@@ -68,3 +71,14 @@ def build_model(name: str, task: str = "classification") -> nn.Module:
 
         return NeckOutputs(retinanet_neck(name)).eval()
     return create_model(name).eval()
+
+
+def build_source(source: Source, task: str = "classification") -> nn.Module:
+    """The model a name builds for `task`; a module given directly is timed as it is."""
+    return build_model(source, task) if isinstance(source, str) else source.eval()
+
+
+def source_kind(source: Source) -> str:
+    """Where a model comes from: "lowformer" or "timm" for a name (see `lowformer.factory`), "module"
+    for a module given directly."""
+    return model_source(source) if isinstance(source, str) else "module"

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 from ..measure.timing import TimingPolicy
 
-MODES = ("throughput", "latency")
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -65,8 +63,11 @@ def default_batch_size(device: str, task: str = "classification") -> int:
     return 256 if device.startswith("cuda") else 16
 
 
-def default_timing(device: str) -> TimingPolicy:
-    """Bounded by time, so the default model set runs in a few minutes on a 2-core CPU."""
+def default_timing(device: str, preset: str | None = None) -> TimingPolicy:
+    """The preset's timing if it has one, else the device's: bounded by time, so the default model
+    set runs in a few minutes on a 2-core CPU."""
+    if preset is not None and get_preset(preset).timing is not None:
+        return get_preset(preset).timing
     if device.startswith("cuda"):
         return TimingPolicy(warmup_iters=10, warmup_s=2.0, min_iters=50, min_s=5.0)
     return TimingPolicy(warmup_iters=2, warmup_s=1.0, min_iters=10, min_s=3.0, max_s=15.0)

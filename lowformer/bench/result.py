@@ -1,44 +1,19 @@
-"""What a benchmark is asked (`BenchConfig`) and what it found (`BenchResult`, `BenchReport`).
+"""What a benchmark is asked (`BenchConfig`) and what it found (`BenchResult`, `BenchReport`), and the
+MACs-vs-time rank correlations derived from the results. Records only: `lowformer.report` formats them.
 
 The field order of `BenchResult` is the CSV column order; `docs/bench.md` documents every field.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .._io import write_csv, write_json
+from ..measure import stats
 from ..measure.timing import TimingPolicy
-
-
-def write_json_file(data: dict, path: str | os.PathLike) -> Path:
-    """`data` as indented JSON, written atomically (a temp file renamed over `path`)."""
-    return _write_atomic(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
-
-
-def write_csv_file(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
-    """One CSV row per dict (keys = `columns`), written atomically."""
-
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    return _write_atomic(path, write)
-
-
-def _write_atomic(path: str | os.PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
-    return path
-
 
 SCHEMA = "lowformer.bench/1"
 
@@ -160,8 +135,6 @@ class BenchReport:
     results: list[BenchResult] = field(default_factory=list)
 
     def correlations(self) -> list[dict]:
-        from .report import correlations
-
         return correlations(self.results)
 
     def to_dict(self) -> dict:
@@ -173,13 +146,8 @@ class BenchReport:
             "correlations": self.correlations(),
         }
 
-    def table(self) -> str:
-        from .report import format_report
-
-        return format_report(self)
-
     def write_json(self, path: str | os.PathLike) -> Path:
-        return write_json_file(self.to_dict(), path)
+        return write_json(path, self.to_dict())
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """One row per result; lists are joined with ";"; the main environment keys end each row."""
@@ -188,9 +156,73 @@ class BenchReport:
         for r in self.results:
             row = {k: ";".join(f"{x:g}" for x in v) if isinstance(v, list) else v for k, v in r.to_dict().items()}
             rows.append({**row, **env})
-        return write_csv_file(rows, CSV_COLUMNS, path)
+        return write_csv(path, rows, CSV_COLUMNS)
 
-    def plot(self, path: str | os.PathLike) -> Path:
-        from .report import plot_macs_vs_speed
 
-        return plot_macs_vs_speed(self, path)
+# --------------------------------------------------------------------------------------------
+# MACs against measured time
+# --------------------------------------------------------------------------------------------
+
+GROUP_FIELDS = (
+    "mode",
+    "batch_size",
+    "image_height",
+    "image_width",
+    "backend",
+    "precision",
+    "channels_last",
+    "reparam",
+    "threads",
+    "jobs",
+    "task",
+)
+MODE_ORDER = {"throughput": 0, "latency": 1}
+
+
+def group_key(r: BenchResult) -> tuple:
+    """What results comparable across models share: everything but the model (`GROUP_FIELDS`)."""
+    return tuple(getattr(r, f) for f in GROUP_FIELDS)
+
+
+def comparable_groups(results: Sequence[BenchResult]) -> dict[tuple, list[BenchResult]]:
+    """Successful results with a MAC count, grouped by `group_key` (throughput groups first)."""
+    groups: dict[tuple, list[BenchResult]] = {}
+    for r in sorted(results, key=lambda r: MODE_ORDER.get(r.mode, 9)):
+        if r.ok and r.macs:
+            groups.setdefault(group_key(r), []).append(r)
+    return groups
+
+
+def correlations(results: Sequence[BenchResult]) -> list[dict]:
+    """Rank correlation of counted MACs with measured time (latency_ms_p50), per comparable group.
+
+    1.0 means MACs order the models exactly as the clock does; groups of fewer than 3 models are
+    left out. (Throughput is batch / time, so its correlation is the same with the sign flipped.)
+    """
+    out = []
+    for key, rs in comparable_groups(results).items():
+        if len(rs) < 3:
+            continue
+        macs = [float(r.macs) for r in rs]
+        times = [r.latency_ms_p50 for r in rs]
+        g = dict(zip(GROUP_FIELDS, key))
+        out.append(
+            {
+                "task": g["task"],
+                "mode": g["mode"],
+                "batch_size": g["batch_size"],
+                "image_size": [g["image_height"], g["image_width"]],
+                **{k: g[k] for k in ("backend", "precision", "channels_last", "reparam", "threads", "jobs")},
+                "models": [r.model for r in rs],
+                "spearman_macs_latency": stats.spearman(macs, times),
+                "kendall_macs_latency": stats.kendall(macs, times),
+            }
+        )
+    return out
+
+
+def correlation_group_key(c: dict) -> tuple:
+    """The `group_key` of the group a `correlations` entry was computed over."""
+    h, w = c["image_size"]
+    g = {**c, "image_height": h, "image_width": w, "task": c.get("task", "classification")}
+    return tuple(g[f] for f in GROUP_FIELDS)

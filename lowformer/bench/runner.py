@@ -1,5 +1,5 @@
-"""Plan and run benchmarks: expand the sweep into configurations, build each model once, time every
-configuration (in this process, or in `jobs` concurrent processes), record failures and go on."""
+"""Running a benchmark plan: build each model once, time every configuration (in this process, or
+in `jobs` concurrent processes), record failures and go on."""
 
 from __future__ import annotations
 
@@ -9,222 +9,29 @@ import logging
 import multiprocessing
 import queue
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..factory import check_model_name, model_source
-from ..measure import stats
-from ..measure.env import (
-    PeakMemory,
-    cpu_name,
-    device_name,
-    environment,
-    peak_tflops,
-    resolve_device,
-    tf32_state,
-)
+from ..measure.env import PeakMemory, device_name, environment, peak_tflops, tf32_state
 from ..measure.macs import count_macs
-from ..measure.session import classify_failure, run_context
-from ..measure.timing import TimingPolicy, measure
+from ..measure.session import classify_failure, input_shape, make_input, place, run_context
+from ..measure.stats import median, summarize_ms
+from ..measure.timing import measure
 from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
-from .models import build_model, check_task, default_models
-from .presets import MODES, default_batch_size, default_image_size, default_timing, get_preset
+from .models import Source, build_source, source_kind
+from .plan import ModelArg, Plan, plan
 from .result import BenchConfig, BenchReport, BenchResult
 
 _logger = logging.getLogger(__name__)
-
-ModelArg = str | nn.Module | tuple[str, nn.Module]
-Source = str | nn.Module  # what builds a model: a name, or the module itself
 
 _JOB_BARRIER_TIMEOUT_S = 900.0
 
 
 # --------------------------------------------------------------------------------------------
-# Planning
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """The configurations a run will time, what builds each model, and the resolved settings."""
-
-    configs: list[BenchConfig]
-    sources: dict[str, Source]
-    settings: dict
-
-    def describe(self) -> str:
-        s = self.settings
-        device = s["device"]
-        where = f"{device} ({device_name(device) if device.startswith('cuda') else cpu_name()})"
-        threads = ", ".join(map(str, s["threads"])) if s["threads"] else str(torch.get_num_threads())
-        where += f", threads {threads}" if not device.startswith("cuda") else ""
-        modes = []
-        if "throughput" in s["modes"]:
-            modes.append("throughput: batch " + ", ".join(map(str, s["batch_sizes"])))
-        if "latency" in s["modes"]:
-            modes.append("latency: batch 1")
-        images = ", ".join(f"{h}x{w}" for h, w in s["image_sizes"])
-        layout = "channels_last" if s["channels_last"] else "NCHW"
-        task = " (detection: backbone + RetinaNet FPN neck, P3-P7 at 256 channels)" * (s["task"] == "detection")
-        lines = [
-            f"{len(s['models'])} model(s), {len(self.configs)} configuration(s) on {where}{task}",
-            f"  {' | '.join(modes)} | image {images} | backend {', '.join(s['backends'])} | "
-            f"precision {', '.join(s['precisions'])} | {layout} | reparam {'on' if s['reparam'] else 'off'}"
-            + (f" | {s['jobs']} jobs" if s["jobs"] > 1 else ""),
-            f"  timing per configuration: {TimingPolicy(**s['timing']).describe()}",
-        ]
-        if s["preset"]:
-            lines.append(f"  preset {s['preset']}")
-        return "\n".join(lines)
-
-
-def _image_size(size: int | Sequence[int]) -> tuple[int, int]:
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    if h < 8 or w < 8:
-        raise ValueError(f"image size must be at least 8x8, got {h}x{w}")
-    return int(h), int(w)
-
-
-def _as_tuple(value, default: tuple) -> tuple:
-    """A sweep list as a tuple without repeats (a single value becomes a 1-tuple)."""
-    if value is None:
-        return tuple(default)
-    if isinstance(value, (str, int)):
-        return (value,)
-    return tuple(dict.fromkeys(value))
-
-
-def _sources(models: Sequence[ModelArg]) -> dict[str, Source]:
-    out: dict[str, Source] = {}
-    for m in models:
-        if isinstance(m, str):
-            check_model_name(m)
-            label, src = m, m
-        elif isinstance(m, nn.Module):
-            label, src = type(m).__name__, m
-        elif isinstance(m, tuple) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], nn.Module):
-            label, src = m
-        else:
-            raise TypeError(f"a model is a name, an nn.Module or a (label, nn.Module) pair, got {m!r}")
-        if label in out:
-            raise ValueError(f"model {label!r} is given twice")
-        out[label] = src
-    if not out:
-        raise ValueError("no models to benchmark")
-    return out
-
-
-def plan(
-    models: Sequence[ModelArg] | None = None,
-    *,
-    task: str = "classification",
-    modes: Sequence[str] | None = None,
-    device: str | None = "auto",
-    batch_sizes: Sequence[int] | int | None = None,
-    image_sizes: Sequence[int | tuple[int, int]] | int | None = None,
-    precisions: Sequence[str] | str | None = None,
-    backends: Sequence[str] | str | None = None,
-    compile_mode: str | None = None,
-    channels_last: bool = False,
-    reparam: bool = False,
-    threads: Sequence[int] | int | None = None,
-    jobs: int = 1,
-    preset: str | None = None,
-    timing: TimingPolicy | None = None,
-    peak_tflops: float | None = None,
-    cudnn_benchmark: bool = True,
-) -> Plan:
-    """Resolve arguments (explicit > preset > device default) into configurations; see `benchmark`."""
-    check_task(task)
-    device = resolve_device(device)
-    p = get_preset(preset) if preset else None
-    modes = _as_tuple(modes, p.modes if p else MODES)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    if batch_sizes is not None and "throughput" not in modes and _as_tuple(batch_sizes, ()) != (1,):
-        raise ValueError("batch sizes apply to throughput mode; latency mode is batch 1 by definition")
-    throughput_batch = (p.batch_sizes if p and p.batch_sizes else None) or (default_batch_size(device, task),)
-    batch_sizes = _as_tuple(batch_sizes, throughput_batch)
-    # the presets are the papers' classification protocols: their 224x224 does not apply to detection
-    default_images = p.image_sizes if p and task == "classification" else (default_image_size(task),)
-    image_sizes = tuple(dict.fromkeys(_image_size(s) for s in _as_tuple(image_sizes, default_images)))
-    precisions = _as_tuple(precisions, p.precisions if p else ("fp32",))
-    backends = _as_tuple(backends, p.backends if p else ("eager",))
-    timing = timing or (p.timing if p and p.timing else default_timing(device))
-    threads = _as_tuple(threads, (None,))
-    if any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    if any(t is not None and t < 1 for t in threads):
-        raise ValueError(f"threads must be >= 1, got {list(threads)}")
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
-    if compile_mode is not None and "compile" not in backends:
-        raise ValueError("a compile mode needs the compile backend (--backend compile)")
-    if peak_tflops is not None and peak_tflops <= 0:
-        raise ValueError(f"peak TFLOP/s must be > 0, got {peak_tflops}")
-    for backend in backends:
-        for precision in precisions:
-            unsupported_reason(backend, precision, device, channels_last)  # raises on unknown names
-    sources = _sources(models if models is not None else default_models(task))
-    configs = [
-        BenchConfig(
-            model=label,
-            mode=mode,
-            task=task,
-            device=device,
-            batch_size=bs,
-            image_size=image,
-            precision=precision,
-            backend=backend,
-            compile_mode=compile_mode,
-            channels_last=channels_last,
-            reparam=reparam,
-            threads=t,
-            jobs=jobs,
-            cudnn_benchmark=cudnn_benchmark,
-            timing=timing,
-            peak_tflops=peak_tflops,
-        )
-        for label in sources
-        for mode in modes
-        for bs in (batch_sizes if mode == "throughput" else (1,))
-        for image in image_sizes
-        for backend in backends
-        for precision in precisions
-        for t in threads
-    ]
-    reasons = {unsupported_reason(c.backend, c.precision, device, channels_last) for c in configs}
-    if None not in reasons:
-        raise ValueError("nothing to run: " + "; ".join(sorted(reasons)))
-    settings = {
-        "models": list(sources),
-        "task": task,
-        "device": device,
-        "modes": list(modes),
-        "batch_sizes": list(batch_sizes),
-        "image_sizes": [list(s) for s in image_sizes],
-        "precisions": list(precisions),
-        "backends": list(backends),
-        "compile_mode": compile_mode,
-        "channels_last": channels_last,
-        "reparam": reparam,
-        "threads": None if threads == (None,) else list(threads),
-        "jobs": jobs,
-        "preset": preset,
-        "timing": timing.to_dict(),
-        "cudnn_benchmark": cudnn_benchmark,
-        "peak_tflops": peak_tflops,
-    }
-    return Plan(configs=configs, sources=sources, settings=settings)
-
-
-# --------------------------------------------------------------------------------------------
-# Running one configuration
+# One configuration
 # --------------------------------------------------------------------------------------------
 
 
@@ -233,33 +40,28 @@ def config_context(config: BenchConfig):
     return run_context(config.device, config.precision, config.threads, config.cudnn_benchmark)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def build_source(source: Source, task: str = "classification") -> nn.Module:
-    """The model a name builds for `task`; a module given directly is timed as it is."""
-    return build_model(source, task) if isinstance(source, str) else source.eval()
+def inference_form(model: nn.Module, config: BenchConfig, source: Source) -> tuple[nn.Module, str | None]:
+    """`model` reparameterised when `config` asks for it (see `backends.reparameterize`)."""
+    if not config.reparam:
+        return model, None
+    layout = reparam_layout(config.backend, config.device, config.channels_last)
+    return reparameterize(model, layout, source_kind(source))
 
 
 def prepare_config(config: BenchConfig, model: nn.Module) -> tuple[Prepared, float]:
-    """Move `model` to the device and layout, make the input and the step. Call in `config_context`."""
-    model = model.to(config.device)
-    in_chans = getattr(model, "in_chans", 3)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(config.batch_size, in_chans, *config.image_size, generator=generator).to(config.device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    """Model and input on the device and in the layout, and the step of the backend; returns the
+    step and how long preparing took (trace, export, compile, capture). Call in `config_context`."""
+    x = make_input(input_shape(model, config.batch_size, config.image_size), config.device, config.channels_last)
+    model = place(model, config.device, config.channels_last)
     start = time.perf_counter()
     prepared = prepare(model, x, config.backend, config.precision, config.device, config.compile_mode, config.threads)
-    _sync(config.device)
+    if config.device.startswith("cuda"):
+        torch.cuda.synchronize(config.device)
     return prepared, time.perf_counter() - start
 
 
-def _measure_config(config: BenchConfig, model: nn.Module, sync=None) -> dict:
-    """Prepare and time `model` (on CPU, reparameterised if asked); `sync` lines up concurrent jobs."""
+def _measure_config(config: BenchConfig, model: nn.Module, sync: Callable[[], None] | None = None) -> dict:
+    """Prepare and time `model`; `sync` lines up concurrent jobs. The raw numbers of one process."""
     memory = PeakMemory(config.device)
     with config_context(config):
         memory.reset()
@@ -286,12 +88,131 @@ def _measure_config(config: BenchConfig, model: nn.Module, sync=None) -> dict:
         }
 
 
+def params_and_macs(model: nn.Module, config: BenchConfig, cache: dict) -> tuple[int | None, int | None]:
+    """Parameters and MACs per image of `model` (on CPU) at the config's image size, counted once."""
+    key = (config.model, config.task, config.image_size, config.reparam)
+    if key not in cache:
+        try:
+            report = count_macs(model, config.image_size, in_chans=getattr(model, "in_chans", 3), device="cpu")
+            cache[key] = (report.params, report.macs)
+        except Exception as e:  # a model the counter cannot run still gets timed
+            _logger.warning("could not count MACs of %s at %s: %s", config.model, config.image_size, e)
+            cache[key] = (sum(p.numel() for p in model.parameters()), None)
+    return cache[key]
+
+
+def run_config(
+    config: BenchConfig, source: Source, pristine: nn.Module | None = None, macs_cache: dict | None = None
+) -> BenchResult:
+    """Time one configuration. Never raises for a failing model or backend: the result records it.
+
+    Args:
+        config: what to time.
+        source: the model name, or the module itself.
+        pristine: an already built CPU model for `source` (copied, never changed); built if None.
+        macs_cache: shared across calls so each (model, image size, reparam) is counted once.
+    """
+    result = _new_result(config, source)
+    reason = unsupported_reason(config.backend, config.precision, config.device, config.channels_last)
+    if reason is not None:
+        result.status, result.error = "skipped", reason
+        return result
+    model = None
+    try:
+        model = copy.deepcopy(pristine) if pristine is not None else build_source(source, config.task)
+        model, result.reparam_applied = inference_form(model, config, source)
+        result.params, result.macs = params_and_macs(model, config, macs_cache if macs_cache is not None else {})
+        if config.jobs > 1:
+            raw = _run_jobs(config, source if isinstance(source, str) or pristine is None else pristine)
+        else:
+            raw = _measure_config(config, model)
+        _fill(result, config, raw)
+    except Exception as e:  # recorded as a failed configuration; the run goes on
+        result.status, result.error = (e.status, str(e)) if isinstance(e, _JobFailure) else classify_failure(e)
+        _logger.debug("%s failed", config.describe(), exc_info=True)
+    finally:
+        del model
+        gc.collect()
+        if config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return result
+
+
+def _new_result(config: BenchConfig, source: Source) -> BenchResult:
+    return BenchResult(
+        model=config.model,
+        source=source_kind(source),
+        task=config.task,
+        mode=config.mode,
+        device=config.device,
+        device_name=device_name(config.device),
+        batch_size=config.batch_size,
+        image_height=config.image_size[0],
+        image_width=config.image_size[1],
+        precision=config.precision,
+        backend=config.backend,
+        compile_mode=config.compile_mode,
+        channels_last=config.channels_last,
+        reparam=config.reparam,
+        reparam_applied=None,
+        threads=config.threads or torch.get_num_threads(),
+        jobs=config.jobs,
+    )
+
+
+_RAW_FIELDS = (
+    "timer",
+    "backend_note",
+    "prepare_s",
+    "warmup_iters",
+    "warmup_s",
+    "timed_s",
+    "peak_memory_mib",
+    "memory_source",
+    "threads",
+    "tf32_matmul",
+    "tf32_cudnn",
+    "cudnn_benchmark",
+)
+
+
+def _fill(result: BenchResult, config: BenchConfig, raw: dict) -> None:
+    """The statistics of the raw samples (pooled over jobs), throughput and MFU, into `result`."""
+    job_samples = raw.get("job_samples_s") or [raw["samples_s"]]
+    pooled = [s for samples in job_samples for s in samples]
+    for key in _RAW_FIELDS:
+        setattr(result, key, raw[key])
+    result.iterations = len(pooled)
+    for key, value in summarize_ms(pooled).items():
+        setattr(result, key, value)
+    result.throughput_img_s = sum(config.batch_size / median(samples) for samples in job_samples)
+    if len(job_samples) > 1:
+        result.jobs_latency_ms_p50 = [median(samples) * 1e3 for samples in job_samples]
+    if result.macs:
+        result.achieved_tflops = 2 * result.macs * result.throughput_img_s / 1e12
+        if config.peak_tflops is not None:
+            result.peak_tflops, result.peak_tflops_source = config.peak_tflops, "user"
+        elif config.device.startswith("cuda"):
+            result.peak_tflops, result.peak_tflops_source = peak_tflops(result.device_name, config.precision)
+        if result.peak_tflops:
+            result.mfu = result.achieved_tflops / result.peak_tflops
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrent jobs
+# --------------------------------------------------------------------------------------------
+
+
+class _JobFailure(RuntimeError):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _job_main(config: BenchConfig, source: Source, index: int, barrier, results) -> None:
     """One of `config.jobs` processes: build, prepare, then time in step with the others."""
     try:
-        model = build_source(source, config.task)
-        if config.reparam:
-            model, _ = reparameterize(model, reparam_layout(config.backend, config.device, config.channels_last))
+        model, _ = inference_form(build_source(source, config.task), config, source)
         results.put((index, "ok", _measure_config(config, model, sync=barrier.wait)))
     except BaseException as e:  # report anything, so the parent never waits on a dead job
         barrier.abort()
@@ -342,123 +263,8 @@ def _run_jobs(config: BenchConfig, source: Source) -> dict:
     return out
 
 
-class _JobFailure(RuntimeError):
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def params_and_macs(model: nn.Module, config: BenchConfig, cache: dict) -> tuple[int | None, int | None]:
-    """Parameters and MACs per image of `model` (on CPU) at the config's image size, counted once."""
-    key = (config.model, config.task, config.image_size, config.reparam)
-    if key not in cache:
-        try:
-            report = count_macs(model, config.image_size, in_chans=getattr(model, "in_chans", 3), device="cpu")
-            cache[key] = (report.params, report.macs)
-        except Exception as e:  # a model the counter cannot run still gets timed
-            _logger.warning("could not count MACs of %s at %s: %s", config.model, config.image_size, e)
-            cache[key] = (sum(p.numel() for p in model.parameters()), None)
-    return cache[key]
-
-
-def _new_result(config: BenchConfig, source: Source) -> BenchResult:
-    return BenchResult(
-        model=config.model,
-        source=model_source(source) if isinstance(source, str) else "module",
-        task=config.task,
-        mode=config.mode,
-        device=config.device,
-        device_name=device_name(config.device),
-        batch_size=config.batch_size,
-        image_height=config.image_size[0],
-        image_width=config.image_size[1],
-        precision=config.precision,
-        backend=config.backend,
-        compile_mode=config.compile_mode,
-        channels_last=config.channels_last,
-        reparam=config.reparam,
-        reparam_applied=None,
-        threads=config.threads or torch.get_num_threads(),
-        jobs=config.jobs,
-    )
-
-
-def _fill(result: BenchResult, config: BenchConfig, raw: dict) -> None:
-    job_samples = raw.get("job_samples_s") or [raw["samples_s"]]
-    pooled = [s for samples in job_samples for s in samples]
-    for key in (
-        "timer",
-        "backend_note",
-        "prepare_s",
-        "warmup_iters",
-        "warmup_s",
-        "timed_s",
-        "peak_memory_mib",
-        "memory_source",
-        "threads",
-        "tf32_matmul",
-        "tf32_cudnn",
-        "cudnn_benchmark",
-    ):
-        setattr(result, key, raw[key])
-    result.iterations = len(pooled)
-    for key, value in stats.summarize_ms(pooled).items():
-        setattr(result, key, value)
-    result.throughput_img_s = sum(config.batch_size / stats.median(samples) for samples in job_samples)
-    if len(job_samples) > 1:
-        result.jobs_latency_ms_p50 = [stats.median(samples) * 1e3 for samples in job_samples]
-    if result.macs:
-        result.achieved_tflops = 2 * result.macs * result.throughput_img_s / 1e12
-        if config.peak_tflops is not None:
-            result.peak_tflops, result.peak_tflops_source = config.peak_tflops, "user"
-        elif config.device.startswith("cuda"):
-            result.peak_tflops, result.peak_tflops_source = peak_tflops(result.device_name, config.precision)
-        if result.peak_tflops:
-            result.mfu = result.achieved_tflops / result.peak_tflops
-
-
-def run_config(
-    config: BenchConfig, source: Source, pristine: nn.Module | None = None, macs_cache: dict | None = None
-) -> BenchResult:
-    """Time one configuration. Never raises for a failing model or backend: the result records it.
-
-    Args:
-        config: what to time.
-        source: the model name, or the module itself.
-        pristine: an already built CPU model for `source` (copied, never changed); built if None.
-        macs_cache: shared across calls so each (model, image size, reparam) is counted once.
-    """
-    result = _new_result(config, source)
-    reason = unsupported_reason(config.backend, config.precision, config.device, config.channels_last)
-    if reason is not None:
-        result.status, result.error = "skipped", reason
-        return result
-    model = None
-    try:
-        model = copy.deepcopy(pristine) if pristine is not None else build_source(source, config.task)
-        if config.reparam:
-            model, result.reparam_applied = reparameterize(
-                model, reparam_layout(config.backend, config.device, config.channels_last)
-            )
-        result.params, result.macs = params_and_macs(model, config, macs_cache if macs_cache is not None else {})
-        if config.jobs > 1:
-            raw = _run_jobs(config, source if isinstance(source, str) or pristine is None else pristine)
-        else:
-            raw = _measure_config(config, model)
-        _fill(result, config, raw)
-    except Exception as e:  # recorded as a failed configuration; the run goes on
-        result.status, result.error = (e.status, str(e)) if isinstance(e, _JobFailure) else classify_failure(e)
-        _logger.debug("%s failed", config.describe(), exc_info=True)
-    finally:
-        del model
-        gc.collect()
-        if config.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return result
-
-
 # --------------------------------------------------------------------------------------------
-# Running a plan
+# A plan
 # --------------------------------------------------------------------------------------------
 
 
@@ -490,75 +296,17 @@ def run_plan(plan: Plan, progress: bool = False) -> BenchReport:
     return report
 
 
-def benchmark(
-    models: Sequence[ModelArg] | None = None,
-    *,
-    task: str = "classification",
-    modes: Sequence[str] | None = None,
-    device: str | None = "auto",
-    batch_sizes: Sequence[int] | int | None = None,
-    image_sizes: Sequence[int | tuple[int, int]] | int | None = None,
-    precisions: Sequence[str] | str | None = None,
-    backends: Sequence[str] | str | None = None,
-    compile_mode: str | None = None,
-    channels_last: bool = False,
-    reparam: bool = False,
-    threads: Sequence[int] | int | None = None,
-    jobs: int = 1,
-    preset: str | None = None,
-    timing: TimingPolicy | None = None,
-    peak_tflops: float | None = None,
-    cudnn_benchmark: bool = True,
-    progress: bool = False,
-) -> BenchReport:
-    """Measure throughput and latency of models over a sweep of settings.
-
-    Every list argument is a sweep; each combination is one configuration (one result row).
+def benchmark(models: Sequence[ModelArg] | None = None, *, progress: bool = False, **settings) -> BenchReport:
+    """Measure throughput and latency of models over a sweep of settings: `run_plan(plan(...))`.
 
     Args:
-        models: names from `lowformer.list_models()`, "timm:NAME", modules, or (label, module)
-            pairs. Default: `DEFAULT_MODELS` (`DETECTION_MODELS` for task "detection").
-        task: "classification" (the classifier) or "detection" (backbone + RetinaNet FPN neck, the
-            papers' dense-prediction speed setting; default image 512x512, CPU batch 4, GPU 32). A
-            module given directly is timed as it is.
-        modes: "throughput" (each of `batch_sizes`) and/or "latency" (batch 1). Default: both.
-        device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
-        batch_sizes: throughput batch sizes. Default: 256 on CUDA, 16 on CPU (detection: 32, 4).
-        image_sizes: sizes as S or (H, W). Default: 224 (detection: 512).
-        precisions: "fp32" (TF32 off), "tf32", "fp16", "bf16" (autocast). Default: fp32.
-        backends: "eager", "compile", "torchscript", "onnxruntime", "cudagraphs". Default: eager.
-        compile_mode: `torch.compile` mode for the compile backend.
-        channels_last: run model and input in channels_last memory format.
-        reparam: reparameterise first (see `backends.reparameterize`).
-        threads: intra-op CPU threads (also ONNX Runtime's). Default: torch's choice.
-        jobs: concurrent processes per configuration (spawned; samples pooled, throughputs summed).
-            A script that uses jobs > 1 needs the `if __name__ == "__main__":` guard.
-        preset: "paper-throughput" or "paper-latency"; explicit arguments override it.
-        timing: warm-up and timed-iteration bounds. Default: per device (see `presets.py`).
-        peak_tflops: the device's peak for MFU, overriding the built-in GPU table.
-        cudnn_benchmark: let cuDNN pick the fastest convolution algorithms (CUDA).
+        models: names from `lowformer.list_models()`, "timm:NAME", modules, or (label, module) pairs.
         progress: show a progress bar (stderr).
+        **settings: the keyword arguments of `plan` (task, modes, device, batch_sizes, image_sizes,
+            precisions, backends, compile_mode, channels_last, reparam, threads, jobs, preset,
+            timing, peak_tflops, cudnn_benchmark), each list a sweep.
 
     Raises:
         ValueError: bad arguments, unknown model names (with close matches), or nothing runnable.
     """
-    p = plan(
-        models,
-        task=task,
-        modes=modes,
-        device=device,
-        batch_sizes=batch_sizes,
-        image_sizes=image_sizes,
-        precisions=precisions,
-        backends=backends,
-        compile_mode=compile_mode,
-        channels_last=channels_last,
-        reparam=reparam,
-        threads=threads,
-        jobs=jobs,
-        preset=preset,
-        timing=timing,
-        peak_tflops=peak_tflops,
-        cudnn_benchmark=cudnn_benchmark,
-    )
-    return run_plan(p, progress=progress)
+    return run_plan(plan(models, **settings), progress=progress)

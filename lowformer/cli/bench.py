@@ -20,6 +20,7 @@ from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, Timing
 from ..bench.models import DETECTION_MODELS, TASKS
 from ..bench.presets import default_image_size, default_round_timing, default_timing, get_preset
 from ..measure.env import resolve_device
+from ..report import format_bench, format_compare, plot_bench
 from ._args import image_size, non_negative_float, non_negative_int, positive_float, positive_int
 
 EXAMPLES = """examples:
@@ -201,7 +202,7 @@ def _run_compare(args: argparse.Namespace, device: str) -> int:
         round_timing=round_timing,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    print(report.table())
+    print(format_compare(report))
     json_path, _ = _default_paths(args, "compare", plot=False)
     if json_path:
         print(f"wrote {report.write_json(json_path)}")
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     report = run_plan(p, progress=not args.no_progress and sys.stderr.isatty())
     print()
-    print(report.table())
+    print(format_bench(report))
     json_path, plot_path = _default_paths(args, "bench", plot=True)
     if json_path:
         print(f"wrote {report.write_json(json_path)}")
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {report.write_csv(args.csv)}")
     if plot_path:
         if any(r.ok and r.macs for r in report.results):
-            print(f"wrote {report.plot(plot_path)}")
+            print(f"wrote {plot_bench(report, plot_path)}")
         else:
             print("no plot: no configuration succeeded with a MAC count")
     print(f"took {time.perf_counter() - start:.0f} s")
