@@ -28,13 +28,21 @@ from lowformer.analyze import (
     profile_model,
     register_pair,
     unregister_pair,
-    write_report,
 )
 from lowformer.analyze import sweep as sweep_mod
+from lowformer.analyze.cells import element_rows
 from lowformer.analyze.elements import mhsa_heads
 from lowformer.bench import TimingPolicy
 from lowformer.cli import main
 from lowformer.models.lowformer import lowtention_heads
+from lowformer.report import (
+    format_elements,
+    format_profile,
+    plot_element_heatmaps,
+    plot_models,
+    plot_profile,
+    write_report,
+)
 
 TINY = ElementTiming(
     warmup=TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=1, min_s=0.0),
@@ -349,10 +357,10 @@ def test_csv_json_heatmaps_and_report(tmp_path):
     data = json.loads(json_path.read_text())
     assert data["schema"] == "lowformer.analyze.elements/1"
     assert data["environment"]["torch"] == torch.__version__ and data["settings"]["device"] == "cpu"
-    assert len(data["cells"]) == 8 and len(sweep_mod.element_rows(data)) == 12
+    assert len(data["cells"]) == 8 and len(element_rows(data)) == 12
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left behind
 
-    pngs = report.plot(tmp_path, stem="elements-latency")
+    pngs = plot_element_heatmaps(report.to_dict(), tmp_path, stem="elements-latency")
     assert [p.name for p in pngs] == ["elements-latency_fused-mbconv.png", "elements-latency_lowtention.png"]
     for p in pngs:
         _assert_real_png(p)
@@ -366,14 +374,14 @@ def test_csv_json_heatmaps_and_report(tmp_path):
 def test_heatmap_marks_unmeasured_cells(tmp_path):
     report = _sweep(["depthwise-conv"], channels=(8, 64), resolutions=(4, 8), max_gmacs=4e-5)
     assert [c.status for c in report.cells] == ["ok", "ok", "skipped", "skipped"]
-    (png,) = report.plot(tmp_path)
+    (png,) = plot_element_heatmaps(report.to_dict(), tmp_path)
     _assert_real_png(png)
-    assert "skip" in report.table()
+    assert "skip" in format_elements(report.to_dict())
 
 
 def test_table_shows_ratios():
     report = _sweep(["upsampling"], channels=(8,), resolutions=(4,))
-    text = report.table()
+    text = format_elements(report.to_dict())
     assert "upsampling: transposed vs interpolate" in text and "upsampling: transposed vs pixelshuffle" in text
     assert "/4.00" in text and "/1.00" in text  # MAC ratios 4 (interpolation is a quarter) and 1
 
@@ -418,7 +426,7 @@ class _Tiny(nn.Module):
 
 def test_profile_model_shares(tmp_path):
     profile = profile_model(
-        _Tiny(), device="cpu", image_size=16, iters=2, timing=TimingPolicy(1, 0.0, 2, 0.0), label="tiny", threads=1
+        _Tiny(), device="cpu", image_size=32, iters=2, timing=TimingPolicy(1, 0.0, 2, 0.0), label="tiny", threads=1
     )
     data = profile.to_dict()
     kinds = {k["kind"]: k for k in data["kinds"]}
@@ -426,16 +434,16 @@ def test_profile_model_shares(tmp_path):
         assert kinds[kind]["ops"] >= 1 and kinds[kind]["time_ms"] > 0, kind
     assert sum(k["time_share"] for k in data["kinds"]) == pytest.approx(1.0)
     assert sum(k["mac_share"] for k in data["kinds"]) == pytest.approx(1.0)
-    assert kinds["depthwise_conv"]["macs"] == 16 * 16 * 16 * 9
-    assert kinds["transposed_conv"]["macs"] == 16 * 16 * 16 * 8 * 4
-    assert kinds["attention"]["macs"] == 2 * 256 * 256 * 16
+    assert kinds["depthwise_conv"]["macs"] == 32 * 32 * 16 * 9
+    assert kinds["transposed_conv"]["macs"] == 32 * 32 * 16 * 8 * 4
+    assert kinds["attention"]["macs"] == 2 * 1024 * 1024 * 16
     assert kinds["norm"]["macs"] == 0 and data["macs"] == sum(k["macs"] for k in data["kinds"])
     assert profile.write_json(tmp_path / "profile-tiny-latency.json").exists()
-    png = profile.plot(tmp_path / "profile-tiny-latency.png")
+    png = plot_profile(data, tmp_path / "profile-tiny-latency.png")
     _assert_real_png(png, min_bytes=3000)
     md = write_report(tmp_path).read_text()
     assert "## Operator profile: `tiny`" in md and "(profile-tiny-latency.png)" in md
-    assert "depthwise conv" in profile.table()
+    assert "depthwise conv" in format_profile(data)
 
 
 def _tiny_net(width: int) -> nn.Module:
@@ -454,7 +462,7 @@ def test_models_ranks_correlations_and_budget(tmp_path, monkeypatch):
     for c in data["bench"]["correlations"]:
         assert -1 <= c["spearman_macs_latency"] <= 1 and -1 <= c["kendall_macs_latency"] <= 1
     report.write_json(tmp_path / "models.json")
-    _assert_real_png(report.plot(tmp_path / "models.png"))
+    _assert_real_png(plot_models(report, tmp_path / "models.png"))
     md = write_report(tmp_path).read_text()
     assert "## Models: MACs vs latency and throughput" in md and "Spearman rho" in md
 
@@ -537,7 +545,7 @@ def test_cli_user_pair_via_import(tmp_path, capsys):
 
 
 def test_ratio_formatting():
-    from lowformer.analyze.plots import format_ratio
+    from lowformer.report.tables import format_ratio
 
     assert [format_ratio(v) for v in (0.0016, 0.5, 1.0, 4.0, 12.34, 512.0)] == [
         "0.0016",

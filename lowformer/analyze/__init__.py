@@ -1,23 +1,27 @@
 """`lowformer analyze`: the papers' "Beyond MACs" study as a tool, run on your own device.
 
 MACs mispredict execution time. This package puts counted MACs beside measured time at three
-levels, all built on the benchmark's measuring core (`lowformer.bench`: timers, warm-up, backends,
-precision, environment record) and the MAC counter (`lowformer.measure.count_macs`):
+levels, all built on the measuring core (`lowformer.measure`: the MAC counter, timers, the
+interleaved rounds, the run context, the profiler) and the benchmark's backends and runner:
 
-    from lowformer.analyze import analyze_elements, profile_model, analyze_models, write_report
+    from lowformer.analyze import analyze_elements, profile_model, analyze_models
+    from lowformer.report import format_elements, plot_element_heatmaps, write_report
 
     report = analyze_elements(["fused-mbconv"], channels=[16, 64], resolutions=[14, 56], device="cpu")
-    print(report.table()); report.write_csv("out/elements-latency.csv"); report.plot("out")
-    print(profile_model("lowformer_b1", device="cpu").table())
-    print(analyze_models(["lowformer_b1", "timm:fastvit_t8", "timm:repvit_m1_1"]).table())
+    print(format_elements(report.to_dict())); report.write_csv("out/elements-latency.csv")
+    plot_element_heatmaps(report.to_dict(), "out")
+    profile = profile_model("lowformer_b1", device="cpu")
+    models = analyze_models(["lowformer_b1", "timm:fastvit_t8", "timm:repvit_m1_1"])
     write_report("out")                    # out/report.md from every result in out/
 
-Layout: `elements` (pairs of design elements and their registry), `sweep` (grid, interleaved
-timing, per-cell cache, time budget), `profile` (time per operator kind vs MAC share), `models`
-(MACs vs latency/throughput across models), `plots` (heatmaps, bars) and `report` (terminal tables
-and report.md). Method and outputs: docs/analyze.md.
+Layout: `elements` (pairs of design elements and their registry), `sweep` (plan and run the grid:
+interleaved timing, per-cell cache, time budget), `cells` (the sweep's records and rows),
+`profile` (time per operator kind vs MAC share), `models` (MACs vs latency/throughput across
+models). Records only: tables, figures and report.md are `lowformer.report`'s. Method and
+outputs: docs/analyze.md.
 """
 
+from .cells import ROW_COLUMNS, CellResult, ElementReport, SideResult, element_rows, summarize_comparison
 from .elements import (
     BUILTIN_PAIRS,
     ElementPair,
@@ -28,21 +32,19 @@ from .elements import (
     register_pair,
     unregister_pair,
 )
-from .models import ModelsReport, analyze_models
+from .models import ModelsReport, analyze_models, plan_models, run_models
 from .profile import KINDS, ModelProfile, classify_op, profile_model
-from .report import summarize_comparison, write_report
 from .sweep import (
     DEFAULT_CHANNELS,
     DEFAULT_RESOLUTIONS,
-    ROW_COLUMNS,
-    CellResult,
-    ElementReport,
+    ElementPlan,
     ElementTiming,
-    SideResult,
     analyze_elements,
     count_sides,
     default_element_timing,
     plan_cells,
+    plan_elements,
+    run_elements,
 )
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "ROW_COLUMNS",
     "CellResult",
     "ElementPair",
+    "ElementPlan",
     "ElementReport",
     "ElementTiming",
     "ModelProfile",
@@ -65,12 +68,16 @@ __all__ = [
     "classify_op",
     "count_sides",
     "default_element_timing",
+    "element_rows",
     "get_pair",
     "list_pairs",
     "plan_cells",
+    "plan_elements",
+    "plan_models",
     "profile_model",
     "register_pair",
+    "run_elements",
+    "run_models",
     "summarize_comparison",
     "unregister_pair",
-    "write_report",
 ]

@@ -9,27 +9,26 @@ order the models exactly as the clock does.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .._io import write_json
-from ..bench.models import DEFAULT_MODELS, build_source
-from ..bench.plan import ModelArg, plan
+from ..bench.models import DEFAULT_MODELS
+from ..bench.plan import ModelArg, Plan, plan
 from ..bench.result import BenchReport
-from ..bench.runner import run_config
+from ..bench.runner import run_plan
 from ..measure import stats
-from ..measure.env import environment
 from ..measure.timing import TimingPolicy
 
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.models/1"
+
+# `--quick`: a first look in a minute, not a measurement to publish
+QUICK_TIMING = TimingPolicy(warmup_iters=1, warmup_s=0.2, min_iters=3, min_s=0.5, max_s=5.0)
 
 _monotonic = time.monotonic
 
@@ -79,19 +78,8 @@ class ModelsReport:
     def write_csv(self, path: str | Path) -> Path:
         return self.bench.write_csv(path)
 
-    def plot(self, path: str | Path) -> Path:
-        """The benchmark's MACs-vs-speed scatter (one panel per mode, Spearman rho in the titles)."""
-        from ..report.plots import plot_models
 
-        return plot_models(self, path)
-
-    def table(self) -> str:
-        from .report import format_models
-
-        return format_models(self.to_dict())
-
-
-def analyze_models(
+def plan_models(
     models: Sequence[ModelArg] | None = None,
     *,
     device: str | None = "auto",
@@ -103,24 +91,20 @@ def analyze_models(
     reparam: bool = False,
     threads: int | None = None,
     timing: TimingPolicy | None = None,
-    budget_s: float | None = None,
-    progress: bool = False,
-) -> ModelsReport:
-    """Time `models` (default: the benchmark's set) in throughput and latency mode; rank MACs vs time.
+    quick: bool = False,
+) -> Plan:
+    """The benchmark plan of a model set: every model in throughput and latency mode, same settings.
 
     Args:
         models: our names, "timm:NAME", modules or (label, module) pairs; at least 3 for a correlation.
+            Default: the benchmark's set.
         batch_size: throughput batch (default 256 on CUDA, 16 on CPU); latency is batch 1.
         reparam: reparameterise first (our deploy mode; timm's reparameterize_model for MobileOne,
             FastViT, RepViT): MACs are then counted on the inference-form graph too.
-        timing: per configuration (default: the benchmark's, >= 3 s per configuration on CPU).
-        budget_s: start no new configuration after this many seconds (the rest are recorded as
-            skipped, "time budget spent"); the correlations use what was measured.
+        timing: per configuration (default: the benchmark's, >= 3 s per configuration on CPU;
+            `quick`: `QUICK_TIMING`).
     """
-    if budget_s is not None and budget_s < 0:
-        raise ValueError(f"the time budget must be >= 0 seconds, got {budget_s}")
-    start = _monotonic()
-    p = plan(
+    return plan(
         list(models) if models is not None else list(DEFAULT_MODELS),
         modes=("throughput", "latency"),
         device=device,
@@ -131,29 +115,35 @@ def analyze_models(
         channels_last=channels_last,
         reparam=reparam,
         threads=[threads] if threads is not None else None,
-        timing=timing,
+        timing=timing or (QUICK_TIMING if quick else None),
     )
-    report = ModelsReport(BenchReport(environment=environment(p.settings["device"]), settings=p.settings))
-    macs_cache: dict = {}
-    label, pristine = None, None
-    bar = tqdm(p.configs, desc="models", unit="config", disable=not progress, dynamic_ncols=True)
-    for config in bar:
-        bar.set_postfix_str(config.describe(), refresh=False)
-        if budget_s is not None and (report.stopped or _monotonic() - start >= budget_s):
-            report.stopped = "budget"
-            report.not_run.append(config.describe())
-            continue
-        source = p.sources[config.model]
-        if config.model != label:  # each model is built once and copied per configuration
-            label, pristine = config.model, None
-            gc.collect()
-            try:
-                pristine = build_source(source)
-            except Exception:  # run_config builds it again and records the failure
-                pristine = None
-        result = run_config(config, source, pristine, macs_cache)
-        if not result.ok:
-            _logger.info("%s: %s: %s", config.describe(), result.status, result.error)
-        report.bench.results.append(result)
-    bar.close()
-    return report
+
+
+def run_models(plan: Plan, budget_s: float | None = None, progress: bool = False) -> ModelsReport:
+    """Run a model-set plan; with `budget_s`, start no configuration after that many seconds (the rest
+    are listed in `not_run`); the ranks and correlations use what was measured."""
+    if budget_s is not None and budget_s < 0:
+        raise ValueError(f"the time budget must be >= 0 seconds, got {budget_s}")
+    start = _monotonic()
+
+    def spent() -> bool:
+        return budget_s is not None and _monotonic() - start >= budget_s
+
+    bench = run_plan(plan, progress=progress, stop=spent)
+    not_run = [c.describe() for c in plan.configs[len(bench.results) :]]
+    return ModelsReport(bench, stopped="budget" if not_run else None, not_run=not_run)
+
+
+def analyze_models(
+    models: Sequence[ModelArg] | None = None,
+    *,
+    budget_s: float | None = None,
+    progress: bool = False,
+    **options,
+) -> ModelsReport:
+    """Time `models` (default: the benchmark's set) in throughput and latency mode; rank MACs vs time.
+
+    `options` are the keyword arguments of `plan_models` (device, batch_size, image_size, precision,
+    backend, channels_last, reparam, threads, timing, quick); see `run_models` for `budget_s`.
+    """
+    return run_models(plan_models(models, **options), budget_s=budget_s, progress=progress)

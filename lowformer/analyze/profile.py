@@ -1,8 +1,9 @@
 """Where a model's time goes, per operator kind, against where its MACs are.
 
-`profile_model` runs the model eagerly under `torch.profiler` and attributes the time of every
-*top-level* ATen operator (one called from Python, not from inside another ATen operator; its time
-includes its children, e.g. `aten::conv2d` includes the oneDNN or cuDNN kernel) to a kind:
+`profile_model` runs the model eagerly under `torch.profiler` (`lowformer.measure.profiler`) and
+attributes the time of every *top-level* ATen operator (one called from Python, not from inside
+another ATen operator; its time includes its children, e.g. `aten::conv2d` includes the oneDNN or
+cuDNN kernel) to a kind:
 
     dense conv, depthwise conv, transposed conv, linear, attention, norm, activation,
     reshape/copy, other
@@ -26,13 +27,14 @@ from torch import nn
 
 from .._io import write_csv, write_json
 from ..bench.backends import PRECISIONS, prepare, unsupported_reason
-from ..bench.models import build_model
+from ..bench.models import build_source, source_kind
 from ..bench.presets import default_batch_size
-from ..factory import model_source
+from ..factory import check_image_size
 from ..measure import stats
 from ..measure.env import environment, resolve_device
 from ..measure.macs import CONVENTION, LAYOUT_OPS, count_macs
-from ..measure.session import MODES, run_context
+from ..measure.profiler import OpCall, top_level_ops
+from ..measure.session import batch_size_for, check_modes, input_shape, make_input, place, run_context
 from ..measure.timing import TimingPolicy, measure
 
 _logger = logging.getLogger(__name__)
@@ -186,31 +188,6 @@ def classify_op(name: str, input_shapes: Sequence | None = None, transposed: boo
     return "other"
 
 
-def _transposed_arg(event) -> bool | None:
-    """`transposed` of an `aten::convolution` / `aten::_convolution` event, when recorded."""
-    op = event.name.split("::", 1)[-1]
-    if op not in ("convolution", "_convolution"):
-        return None
-    concrete = getattr(event, "concrete_inputs", None) or []
-    value = concrete[6] if len(concrete) > 6 else None
-    return bool(value) if isinstance(value, bool) else None
-
-
-def _is_top_level(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
-
-
-def _event_time_us(event, cuda: bool) -> float:
-    if cuda:
-        return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0))
-    return float(event.cpu_time_total)
-
-
 @dataclass
 class ModelProfile:
     """The result of `profile_model`; `to_dict()` is the JSON written by `lowformer analyze model`."""
@@ -250,16 +227,6 @@ class ModelProfile:
         columns = ["kind", "label", "time_ms", "time_share", "macs", "mac_share", "ops"]
         return write_csv(path, self.kinds, columns)
 
-    def plot(self, path: str | Path, dpi: int = 100) -> Path:
-        from .plots import plot_profile
-
-        return plot_profile(self.to_dict(), path, dpi=dpi)
-
-    def table(self) -> str:
-        from .report import format_profile
-
-        return format_profile(self.to_dict())
-
 
 def safe_name(model: str) -> str:
     """A file-name stem for a model name ("timm:fastvit_t8" -> "timm_fastvit_t8")."""
@@ -290,10 +257,8 @@ def profile_model(
             calls and >= 2 s).
     """
     device = resolve_device(device)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if batch_size is not None and mode == "latency" and batch_size != 1:
-        raise ValueError("a batch size applies to throughput mode; latency mode is batch 1 by definition")
+    check_modes([mode])
+    batch = batch_size_for(mode, batch_size, default_batch_size(device))
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     reason = unsupported_reason("eager", precision, device, channels_last)
@@ -301,30 +266,20 @@ def profile_model(
         raise ValueError(reason)
     if iters is not None and iters < 1:
         raise ValueError(f"at least one profiled call is needed, got iters={iters}")
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if h < 8 or w < 8:
-        raise ValueError(f"image size must be at least 8x8, got {h}x{w}")
-    batch = 1 if mode == "latency" else batch_size or default_batch_size(device)
+    h, w = check_image_size(model, image_size)
     cuda = device.startswith("cuda")
     iters = iters or (20 if cuda else 5)
     timing = timing or TimingPolicy(warmup_iters=3, warmup_s=1.0, min_iters=10, min_s=2.0, max_s=20.0)
-    if isinstance(model, str):
-        name, source, module = model, model_source(model), build_model(model)
-    else:
-        name, source, module = label or type(model).__name__, "module", model.eval()
-    in_chans = getattr(module, "in_chans", 3)
-    mac_report = count_macs(module, (h, w), in_chans=in_chans, device="cpu")
+    name = model if isinstance(model, str) else label or type(model).__name__
+    module = build_source(model)
+    mac_report = count_macs(module, (h, w), in_chans=getattr(module, "in_chans", 3), device="cpu")
 
     with run_context(device, precision, threads):
-        module = module.to(device)
-        x = torch.randn(batch, in_chans, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-        if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        prepared = prepare(module, x, "eager", precision, device, threads=threads)
+        x = make_input(input_shape(module, batch, (h, w)), device, channels_last)
+        prepared = prepare(place(module, device, channels_last), x, "eager", precision, device, threads=threads)
         wall = measure(prepared.step, prepared.timer, timing)
         used_threads = torch.get_num_threads()
-        by_kind, ops = _profile(prepared.step, iters, cuda)
+        by_kind, ops = _by_kind(top_level_ops(prepared.step, iters, device))
 
     total_macs = mac_report.macs or 0
     macs_by_kind = {k: 0 for k in KINDS}
@@ -364,7 +319,7 @@ def profile_model(
     }
     return ModelProfile(
         model=name,
-        source=source,
+        source=source_kind(model),
         environment=environment(device),
         settings=settings,
         params=mac_report.params,
@@ -377,26 +332,15 @@ def profile_model(
     )
 
 
-def _profile(step, iters: int, cuda: bool) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int, str]]]:
-    """Run `step` `iters` times under the profiler; time (us) and op count per kind and per op name."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(iters):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
+def _by_kind(calls: list[OpCall]) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int, str]]]:
+    """Time (us) and call count per operator kind and per operator name (convs split by kind)."""
     by_kind: dict[str, tuple[float, int]] = {}
     by_op: dict[str, tuple[float, int, str]] = {}
-    for event in prof.events():
-        if not event.name.startswith("aten::") or not _is_top_level(event):
-            continue
-        kind = classify_op(event.name, event.input_shapes, _transposed_arg(event))
-        t = _event_time_us(event, cuda)
+    for call in calls:
+        kind = classify_op(call.name, call.input_shapes, call.transposed)
         total, count = by_kind.get(kind, (0.0, 0))
-        by_kind[kind] = (total + t, count + 1)
-        key = f"{event.name}[{kind}]" if kind in ("dense_conv", "depthwise_conv") else event.name
+        by_kind[kind] = (total + call.time_us, count + 1)
+        key = f"{call.name}[{kind}]" if kind in ("dense_conv", "depthwise_conv") else call.name
         t0, n0, _ = by_op.get(key, (0.0, 0, kind))
-        by_op[key] = (t0 + t, n0 + 1, kind)
+        by_op[key] = (t0 + call.time_us, n0 + 1, kind)
     return by_kind, by_op

@@ -268,31 +268,37 @@ def _run_jobs(config: BenchConfig, source: Source) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_plan(plan: Plan, progress: bool = False) -> BenchReport:
-    """Time every configuration of `plan`, model by model (each model is built once)."""
+def run_plan(plan: Plan, progress: bool = False, stop: Callable[[], bool] | None = None) -> BenchReport:
+    """Time every configuration of `plan` in order, model by model (each model is built once).
+
+    `stop()` is asked before each configuration; when it says True the run ends there, so the
+    report holds a result for each of the first `len(report.results)` configurations.
+    """
     device = plan.settings["device"]
     report = BenchReport(environment=environment(device), settings=plan.settings)
     macs_cache: dict = {}
     label, pristine, build_error = None, None, None
-    bar = tqdm(plan.configs, desc="bench", unit="config", disable=not progress, dynamic_ncols=True)
-    for config in bar:
-        bar.set_postfix_str(config.describe(), refresh=True)
-        source = plan.sources[config.model]
-        if config.model != label:
-            label, pristine, build_error = config.model, None, None
-            gc.collect()
-            try:
-                pristine = build_source(source, config.task)
-            except Exception as e:
-                build_error = e
-        if build_error is not None:
-            result = _new_result(config, source)
-            result.status, result.error = classify_failure(build_error)
-        else:
-            result = run_config(config, source, pristine, macs_cache)
-        if not result.ok:
-            _logger.info("%s: %s: %s", config.describe(), result.status, result.error)
-        report.results.append(result)
+    with tqdm(plan.configs, desc="bench", unit="config", disable=not progress, dynamic_ncols=True) as bar:
+        for config in bar:
+            if stop is not None and stop():
+                break
+            bar.set_postfix_str(config.describe(), refresh=True)
+            source = plan.sources[config.model]
+            if config.model != label:
+                label, pristine, build_error = config.model, None, None
+                gc.collect()
+                try:
+                    pristine = build_source(source, config.task)
+                except Exception as e:
+                    build_error = e
+            if build_error is not None:
+                result = _new_result(config, source)
+                result.status, result.error = classify_failure(build_error)
+            else:
+                result = run_config(config, source, pristine, macs_cache)
+            if not result.ok:
+                _logger.info("%s: %s: %s", config.describe(), result.status, result.error)
+            report.results.append(result)
     return report
 
 

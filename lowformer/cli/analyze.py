@@ -25,6 +25,7 @@ from ..bench import BACKENDS, MODES, PRECISIONS, TimingPolicy
 from ..bench.presets import default_batch_size, default_timing
 from ..factory import check_model_name
 from ..measure.env import resolve_device
+from ..report import format_elements, format_models, format_profile, plot_element_heatmaps, plot_models, plot_profile
 from ._args import image_size
 
 EXAMPLES = """examples:
@@ -204,7 +205,7 @@ def _warn_if_busy(device: str, interleaved: bool) -> None:
 
 
 def _finish(out: Path, written: list[Path]) -> None:
-    from ..analyze import write_report
+    from ..report import write_report
 
     written.append(write_report(out))
     for path in written:
@@ -269,7 +270,7 @@ def _run_elements(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     print()
-    print(report.table())
+    print(format_elements(report.to_dict()))
     counts = report.counts()
     cached = sum(c.cached for c in report.cells)
     parts = [f"{counts.get('ok', 0) - cached} measured", f"{cached} from the cache"]
@@ -281,7 +282,7 @@ def _run_elements(args: argparse.Namespace) -> int:
         print("interrupted: run the same command to resume (measured cells are cached)")
     stem = args.name or f"elements-{args.mode}"
     written = [report.write_csv(out / f"{stem}.csv"), report.write_json(out / f"{stem}.json")]
-    written += report.plot(out, stem=stem)
+    written += plot_element_heatmaps(report.to_dict(), out, stem=stem)
     _finish(out, written)
     if report.stopped == "interrupted":
         return 130
@@ -309,11 +310,11 @@ def _run_model(args: argparse.Namespace) -> int:
         threads=args.threads,
         iters=args.iters,
     )
-    print(profile.table())
+    print(format_profile(profile.to_dict()))
     out = Path(args.out)
     stem = f"profile-{safe_name(args.model)}-{args.mode}"
     written = [profile.write_json(out / f"{stem}.json"), profile.write_csv(out / f"{stem}.csv")]
-    written.append(profile.plot(out / f"{stem}.png"))
+    written.append(plot_profile(profile.to_dict(), out / f"{stem}.png"))
     _finish(out, written)
     return 0
 
@@ -348,11 +349,11 @@ def _run_models(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     print()
-    print(report.table())
+    print(format_models(report.to_dict()))
     out = Path(args.out)
     written = [report.write_json(out / "models.json"), report.write_csv(out / "models.csv")]
     if any(r.ok and r.macs for r in report.bench.results):
-        written.append(report.plot(out / "models.png"))
+        written.append(plot_models(report, out / "models.png"))
     _finish(out, written)
     return 0 if all(r.status in ("ok", "skipped") for r in report.bench.results) else 1
 

@@ -4,8 +4,8 @@ meaning of its mode and batch size, and how a failure is classified.
 
 - `run_context`: CUDA device, intra-op threads, the TF32 switch, cudnn.benchmark and no autograd,
   all restored after.
-- `input_shape`, `make_input`, `place`: a seeded random input of the model's shape, and model and
-  input on the device in the memory format asked for.
+- `input_shape`, `make_input`, `place`: a seeded random input of the model's shape, and models and
+  inputs on the device in the memory format asked for.
 - `MODES`, `batch_sizes_by_mode`, `batch_size_for`: latency is batch 1 by definition; throughput
   times a batch.
 - `classify_failure`: an exception that ended one run, as a recorded status ("oom" or "error") and
@@ -102,10 +102,11 @@ def make_input(shape: Sequence[int], device: str, channels_last: bool = False, s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def place(module: nn.Module, device: str, channels_last: bool = False) -> nn.Module:
-    """`module` on `device`, its weights channels_last when asked (in place, as `Module.to` is)."""
-    module = module.to(device)
-    return module.to(memory_format=torch.channels_last) if channels_last else module
+def place(obj: nn.Module | torch.Tensor, device: str, channels_last: bool = False) -> nn.Module | torch.Tensor:
+    """A module (in place, as `Module.to` is) or a tensor (a copy where needed) on `device`, in
+    channels_last memory format when asked."""
+    obj = obj.to(device)
+    return obj.to(memory_format=torch.channels_last) if channels_last else obj
 
 
 # --------------------------------------------------------------------------------------------

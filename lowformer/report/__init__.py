@@ -2,7 +2,20 @@
 tables (`tables`), figures (`plots`) and the markdown report of an analysis folder (`markdown`).
 Pure functions of records; the CLI composes them. Records never import this package."""
 
-from .plots import plot_bench
-from .tables import format_bench, format_compare, render_table
+from .markdown import write_report
+from .plots import plot_bench, plot_element_heatmaps, plot_models, plot_profile
+from .tables import format_bench, format_compare, format_elements, format_models, format_profile, render_table
 
-__all__ = ["format_bench", "format_compare", "plot_bench", "render_table"]
+__all__ = [
+    "format_bench",
+    "format_compare",
+    "format_elements",
+    "format_models",
+    "format_profile",
+    "plot_bench",
+    "plot_element_heatmaps",
+    "plot_models",
+    "plot_profile",
+    "render_table",
+    "write_report",
+]

@@ -3,7 +3,10 @@
 Drawn with matplotlib's Agg canvas (no display, no change to the global backend) and written
 through `lowformer._io.atomic_write`, so a reader never sees half a figure.
 
-- `plot_bench`: counted MACs against measured throughput / latency, one panel per comparable group.
+- `plot_bench`, `plot_models`: counted MACs against measured throughput / latency, one panel per
+  comparable group.
+- `plot_element_heatmaps`: per design-element pair, time ratio | MAC ratio over the grid.
+- `plot_profile`: time share against MAC share per operator kind, as bars.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._io import atomic_write
+from ..analyze.cells import element_rows
 from ..bench.result import BenchReport, comparable_groups, correlation_group_key
-from .tables import format_number, task_prefix
+from .tables import SHORT_STATUS, format_number, format_ratio, task_prefix
+
+BLUE_RED = "RdBu_r"  # blue: the first side is cheaper (ratio < 1); red: it costs more
 
 
 def figure(width: float, height: float, dpi: int = 100):
@@ -143,3 +149,145 @@ def _group_title(key: tuple) -> str:
     if jobs > 1:
         parts.append(f"{jobs} jobs")
     return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Analyses
+# --------------------------------------------------------------------------------------------
+
+_NICE_RATIOS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 20.0)
+_DECADES = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def plot_element_heatmaps(data: dict, out_dir: str | Path, stem: str = "elements", dpi: int = 100) -> list[Path]:
+    """`<stem>_<pair>.png` for every pair of a sweep (`ElementReport.to_dict()` or its JSON): per
+    comparison, time ratio | MAC ratio side by side over the channels x resolution grid, on one
+    diverging colour scale centred at 1 (log scale, so 2x and 0.5x are equally strong), cells where
+    MACs and time pick different sides framed and starred; unmeasured cells grey with the reason."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    out_dir = Path(out_dir)
+    channels = data["settings"]["channels"]
+    resolutions = data["settings"]["resolutions"]
+    env, settings = data["environment"], data["settings"]
+    all_rows = element_rows(data)
+    paths = []
+    for pair in data["pairs"]:
+        rows = [r for r in all_rows if r["pair"] == pair["name"]]
+        if not rows:
+            continue
+        others = [s["label"] for s in pair["sides"][1:]]
+        a = pair["sides"][0]["label"]
+        n_rows = len(others)
+        cell_w = 0.62 if len(resolutions) > 3 else 0.8
+        width = max(8.0, 2 * (cell_w * len(resolutions) + 1.3) + 1.2)
+        height = n_rows * (0.42 * len(channels) + 1.1) + 0.9
+        fig = figure(width, height, dpi)
+        axes = fig.subplots(n_rows, 2, squeeze=False)
+        for i, b in enumerate(others):
+            by_cell = {(r["channels"], r["resolution"]): r for r in rows if r["side_b"] == b}
+            grids = {}
+            for col in ("time_ratio", "mac_ratio"):
+                g = np.full((len(channels), len(resolutions)), np.nan)
+                for (ci, c), (ri, res) in ((x, y) for x in enumerate(channels) for y in enumerate(resolutions)):
+                    row = by_cell.get((c, res))
+                    value = row.get(col) if row else None
+                    # MACs are counted for every cell, times only for measured ones
+                    measured = row is not None and (row["status"] == "ok" or col == "mac_ratio")
+                    if measured and value is not None and value > 0:
+                        g[ci, ri] = value
+                grids[col] = g
+            finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+            spread = float(np.max(np.abs(np.log10(finite)))) if finite.size else 0.0
+            limit = 10 ** max(spread, math.log10(2.0))  # at least 0.5x..2x, so noise near 1 stays pale
+            norm = LogNorm(vmin=1 / limit, vmax=limit)
+            for j, (col, title) in enumerate((("time_ratio", "time"), ("mac_ratio", "MACs"))):
+                ax = axes[i][j]
+                g = grids[col]
+                masked = np.ma.masked_invalid(g)
+                ax.set_facecolor("#d9d9d9")
+                im = ax.imshow(masked, cmap=BLUE_RED, norm=norm, aspect="auto")
+                ax.set_xticks(range(len(resolutions)), [str(r) for r in resolutions])
+                ax.set_yticks(range(len(channels)), [str(c) for c in channels])
+                ax.set_xlabel("resolution (px)")
+                ax.set_ylabel("channels")
+                ax.set_title(f"{title}({a}) / {title}({b})", fontsize=9)
+                for ci, c in enumerate(channels):
+                    for ri, res in enumerate(resolutions):
+                        row = by_cell.get((c, res))
+                        if row is None:
+                            continue
+                        if row["status"] != "ok" and col == "time_ratio":
+                            text = SHORT_STATUS.get(row["status"], row["status"])
+                            ax.text(ri, ci, text, ha="center", va="center", fontsize=6, color="#555555")
+                            continue
+                        value = g[ci, ri]
+                        if not np.isfinite(value):
+                            continue
+                        dark = abs(math.log10(value)) > 0.6 * math.log10(limit)
+                        star = "*" if row.get("disagree") else ""
+                        ax.text(
+                            ri,
+                            ci,
+                            format_ratio(float(value)) + star,
+                            ha="center",
+                            va="center",
+                            fontsize=6.5,
+                            color="white" if dark else "black",
+                            fontweight="bold" if star else "normal",
+                        )
+                        if star:
+                            ax.add_patch(_frame(ri, ci))
+            cbar = fig.colorbar(im, ax=list(axes[i]), shrink=0.9, pad=0.02)
+            nice = _NICE_RATIOS if limit <= 20 else _DECADES  # fine ticks would crowd a wide scale
+            ticks = [t for t in nice if 1 / limit <= t <= limit]
+            cbar.ax.minorticks_off()
+            cbar.set_ticks(ticks, labels=[format_ratio(t) for t in ticks])
+            cbar.set_label(f"{a} / {b}", fontsize=8)
+            cbar.ax.tick_params(labelsize=7)
+        mode = f"{settings['mode']}, batch {settings['batch_size']}"
+        layout = "channels_last" if settings["channels_last"] else "NCHW"
+        fig.suptitle(
+            f"{pair['name']}: {pair['description']}\n{env.get('device_name')} ({settings['device']}), {mode}, "
+            f"{settings['backend']} {settings['precision']} {layout}, {env.get('date', '')[:10]}\n"
+            f"ratio < 1 (blue): the first side ({a}) is cheaper;  * framed: MACs and time pick different sides",
+            fontsize=8,
+        )
+        paths.append(save_png(fig, out_dir / f"{stem}_{pair['name']}.png", palette=True))
+    return paths
+
+
+def _frame(x: int, y: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.46, y - 0.46), 0.92, 0.92, fill=False, edgecolor="black", linewidth=1.5)
+
+
+def plot_profile(data: dict, path: str | Path, dpi: int = 100) -> Path:
+    """Bars of time share against MAC share per operator kind (`ModelProfile.to_dict()` or its JSON)."""
+    kinds = [k for k in data["kinds"] if k["time_share"] > 0.0005 or k["mac_share"] > 0.0005]
+    fig = figure(7.0, 0.45 * len(kinds) + 1.6, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    ys = list(range(len(kinds)))
+    h = 0.38
+    ax.barh([y - h / 2 for y in ys], [100 * k["time_share"] for k in kinds], h, label="share of time", color="tab:red")
+    ax.barh([y + h / 2 for y in ys], [100 * k["mac_share"] for k in kinds], h, label="share of MACs", color="tab:blue")
+    for y, k in zip(ys, kinds):
+        ax.text(100 * k["time_share"] + 0.5, y - h / 2, f"{100 * k['time_share']:.1f}%", va="center", fontsize=7)
+        ax.text(100 * k["mac_share"] + 0.5, y + h / 2, f"{100 * k['mac_share']:.1f}%", va="center", fontsize=7)
+    ax.set_yticks(ys, [k["label"] for k in kinds])
+    ax.invert_yaxis()
+    ax.set_xlabel("% of profiled operator time / % of counted MACs")
+    ax.set_xlim(0, 105)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    s, env = data["settings"], data["environment"]
+    layout = "channels_last" if s["channels_last"] else "NCHW"
+    ax.set_title(
+        f"{data['model']}: time vs MACs per operator kind\n{env.get('device_name')} ({s['device']}), batch "
+        f"{s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}, eager {s['precision']} {layout}, "
+        f"{data['wall_ms_p50']:.2f} ms per call, {env.get('date', '')[:10]}",
+        fontsize=9,
+    )
+    return save_png(fig, path, palette=True)

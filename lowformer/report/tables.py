@@ -6,8 +6,10 @@ shared by every row are printed once above a table.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+from ..analyze.cells import comparisons, summarize_comparison
 from ..bench.compare import CompareReport
 from ..bench.result import MODE_ORDER, BenchReport, BenchResult
 
@@ -175,3 +177,208 @@ def format_compare(report: CompareReport) -> str:
     )
     legend = "speedup = time(first) / time(second) per round; > 1 means the second is faster"
     return "\n".join([head, table, "", pairs, f"({legend})"])
+
+
+# --------------------------------------------------------------------------------------------
+# Design elements
+# --------------------------------------------------------------------------------------------
+
+# the short word an unmeasured cell shows in a grid
+SHORT_STATUS = {"skipped": "skip", "not-run": "not run", "error": "error", "oom": "OOM"}
+
+
+def format_ratio(v: float | None) -> str:
+    """Ratios in cells and tables: 2 decimals near 1, 2 significant digits when small, none when large."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 0.1:
+        return f"{v:.2f}"
+    return f"{v:.2g}"
+
+
+def verdict(s: dict) -> str:
+    """One sentence: what MACs say, what the clock says, where they disagree."""
+    if not s["measured"]:
+        return "no cell measured"
+    a, b, n = s["side_a"], s["side_b"], s["measured"]
+    if s["mac_tie"] == n:
+        macs = f"MACs call {a} and {b} equal in all {n} measured cells"
+    else:
+        parts = [f"{a} in {s['fewer_macs_a']}", f"{b} in {s['fewer_macs_b']}"]
+        if s["mac_tie"]:
+            parts.append(f"equal in {s['mac_tie']}")
+        macs = f"fewer MACs: {', '.join(parts)} of {n} cells"
+        macs += f" (MAC ratio {format_ratio(s['mac_ratio_min'])}-{format_ratio(s['mac_ratio_max'])})"
+    clock = (
+        f"faster in every round: {a} in {s['faster_a']}, {b} in {s['faster_b']}, neither in {s['time_tie']}"
+        f" (time ratio {format_ratio(s['time_ratio_min'])}-{format_ratio(s['time_ratio_max'])})"
+    )
+    text = f"{macs}; {clock}; MACs and time pick different sides in {s['disagree']} of {n} cells"
+    if s["mac_error_median"] is not None and s["mac_tie"] != n:
+        text += f"; median (time ratio / MAC ratio) {format_ratio(s['mac_error_median'])}"
+    return text
+
+
+def cell_text(row: dict | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok" or row.get("time_ratio") is None:
+        return SHORT_STATUS.get(row["status"], row["status"])
+    star = "*" if row.get("disagree") else ""
+    return f"{format_ratio(row['time_ratio'])}/{format_ratio(row.get('mac_ratio'))}{star}"
+
+
+def ratio_grid(rows: Sequence[dict], channels: Sequence[int], resolutions: Sequence[int]) -> list[list[str]]:
+    by_cell = {(r["channels"], r["resolution"]): r for r in rows}
+    return [[str(c), *(cell_text(by_cell.get((c, res))) for res in resolutions)] for c in channels]
+
+
+def settings_line(data: dict) -> str:
+    s, env = data["settings"], data["environment"]
+    layout = "channels_last" if s["channels_last"] else "NCHW"
+    cap = f"{s['max_gmacs']:g} GMACs per call" if s.get("max_gmacs") is not None else "none"
+    return (
+        f"{env.get('device_name')} ({s['device']}), torch {env.get('torch')}, {env.get('date')}; "
+        f"{s['mode']} (batch {s['batch_size']}), {s['backend']} {s['precision']} {layout}, threads {s['threads']}; "
+        f"MAC cap {cap}"
+    )
+
+
+def format_elements(data: dict) -> str:
+    """The terminal table of a sweep: per comparison, a channels x resolution grid of ratios."""
+    s = data["settings"]
+    lines = [settings_line(data)]
+    lines.append("cells: time ratio / MAC ratio of the first side to the other (< 1: first side cheaper); ")
+    lines[-1] += "* = MACs and time pick different sides"
+    for pair, b, rows in comparisons(data):
+        a = pair["sides"][0]["label"]
+        lines.append("")
+        lines.append(f"{pair['name']}: {a} vs {b}  ({pair['description']})")
+        headers = ["channels", *(f"{r}px" for r in s["resolutions"])]
+        table = render_table(headers, ratio_grid(rows, s["channels"], s["resolutions"]), [True] * len(headers))
+        lines.extend("  " + line for line in table.splitlines())
+        lines.append("  " + verdict(summarize_comparison(rows)))
+    missing = not_measured(data)
+    if missing:
+        lines.append("")
+        lines.append("not measured: " + "; ".join(f"{n} cell(s) {why}" for why, n in missing.items()))
+    return "\n".join(lines)
+
+
+def not_measured(data: dict) -> dict[str, int]:
+    """Unmeasured cells by reason ("skipped: over the MAC cap (4 GMACs per call)": 26, ...)."""
+    cap = data["settings"].get("max_gmacs")
+    out: dict[str, int] = {}
+    for cell in data["cells"]:
+        if cell["status"] == "ok":
+            continue
+        error = cell.get("error") or ""
+        if error.startswith("over the MAC cap"):
+            error = f"over the MAC cap ({cap:g} GMACs per call)"
+        why = f"{cell['status']}: {error}" if error else cell["status"]
+        out[why] = out.get(why, 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Operator profiles
+# --------------------------------------------------------------------------------------------
+
+
+def _share_ratio(k: dict) -> str:
+    if k["mac_share"] <= 0:
+        return "no MACs" if k["time_share"] > 0 else "-"
+    return format_ratio(k["time_share"] / k["mac_share"])
+
+
+def profile_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for k in data["kinds"]:
+        if k["ops"] == 0 and k["macs"] == 0:
+            continue
+        rows.append(
+            [
+                k["label"],
+                str(k["ops"]),
+                f"{k['time_ms']:.3f}",
+                f"{100 * k['time_share']:.1f}%",
+                f"{k['macs'] / 1e9:.3f}",
+                f"{100 * k['mac_share']:.1f}%",
+                _share_ratio(k),
+            ]
+        )
+    return rows
+
+
+PROFILE_HEADERS = ["kind", "ops/call", "ms/call", "time %", "GMACs", "MACs %", "time% / MACs%"]
+
+
+def profile_head(data: dict) -> str:
+    s = data["settings"]
+    layout = "channels_last" if s["channels_last"] else "NCHW"
+    h, w = s["image_size"]
+    return (
+        f"{data['model']}: batch {s['batch_size']} ({s['mode']}), {h}x{w}, eager {s['precision']} {layout}, "
+        f"{data['params'] / 1e6:.2f}M params, {data['macs'] / 1e9:.3f} GMACs per image\n"
+        f"wall time {data['wall_ms_p50']:.2f} ms per call (p10-p90 {data['wall_ms_p10']:.2f}-"
+        f"{data['wall_ms_p90']:.2f}, {s['wall_iterations']} calls, no profiler); operator time "
+        f"{data['profiled_ms_per_call']:.2f} ms per call over {s['iters']} profiled calls ({s['time_source']})"
+    )
+
+
+def format_profile(data: dict) -> str:
+    env = data["environment"]
+    head = f"{env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, {env.get('date')}"
+    table = render_table(PROFILE_HEADERS, profile_rows(data), [False] + [True] * 6)
+    legend = "time% / MACs%: > 1 means the kind takes more of the time than of the MACs"
+    return "\n".join([head, profile_head(data), table, f"({legend})"])
+
+
+# --------------------------------------------------------------------------------------------
+# Model sets
+# --------------------------------------------------------------------------------------------
+
+
+def format_rank(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def models_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    batch = next((r.get("throughput_batch") for r in data["ranks"] if r.get("throughput_batch")), None)
+    headers = ["model", "GMACs", "latency ms", f"img/s (batch {batch})", "rank MACs", "rank latency", "rank img/s"]
+    rows = []
+    for r in data["ranks"]:
+        rows.append(
+            [
+                r["model"],
+                "-" if r.get("macs") is None else f"{r['macs'] / 1e9:.3f}",
+                "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
+                "-" if r.get("throughput_img_s") is None else f"{r['throughput_img_s']:.1f}",
+                format_rank(r.get("rank_macs")),
+                format_rank(r.get("rank_latency")),
+                format_rank(r.get("rank_throughput")),
+            ]
+        )
+    return headers, rows
+
+
+def format_models(data: dict) -> str:
+    bench = data["bench"]
+    env = bench["environment"]
+    head = f"{env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, {env.get('date')}"
+    headers, rows = models_rows(data)
+    parts = [head, render_table(headers, rows, [False] + [True] * 6)]
+    parts.append("(rank 1 = fewest MACs / lowest latency / highest throughput)")
+    corr = format_correlations(bench["correlations"])
+    if corr:
+        parts.append(corr)
+    failed = [r for r in bench["results"] if r["status"] != "ok"]
+    for r in failed:
+        parts.append(f"{r['model']} {r['mode']}: {r['status']}: {r['error']}")
+    if data.get("not_run"):
+        parts.append(f"time budget spent: {len(data['not_run'])} configuration(s) not run")
+    return "\n".join(parts)

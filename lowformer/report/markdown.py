@@ -1,0 +1,236 @@
+"""`report.md` of an analysis folder: every result the folder holds, as markdown.
+
+Everything here works on the plain dicts the analyses write as JSON, so `write_report(out_dir)`
+rebuilds the report from whatever results a directory holds (element sweeps, operator profiles,
+model sets), each section naming the machine, command and date it was measured on, with its
+figures, which are expected next to the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._io import write_text
+from ..analyze import cells, models, profile
+from ..analyze.cells import comparisons, summarize_comparison
+from ..analyze.sweep import ElementTiming
+from ..measure.env import is_busy
+from ..measure.timing import TimingPolicy
+from .tables import (
+    PROFILE_HEADERS,
+    format_number,
+    format_ratio,
+    models_rows,
+    not_measured,
+    profile_head,
+    profile_rows,
+    ratio_grid,
+    verdict,
+)
+
+_logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.md"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> str:
+    right = right or [False] * len(headers)
+    rule = ["---:" if r else "---" for r in right]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("*", "\\*") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _environment_md(env: dict, settings: dict | None = None) -> str:
+    cpus = env.get("cpu_count")
+    threads = (settings or {}).get("threads") or env.get("torch_threads")
+    load = env.get("load_avg_1m")
+    text = (
+        f"Measured on **{env.get('device_name')}** ({env.get('device')}; {cpus} CPUs, {threads} "
+        f"thread{'' if threads == 1 else 's'}), "
+        f"torch {env.get('torch')}, {env.get('date')}, command `{env.get('command')}`"
+    )
+    if load is not None:
+        text += f"; load average {load:.1f} before the run"
+        if is_busy(env.get("device", "cpu"), load, cpus):
+            text += (
+                f". **The machine was busy with other work** (load {load:.1f} on {cpus} CPUs): absolute times are "
+                "inflated and single measurements can be off by several times; trust the patterns, not one number"
+            )
+    return text + "."
+
+
+def _elements_md(data: dict, stem: str) -> list[str]:
+    s = data["settings"]
+    timing = ElementTiming(
+        warmup=TimingPolicy(**s["timing"]["warmup"]),
+        round=TimingPolicy(**s["timing"]["round"]),
+        rounds=s["timing"]["rounds"],
+    )
+    layout = "channels_last" if s["channels_last"] else "NCHW"
+    cap = f"{s['max_gmacs']:g} GMACs per call" if s.get("max_gmacs") is not None else "no cap"
+    out = [
+        f"## Design elements: {s['mode']}, batch {s['batch_size']}, {s['backend']} {s['precision']} {layout}",
+        "",
+        _environment_md(data["environment"], s),
+        "",
+        f"Grid: channels {', '.join(map(str, s['channels']))} x resolutions {', '.join(map(str, s['resolutions']))} "
+        f"px (input of every side: batch x channels x resolution x resolution). MACs per image "
+        f"({s['mac_convention']}); MAC cap {cap} (larger cells are skipped). Timing per cell: {timing.describe()}.",
+        "",
+        "Every ratio is first side / other side, so below 1 (blue) means the first side is cheaper. The time "
+        "ratio is the median of the per-round ratios of interleaved rounds; a side is *faster* when it was "
+        "faster in every round. \\* (framed in the figures): MACs and time pick different sides.",
+    ]
+    missing = not_measured(data)
+    if missing:
+        out += ["", "Not measured: " + "; ".join(f"{n} cell(s) {why}" for why, n in missing.items()) + "."]
+    if data.get("stopped"):
+        out += ["", f"**The sweep stopped early ({data['stopped']})**: cells marked *not run* were not measured."]
+    by_name: dict[str, list[tuple[str, list[dict]]]] = {}
+    summary_rows = []
+    for pair, b, rows in comparisons(data):
+        by_name.setdefault(pair["name"], []).append((b, rows))
+        sm = summarize_comparison(rows)
+        summary_rows.append(
+            [
+                f"{pair['name']}: {sm['side_a']} vs {b}",
+                str(sm["measured"]),
+                f"{format_ratio(sm['mac_ratio_min'])}-{format_ratio(sm['mac_ratio_max'])}",
+                f"{format_ratio(sm['time_ratio_min'])}-{format_ratio(sm['time_ratio_max'])}",
+                f"{sm['faster_a']} / {sm['faster_b']} / {sm['time_tie']}",
+                str(sm["disagree"]),
+                format_ratio(sm["mac_error_median"]) if sm["mac_tie"] != sm["measured"] else "MACs equal",
+            ]
+        )
+    headers = ["comparison (a vs b)", "cells", "MAC ratio a/b", "time ratio a/b", "faster: a / b / neither"]
+    headers += ["MACs and time disagree", "median time ratio / MAC ratio"]
+    out += ["", "Summary (every comparison, all measured cells):", ""]
+    out.append(_md_table(headers, summary_rows, [False] + [True] * 6))
+    for pair in data["pairs"]:
+        a = pair["sides"][0]["label"]
+        out += ["", f"### `{pair['name']}`: {pair['description']}", ""]
+        out += ["Sides: " + "; ".join(f"**{sd['label']}**: {sd['description']}" for sd in pair["sides"]) + "."]
+        if pair.get("claim"):
+            out += ["", f"> {pair['claim']}"]
+        out += ["", f"![{pair['name']} heatmaps]({stem}_{pair['name']}.png)"]
+        for b, rows in by_name.get(pair["name"], []):
+            out += ["", f"**{a} vs {b}**: {verdict(summarize_comparison(rows))}.", ""]
+            headers = ["channels \\ px", *map(str, s["resolutions"])]
+            out.append(_md_table(headers, ratio_grid(rows, s["channels"], s["resolutions"]), [True] * len(headers)))
+    return out
+
+
+def _profile_md(data: dict, image: str) -> list[str]:
+    s = data["settings"]
+    top = [
+        [o["op"], profile.KINDS.get(o["kind"], o["kind"]), str(o["calls"]), f"{o['time_ms']:.3f}"]
+        for o in data["top_ops"]
+    ]
+    return [
+        f"## Operator profile: `{data['model']}`, {s['mode']} (batch {s['batch_size']})",
+        "",
+        _environment_md(data["environment"], s),
+        "",
+        profile_head(data).replace("\n", "; ") + ".",
+        "",
+        _md_table(PROFILE_HEADERS, profile_rows(data), [False] + [True] * 6),
+        "",
+        f"![{data['model']} operator profile]({image})",
+        "",
+        "Top operators (top-level ATen calls, time including their children):",
+        "",
+        _md_table(["operator", "kind", "calls", "ms/call"], top, [False, False, True, True]),
+    ]
+
+
+def _models_md(data: dict, image: str) -> list[str]:
+    bench = data["bench"]
+    s = bench["settings"]
+    headers, rows = models_rows(data)
+    h, w = s["image_sizes"][0]
+    layout = "channels_last" if s["channels_last"] else "NCHW"
+    out = [
+        f"## Models: MACs vs latency and throughput ({h}x{w}, {s['backends'][0]} {s['precisions'][0]} {layout})",
+        "",
+        _environment_md(bench["environment"], {"threads": _threads_used(bench)}),
+        "",
+        _md_table(headers, rows, [False] + [True] * 6),
+        "",
+        "Rank 1 = fewest MACs / lowest latency / highest throughput. Rank correlation of MACs with measured "
+        "time per call (1 = MACs order the models exactly as the clock does):",
+        "",
+    ]
+    for c in bench["correlations"]:
+        rho, tau = c["spearman_macs_latency"], c["kendall_macs_latency"]
+        out.append(
+            f"- {c['mode']}, batch {c['batch_size']}: Spearman rho **{format_number(rho, '.2f')}**, "
+            f"Kendall tau **{format_number(tau, '.2f')}** over {len(c['models'])} models"
+        )
+    if data.get("not_run"):
+        out += ["", f"Time budget spent: {len(data['not_run'])} configuration(s) not run."]
+    out += ["", f"![MACs vs measured speed]({image})"]
+    return out
+
+
+def _threads_used(bench: dict) -> int | None:
+    """Threads the timings ran with (the environment records the process default before the run)."""
+    used = {r.get("threads") for r in bench["results"] if r.get("threads")}
+    return used.pop() if len(used) == 1 else bench["environment"].get("torch_threads")
+
+
+# --------------------------------------------------------------------------------------------
+# The report of a directory
+# --------------------------------------------------------------------------------------------
+
+
+def _load(path: Path, schema: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        _logger.warning("skipping %s: %s", path, e)
+        return None
+    return data if data.get("schema") == schema else None
+
+
+def write_report(out_dir: str | Path, title: str = "MACs vs measured time") -> Path:
+    """(Re)write `out_dir/report.md` from every analysis result in `out_dir`.
+
+    Sections, in order: element sweeps (`elements-*.json`), operator profiles (`profile-*.json`),
+    model sets (`models*.json`); each with its figures, which are expected next to the JSON.
+    """
+    out_dir = Path(out_dir)
+    lines = [
+        f"# {title}",
+        "",
+        "Written by `lowformer analyze` from the results in this directory. MACs are counted by "
+        "`lowformer.measure.count_macs` (1 MAC = 1 fused multiply-add); times are measured, medians with "
+        "their spread. Each section names the machine, the command and the date it was measured.",
+    ]
+    found = 0
+    for path in sorted(out_dir.glob("elements-*.json")):
+        data = _load(path, cells.SCHEMA)
+        if data is not None:
+            lines += ["", *_elements_md(data, path.stem)]
+            found += 1
+    for path in sorted(out_dir.glob("profile-*.json")):
+        data = _load(path, profile.SCHEMA)
+        if data is not None:
+            lines += ["", *_profile_md(data, path.with_suffix(".png").name)]
+            found += 1
+    for path in sorted(out_dir.glob("models*.json")):
+        data = _load(path, models.SCHEMA)
+        if data is not None:
+            lines += ["", *_models_md(data, path.with_suffix(".png").name)]
+            found += 1
+    if not found:
+        lines += ["", "No results yet."]
+    return write_text(out_dir / REPORT_NAME, "\n".join(lines) + "\n")
