@@ -51,6 +51,7 @@ from .elements import MIN_CHANNELS, MIN_RESOLUTION, ElementPair, resolve_pairs
 _logger = logging.getLogger(__name__)
 
 CACHE_SCHEMA = 1  # bump when the meaning of a cached cell changes
+MIN_ROUNDS = 2  # a ratio per round needs at least two rounds to show a spread
 
 DEFAULT_CHANNELS = (16, 32, 64, 128, 256, 512)
 DEFAULT_RESOLUTIONS = (7, 14, 28, 56, 112)
@@ -71,8 +72,8 @@ class ElementTiming:
     rounds: int = 5
 
     def __post_init__(self) -> None:
-        if self.rounds < 2:
-            raise ValueError(f"an interleaved cell needs at least 2 rounds, got {self.rounds}")
+        if self.rounds < MIN_ROUNDS:
+            raise ValueError(f"an interleaved cell needs at least {MIN_ROUNDS} rounds, got {self.rounds}")
 
     def to_dict(self) -> dict:
         return {"warmup": self.warmup.to_dict(), "round": self.round.to_dict(), "rounds": self.rounds}

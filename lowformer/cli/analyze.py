@@ -21,12 +21,24 @@ import sys
 import time
 from pathlib import Path
 
-from ..bench import BACKENDS, MODES, PRECISIONS, TimingPolicy
-from ..bench.presets import default_batch_size, default_timing
-from ..factory import check_model_name
+from ..analyze import get_pair, list_pairs, plan_elements, plan_models, profile_model, run_elements, run_models
+from ..analyze.elements import MIN_CHANNELS, MIN_RESOLUTION
+from ..analyze.profile import safe_name
+from ..analyze.sweep import MIN_ROUNDS
+from ..bench import BACKENDS, MODES, PRECISIONS
+from ..errors import LowformerRuntimeError
 from ..measure.env import resolve_device
 from ..report import format_elements, format_models, format_profile, plot_element_heatmaps, plot_models, plot_profile
-from ._args import image_size
+from ..report.markdown import REPORT_NAME, write_report
+from ._args import (
+    check_outputs,
+    image_size,
+    int_at_least,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    warn_if_busy,
+)
 
 EXAMPLES = """examples:
   lowformer analyze --list
@@ -40,47 +52,13 @@ EXAMPLES = """examples:
 DEFAULT_OUT = "analysis-results"
 
 
-def _int_at_least(low: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be integers, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {value:g}")
-    return value
-
-
-def _gmacs(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of GMACs: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16 = autocast")
     if backend:
         p.add_argument("--backend", default="eager", choices=BACKENDS, help="default: eager")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--threads", type=_int_at_least(1, "threads"), metavar="N", help="intra-op CPU threads")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each step (and failures with tracebacks)")
 
@@ -108,15 +86,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("pairs", nargs="*", metavar="PAIR", help="pair names (default: all; see --list)")
     e.add_argument("--list", action="store_true", help="list the pairs and exit")
     e.add_argument("--mode", default="latency", choices=MODES, help="latency: batch 1 (default); throughput: large")
-    e.add_argument("--batch-size", type=_int_at_least(1, "batch size"), metavar="N", help="throughput batch")
-    e.add_argument("--channels", nargs="+", type=_int_at_least(8, "channels"), metavar="C", help="default 16..512")
-    e.add_argument("--resolutions", nargs="+", type=_int_at_least(4, "resolutions"), metavar="R", help="default 7..112")
+    e.add_argument("--batch-size", type=positive_int, metavar="N", help="throughput batch")
+    e.add_argument("--channels", nargs="+", type=int_at_least(MIN_CHANNELS), metavar="C", help="default 16..512")
+    e.add_argument("--resolutions", nargs="+", type=int_at_least(MIN_RESOLUTION), metavar="R", help="default 7..112")
     e.add_argument("--quick", action="store_true", help="small grid (16, 64 ch x 7, 14 px) and short timing")
-    e.add_argument("--rounds", type=_int_at_least(2, "rounds"), metavar="N", help="interleaved rounds per cell")
+    e.add_argument("--rounds", type=int_at_least(MIN_ROUNDS), metavar="N", help="interleaved rounds per cell")
     cap = e.add_mutually_exclusive_group()
-    cap.add_argument("--max-gmacs", type=_gmacs, metavar="G", help="skip cells above G GMACs per call (CPU: 4)")
+    cap.add_argument("--max-gmacs", type=positive_float, metavar="G", help="skip cells above G GMACs per call (CPU: 4)")
     cap.add_argument("--no-mac-cap", action="store_true", help="measure every cell, however large")
-    e.add_argument("--budget", type=_seconds, metavar="SECONDS", help="start no new cell after this long")
+    e.add_argument("--budget", type=non_negative_float, metavar="SECONDS", help="start no new cell after this long")
     e.add_argument("--name", metavar="STEM", help="file stem of the results (default elements-MODE)")
     e.add_argument("--cache-dir", metavar="DIR", help="cell cache (default OUT/cache)")
     e.add_argument("--no-cache", action="store_true", help="neither read nor write the cell cache")
@@ -140,9 +118,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("model", help="our model name or timm:NAME")
     m.add_argument("--mode", default="latency", choices=MODES, help="latency: batch 1 (default); throughput: large")
-    m.add_argument("--batch-size", type=_int_at_least(1, "batch size"), metavar="N", help="throughput batch")
+    m.add_argument("--batch-size", type=positive_int, metavar="N", help="throughput batch")
     m.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
-    m.add_argument("--iters", type=_int_at_least(1, "iters"), metavar="N", help="profiled calls (CPU 5, CUDA 20)")
+    m.add_argument("--iters", type=positive_int, metavar="N", help="profiled calls (CPU 5, CUDA 20)")
     _common(m, backend=False)
     m.set_defaults(run=run)
 
@@ -153,11 +131,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "time (Spearman, Kendall) and plot them.",
     )
     s.add_argument("models", nargs="*", metavar="MODEL", help="our names or timm:NAME (default: the bench set)")
-    s.add_argument("--batch-size", type=_int_at_least(1, "batch size"), metavar="N", help="throughput batch")
+    s.add_argument("--batch-size", type=positive_int, metavar="N", help="throughput batch")
     s.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
     s.add_argument("--reparam", action="store_true", help="reparameterise first (MobileOne, FastViT, RepViT, ours)")
     s.add_argument("--quick", action="store_true", help="short timing per configuration (>= 3 calls, >= 0.5 s)")
-    s.add_argument("--budget", type=_seconds, metavar="SECONDS", help="start no new configuration after this long")
+    s.add_argument(
+        "--budget", type=non_negative_float, metavar="SECONDS", help="start no new configuration after this long"
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(s)
     s.set_defaults(run=run)
@@ -165,8 +145,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _list_pairs() -> None:
-    from ..analyze import get_pair, list_pairs
-
     for name in list_pairs():
         pair = get_pair(name)
         print(f"{name:<18}{pair.description}")
@@ -191,86 +169,57 @@ def _import(target: str) -> None:
         raise ValueError(f"--import {target}: {type(e).__name__}: {e}") from None
 
 
-def _warn_if_busy(device: str, interleaved: bool) -> None:
-    """CPU timings on a loaded machine are distorted (threads wait on each other): say so up front."""
-    cpus = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if device.startswith("cuda") or load <= 0.5 * cpus:
-        return
-    if interleaved:
-        consequence = "the interleaved rounds keep the ratios fair, the absolute times are not"
-    else:
-        consequence = "compare configurations with `lowformer bench --compare`, which interleaves them"
-    print(f"  note: load average {load:.1f} on {cpus} CPUs: CPU timings are noisy; {consequence}", flush=True)
-
-
-def _finish(out: Path, written: list[Path]) -> None:
-    from ..report import write_report
-
+def _print_written(out: Path, written: list[Path]) -> None:
+    """Write report.md of the folder (every result in it), then list what was written."""
     written.append(write_report(out))
     for path in written:
         print(f"wrote {path}")
 
 
+def _raise_if_failed(statuses: list[str], what: str) -> None:
+    failed = sum(status in ("error", "oom") for status in statuses)
+    if failed:
+        raise LowformerRuntimeError(f"{failed} of {len(statuses)} {what} failed (see the table above)")
+
+
 def _run_elements(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from ..analyze import analyze_elements, default_element_timing, plan_cells
-    from ..analyze.elements import resolve_pairs
-    from ..analyze.sweep import DEFAULT_CHANNELS, DEFAULT_RESOLUTIONS, QUICK_CHANNELS, QUICK_RESOLUTIONS
-
     for target in args.imports or []:
         _import(target)
     if args.list:
         _list_pairs()
         return 0
-    pairs = resolve_pairs(args.pairs or None)  # unknown names fail here, before anything runs
-    device = resolve_device(args.device)
-    if args.batch_size is not None and args.mode == "latency":
-        raise ValueError("--batch-size applies to --mode throughput; latency mode is batch 1 by definition")
     if args.no_cache and (args.cache_dir or args.fresh):
         raise ValueError("--no-cache cannot be combined with --cache-dir or --fresh")
-    timing = default_element_timing(device, args.quick)
-    if args.rounds:
-        timing = dataclasses.replace(timing, rounds=args.rounds)
-    channels = args.channels or (QUICK_CHANNELS if args.quick else DEFAULT_CHANNELS)
-    resolutions = args.resolutions or (QUICK_RESOLUTIONS if args.quick else DEFAULT_RESOLUTIONS)
-    cells = plan_cells(pairs, channels, resolutions)
     out = Path(args.out)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else out / "cache"
-    max_gmacs = None if args.no_mac_cap else args.max_gmacs if args.max_gmacs is not None else "auto"
-    batch = 1 if args.mode == "latency" else args.batch_size or default_batch_size(device)
-    layout = "channels_last" if args.channels_last else "NCHW"
-    print(
-        f"{len(pairs)} pair(s) x {len(set(channels))} channels x {len(set(resolutions))} resolutions = "
-        f"{len(cells)} cells on {device}; {args.mode} (batch {batch}), {args.backend} {args.precision} {layout}",
-        flush=True,
-    )
-    print(f"  timing per cell: {timing.describe()}", flush=True)
-    print(f"  cache: {cache_dir or 'off'}" + (f"; budget {args.budget:g} s" if args.budget is not None else ""))
-    _warn_if_busy(device, interleaved=True)
-    start = time.perf_counter()
-    report = analyze_elements(
-        pairs,
-        channels=channels,
-        resolutions=resolutions,
-        device=device,
+    sweep = plan_elements(
+        args.pairs or None,
+        channels=args.channels,
+        resolutions=args.resolutions,
+        device=args.device,
         mode=args.mode,
         batch_size=args.batch_size,
         precision=args.precision,
         backend=args.backend,
         channels_last=args.channels_last,
         threads=args.threads,
-        timing=timing,
+        rounds=args.rounds,
         quick=args.quick,
-        max_gmacs=max_gmacs,
+        max_gmacs=None if args.no_mac_cap else args.max_gmacs if args.max_gmacs is not None else "auto",
         budget_s=args.budget,
         cache_dir=cache_dir,
         fresh=args.fresh,
-        progress=not args.no_progress and sys.stderr.isatty(),
     )
+    stem = args.name or f"elements-{args.mode}"
+    files = [out / f"{stem}.csv", out / f"{stem}.json", out / REPORT_NAME]
+    check_outputs(files + [out / f"{stem}_{p.name}.png" for p in sweep.pairs], folders=[out, cache_dir])
+    print(sweep.describe(), flush=True)
+    warn_if_busy(sweep.settings["device"], "the interleaved rounds keep the ratios fair, the absolute times are not")
+    start = time.perf_counter()
+    report = run_elements(sweep, progress=not args.no_progress and sys.stderr.isatty())
+    data = report.to_dict()
     print()
-    print(format_elements(report.to_dict()))
+    print(format_elements(data))
     counts = report.counts()
     cached = sum(c.cached for c in report.cells)
     parts = [f"{counts.get('ok', 0) - cached} measured", f"{cached} from the cache"]
@@ -280,25 +229,23 @@ def _run_elements(args: argparse.Namespace) -> int:
         print(f"time budget spent: {counts.get('not-run', 0)} cell(s) not run; run the same command to resume")
     elif report.stopped == "interrupted":
         print("interrupted: run the same command to resume (measured cells are cached)")
-    stem = args.name or f"elements-{args.mode}"
     written = [report.write_csv(out / f"{stem}.csv"), report.write_json(out / f"{stem}.json")]
-    written += plot_element_heatmaps(report.to_dict(), out, stem=stem)
-    _finish(out, written)
+    written += plot_element_heatmaps(data, out, stem=stem)
+    _print_written(out, written)
     if report.stopped == "interrupted":
-        return 130
-    return 1 if any(c.status in ("error", "oom") for c in report.cells) else 0
+        raise KeyboardInterrupt  # exit 130, after the partial results are written
+    _raise_if_failed([c.status for c in report.cells], "cell(s)")
+    return 0
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    from ..analyze import profile_model
-    from ..analyze.profile import safe_name
-
+    out = Path(args.out)
+    stem = f"profile-{safe_name(args.model)}-{args.mode}"
+    files = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png"]
+    check_outputs([*files, out / REPORT_NAME], folders=[out])
     device = resolve_device(args.device)
-    if args.batch_size is not None and args.mode == "latency":
-        raise ValueError("--batch-size applies to --mode throughput; latency mode is batch 1 by definition")
-    check_model_name(args.model)
     print(f"profiling {args.model} on {device} ({args.mode}) ...", flush=True)
-    _warn_if_busy(device, interleaved=False)
+    warn_if_busy(device, "compare configurations with `lowformer bench --compare`, which interleaves them")
     profile = profile_model(
         args.model,
         device=device,
@@ -310,33 +257,17 @@ def _run_model(args: argparse.Namespace) -> int:
         threads=args.threads,
         iters=args.iters,
     )
-    print(format_profile(profile.to_dict()))
-    out = Path(args.out)
-    stem = f"profile-{safe_name(args.model)}-{args.mode}"
-    written = [profile.write_json(out / f"{stem}.json"), profile.write_csv(out / f"{stem}.csv")]
-    written.append(plot_profile(profile.to_dict(), out / f"{stem}.png"))
-    _finish(out, written)
+    data = profile.to_dict()
+    print(format_profile(data))
+    written = [profile.write_json(files[0]), profile.write_csv(files[1]), plot_profile(data, files[2])]
+    _print_written(out, written)
     return 0
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from ..analyze import analyze_models
-
-    device = resolve_device(args.device)
-    timing = None
-    if args.quick:
-        timing = TimingPolicy(warmup_iters=1, warmup_s=0.2, min_iters=3, min_s=0.5, max_s=5.0)
-    models = args.models or None
-    print(
-        f"timing {len(models) if models else 'the default'} model(s) on {device}: throughput (batch "
-        f"{args.batch_size or default_batch_size(device)}) and latency (batch 1), "
-        f"{(timing or default_timing(device)).describe()}",
-        flush=True,
-    )
-    _warn_if_busy(device, interleaved=False)
-    report = analyze_models(
-        models,
-        device=device,
+    models_plan = plan_models(
+        args.models or None,
+        device=args.device,
         batch_size=args.batch_size,
         image_size=args.image_size,
         precision=args.precision,
@@ -344,18 +275,23 @@ def _run_models(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         reparam=args.reparam,
         threads=args.threads,
-        timing=timing,
-        budget_s=args.budget,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        quick=args.quick,
     )
+    out = Path(args.out)
+    files = [out / "models.json", out / "models.csv", out / "models.png"]
+    check_outputs([*files, out / REPORT_NAME], folders=[out])
+    print(models_plan.describe(), flush=True)
+    device = models_plan.settings["device"]
+    warn_if_busy(device, "compare configurations with `lowformer bench --compare`, which interleaves them")
+    report = run_models(models_plan, budget_s=args.budget, progress=not args.no_progress and sys.stderr.isatty())
     print()
     print(format_models(report.to_dict()))
-    out = Path(args.out)
-    written = [report.write_json(out / "models.json"), report.write_csv(out / "models.csv")]
+    written = [report.write_json(files[0]), report.write_csv(files[1])]
     if any(r.ok and r.macs for r in report.bench.results):
-        written.append(plot_models(report, out / "models.png"))
-    _finish(out, written)
-    return 0 if all(r.status in ("ok", "skipped") for r in report.bench.results) else 1
+        written.append(plot_models(report, files[2]))
+    _print_written(out, written)
+    _raise_if_failed([r.status for r in report.bench.results], "configuration(s)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,19 +9,28 @@ papers' dense-prediction speed setting). Method and output schema: docs/bench.md
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, TimingPolicy, compare, plan, run_plan
+from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, TimingPolicy, plan, plan_compare, run_plan
+from ..bench.compare import MIN_ROUNDS, run_compare
 from ..bench.models import DETECTION_MODELS, TASKS
-from ..bench.presets import default_image_size, default_round_timing, default_timing, get_preset
+from ..bench.presets import default_round_timing, default_timing
+from ..errors import LowformerRuntimeError
 from ..measure.env import resolve_device
 from ..report import format_bench, format_compare, plot_bench
-from ._args import image_size, non_negative_float, non_negative_int, positive_float, positive_int
+from ._args import (
+    check_outputs,
+    image_size,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    warn_if_busy,
+)
 
 EXAMPLES = """examples:
   lowformer bench                                   # default model set, both modes, best device
@@ -103,7 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="MODEL[@key=value,...] (keys: backend, precision, compile_mode, channels_last, reparam, threads); "
         "interleaved A B | B A rounds in one process, per-pair speedup min/median/max",
     )
-    paired.add_argument("--rounds", type=positive_int, help="rounds of a comparison (default 10)")
+    paired.add_argument("--rounds", type=int_at_least(MIN_ROUNDS), help="rounds of a comparison (default 10)")
 
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write results as JSON")
@@ -121,8 +130,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _timing_overrides(args: argparse.Namespace) -> dict:
-    pairs = {
+# the timing flags and the TimingPolicy fields they set (the policy's errors speak the flags)
+TIMING_FLAGS = {
+    "warmup_iters": "--warmup-iters",
+    "warmup_s": "--warmup-seconds",
+    "min_iters": "--iters",
+    "min_s": "--seconds",
+    "max_iters": "--max-iters",
+    "max_s": "--max-seconds",
+}
+
+
+def _timing_flags(args: argparse.Namespace) -> dict:
+    """The timing flags given, by TimingPolicy field."""
+    given = {
         "warmup_iters": args.warmup_iters,
         "warmup_s": args.warmup_seconds,
         "min_iters": args.iters,
@@ -130,25 +151,31 @@ def _timing_overrides(args: argparse.Namespace) -> dict:
         "max_iters": args.max_iters,
         "max_s": args.max_seconds,
     }
-    return {k: v for k, v in pairs.items() if v is not None}
+    return {k: v for k, v in given.items() if v is not None}
 
 
-def _with_overrides(base: TimingPolicy, overrides: dict) -> TimingPolicy:
-    """`base` with the options given; a longer --seconds lifts a shorter default time cap."""
-    if "max_s" not in overrides and base.max_s is not None and overrides.get("min_s", 0) > base.max_s:
-        overrides = {**overrides, "max_s": None}
-    return dataclasses.replace(base, **overrides)
+def _with_flags(default: TimingPolicy, flags: dict) -> TimingPolicy | None:
+    """The library's default with the flags given (None when none is: the library decides)."""
+    return default.override(flags, names=TIMING_FLAGS) if flags else None
 
 
-def _default_paths(args: argparse.Namespace, stem: str, plot: bool) -> tuple[str | None, str | None]:
+def _output_paths(args: argparse.Namespace, stem: str, plot: bool) -> tuple[str | None, str | None, str | None]:
+    """(JSON, CSV, plot) paths: those given, else DIR/STEM-YYYYmmdd-HHMMSS.{json,png} unless --no-save."""
     if args.json or args.csv or args.plot or args.no_save:
-        return args.json, args.plot
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(args.out_dir) / f"{stem}-{stamp}"
-    return str(base.with_suffix(".json")), str(base.with_suffix(".png")) if plot else None
+        return args.json, args.csv, args.plot if plot else None
+    base = Path(args.out_dir) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return str(base.with_suffix(".json")), None, str(base.with_suffix(".png")) if plot else None
 
 
-def _run_compare(args: argparse.Namespace, device: str) -> int:
+def _raise_if_failed(statuses: list[str], what: str) -> None:
+    """Exit 1 (after the table and the files) when a configuration failed; skipped ones are fine."""
+    failed = sum(status not in ("ok", "skipped") for status in statuses)
+    if failed:
+        raise LowformerRuntimeError(f"{failed} of {len(statuses)} {what} failed (see the table above)")
+
+
+def _compare_options(args: argparse.Namespace, device: str) -> dict:
+    """`plan_compare`'s options from the flags given: one value each; the library fills in the rest."""
     clashes = [
         flag
         for flag, given in (
@@ -163,64 +190,48 @@ def _run_compare(args: argparse.Namespace, device: str) -> int:
     if clashes:
         raise ValueError(f"--compare takes its models from the specs and runs one process; drop {', '.join(clashes)}")
     single = {
-        "--batch-size": args.batch_size,
-        "--image-size": args.image_size,
-        "--precision": args.precision,
-        "--backend": args.backend,
-        "--threads": args.threads,
+        "batch_size": ("--batch-size", args.batch_size),
+        "image_size": ("--image-size", args.image_size),
+        "precision": ("--precision", args.precision),
+        "backend": ("--backend", args.backend),
+        "threads": ("--threads", args.threads),
     }
-    for flag, values in single.items():
+    options = {}
+    for key, (flag, values) in single.items():
         if values and len(values) > 1:
             raise ValueError(f"--compare takes one {flag} value (set per configuration with MODEL@key=value)")
-    overrides = _timing_overrides(args)
-    warm = {k: v for k, v in overrides.items() if k.startswith("warmup")}
-    per_round = {k: v for k, v in overrides.items() if not k.startswith("warmup")}
-    warmup = _with_overrides(default_timing(device), warm)
-    round_timing = _with_overrides(default_round_timing(device), per_round)
-    print(
-        f"comparing {len(args.compare)} configurations on {device}: warm-up >= {warmup.warmup_iters} calls and "
-        f">= {warmup.warmup_s:g} s each, then {args.rounds or 10} rounds; in a round each configuration gets "
-        f"{round_timing.warmup_iters} re-warm call(s), then >= {round_timing.min_iters} timed calls and "
-        f">= {round_timing.min_s:g} s",
-        flush=True,
-    )
-    report = compare(
-        args.compare,
-        task=args.task,
-        rounds=args.rounds or 10,
-        device=device,
-        batch_size=(args.batch_size or [1])[0],
-        image_size=(args.image_size or [default_image_size(args.task)])[0],
-        precision=(args.precision or ["fp32"])[0],
-        backend=(args.backend or ["eager"])[0],
-        compile_mode=args.compile_mode,
-        channels_last=args.channels_last,
-        reparam=args.reparam,
-        threads=(args.threads or [None])[0],
-        cudnn_benchmark=not args.no_cudnn_benchmark,
-        warmup=warmup,
-        round_timing=round_timing,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+        if values:
+            options[key] = values[0]
+    if args.rounds is not None:
+        options["rounds"] = args.rounds
+    flags = _timing_flags(args)
+    warmup = {k: v for k, v in flags.items() if k.startswith("warmup")}
+    per_round = {k: v for k, v in flags.items() if not k.startswith("warmup")}
+    return {
+        **options,
+        "task": args.task,
+        "device": device,
+        "compile_mode": args.compile_mode,
+        "channels_last": args.channels_last,
+        "reparam": args.reparam,
+        "cudnn_benchmark": not args.no_cudnn_benchmark,
+        "warmup": _with_flags(default_timing(device), warmup),
+        "round_timing": _with_flags(default_round_timing(device), per_round),
+    }
+
+
+def _run_compare(args: argparse.Namespace, device: str) -> int:
+    comparison = plan_compare(args.compare, **_compare_options(args, device))
+    json_path, csv_path, _ = _output_paths(args, "compare", plot=False)
+    check_outputs([json_path, csv_path])
+    print(comparison.describe(), flush=True)
+    report = run_compare(comparison, progress=not args.no_progress and sys.stderr.isatty())
     print(format_compare(report))
-    json_path, _ = _default_paths(args, "compare", plot=False)
-    if json_path:
-        print(f"wrote {report.write_json(json_path)}")
-    if args.csv:
-        print(f"wrote {report.write_csv(args.csv)}")
-    return 0 if all(e.status in ("ok", "skipped") for e in report.entries) else 1
-
-
-def _warn_if_busy(device: str) -> None:
-    """CPU timings on a loaded machine are distorted (threads wait on each other): say so up front."""
-    cpus = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if not device.startswith("cuda") and load > 0.5 * cpus:
-        print(
-            f"  note: load average {load:.1f} on {cpus} CPUs before the run: if other processes are busy, "
-            "CPU timings are noisy (a paired --compare is robust to that)",
-            flush=True,
-        )
+    for path, write in ((json_path, report.write_json), (csv_path, report.write_csv)):
+        if path:
+            print(f"wrote {write(path)}")
+    _raise_if_failed([e.status for e in report.entries], "configuration(s)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,11 +246,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_compare(args, device)
     if args.rounds is not None:
         raise ValueError("--rounds applies to --compare")
-    timing = None
-    overrides = _timing_overrides(args)
-    if overrides:
-        base = (get_preset(args.preset).timing if args.preset else None) or default_timing(device)
-        timing = _with_overrides(base, overrides)
     p = plan(
         args.model,
         task=args.task,
@@ -255,25 +261,26 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         jobs=args.jobs,
         preset=args.preset,
-        timing=timing,
+        timing=_with_flags(default_timing(device, args.preset), _timing_flags(args)),
         peak_tflops=args.peak_tflops,
         cudnn_benchmark=not args.no_cudnn_benchmark,
     )
+    json_path, csv_path, plot_path = _output_paths(args, "bench", plot=True)
+    check_outputs([json_path, csv_path, plot_path])
     print(p.describe(), flush=True)
-    _warn_if_busy(device)
+    warn_if_busy(device, "a paired --compare is robust to that")
     start = time.perf_counter()
     report = run_plan(p, progress=not args.no_progress and sys.stderr.isatty())
     print()
     print(format_bench(report))
-    json_path, plot_path = _default_paths(args, "bench", plot=True)
-    if json_path:
-        print(f"wrote {report.write_json(json_path)}")
-    if args.csv:
-        print(f"wrote {report.write_csv(args.csv)}")
+    for path, write in ((json_path, report.write_json), (csv_path, report.write_csv)):
+        if path:
+            print(f"wrote {write(path)}")
     if plot_path:
         if any(r.ok and r.macs for r in report.results):
             print(f"wrote {plot_bench(report, plot_path)}")
         else:
             print("no plot: no configuration succeeded with a MAC count")
     print(f"took {time.perf_counter() - start:.0f} s")
-    return 0 if all(r.status in ("ok", "skipped") for r in report.results) else 1
+    _raise_if_failed([r.status for r in report.results], "configuration(s)")
+    return 0
