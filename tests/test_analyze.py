@@ -528,6 +528,73 @@ def test_cli_elements_run_resume_and_report(tmp_path, capsys):
     assert md.count("## Design elements") == 1 and "![activation heatmaps]" in md
 
 
+def test_cli_ctrl_c_keeps_the_measured_cells_and_exits_130(tmp_path, monkeypatch, capsys):
+    real, calls = sweep_mod._measure_cell, []
+
+    def interrupt_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(sweep_mod, "_measure_cell", interrupt_second)
+    args = ["analyze", "elements", "activation", "--quick", "--channels", "8", "--resolutions", "4", "5", "6"]
+    assert main([*args, "--rounds", "2", "--threads", "1", "--out", str(tmp_path), "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "lowformer analyze: interrupted\n"
+    assert "interrupted: run the same command to resume" in captured.out
+    data = json.loads((tmp_path / "elements-latency.json").read_text())
+    assert data["stopped"] == "interrupted" and [c["status"] for c in data["cells"]] == ["ok", "not-run", "not-run"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert (tmp_path / "report.md").exists() and (tmp_path / "elements-latency_activation.png").exists()
+
+
+def test_cli_failed_cell_exits_1(tmp_path, monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(sweep_mod, "_measure_cell", broken)
+    args = ["analyze", "elements", "activation", "--quick", "--channels", "8", "--resolutions", "4"]
+    assert main([*args, "--out", str(tmp_path), "--no-cache", "--no-progress"]) == 1
+    assert capsys.readouterr().err == "lowformer analyze: error: 1 of 1 cell(s) failed (see the table above)\n"
+    assert json.loads((tmp_path / "elements-latency.json").read_text())["cells"][0]["status"] == "error"
+
+
+@pytest.mark.parametrize("where", ["out-is-a-file", "json-is-a-folder", "model-out-is-a-file"])
+def test_cli_unwritable_output_fails_before_the_run(where, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["analyze", "elements", "activation", "--quick", "--out", str(out)]
+    if where == "out-is-a-file":
+        out.write_text("not a folder")
+        message = f"cannot write {out}: it is a file, not a folder"
+    elif where == "json-is-a-folder":
+        (out / "elements-latency.json").mkdir(parents=True)
+        message = f"cannot write {out / 'elements-latency.json'}: it is a folder; give a file name"
+    else:
+        out.write_text("not a folder")
+        args = ["analyze", "model", "lowformer_b0", "--out", str(out)]
+        message = f"cannot write {out}: it is a file, not a folder"
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"lowformer analyze: error: {message}\n" and captured.out == ""
+    assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("*.png"))
+
+
+def test_cli_timm_models_in_model_and_models(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--image-size", "32", "--threads", "1", "--out", str(out)]
+    assert main(["analyze", "model", "timm:test_resnet", "--iters", "1", "--quick", *args]) == 0
+    profile = json.loads((out / "profile-timm_test_resnet-latency.json").read_text())
+    assert (profile["model"], profile["source"]) == ("timm:test_resnet", "timm") and profile["macs"] > 0
+    assert main(["analyze", "models", "timm:test_resnet", "--quick", "--batch-size", "2", "--no-progress", *args]) == 0
+    models = json.loads((out / "models.json").read_text())
+    assert [(r["model"], r["source"]) for r in models["ranks"]] == [("timm:test_resnet", "timm")]
+    assert {r["status"] for r in models["bench"]["results"]} == {"ok"}
+    md = (out / "report.md").read_text()
+    assert "## Operator profile: `timm:test_resnet`" in md and "## Models: MACs vs latency" in md
+    assert "timm:test_resnet" in capsys.readouterr().out
+
+
 def test_cli_user_pair_via_import(tmp_path, capsys):
     plugin = tmp_path / "my_pairs.py"
     plugin.write_text(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from lowformer.cli import main
 from lowformer.factory import check_model_name
 from lowformer.measure.session import classify_failure
 from lowformer.models import list_models
-from lowformer.report import format_bench, format_compare, plot_bench
+from lowformer.report import format_bench, format_compare
 
 TINY = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=3, min_s=0.0)
 SMALL_MODEL = "timm:test_resnet"
@@ -273,15 +274,6 @@ def test_two_jobs_share_the_device():
     assert r.throughput_img_s == pytest.approx(sum(1e3 / m for m in r.jobs_latency_ms_p50))
 
 
-def test_plot_is_written(tmp_path):
-    models = [SMALL_MODEL, "timm:test_efficientnet", "timm:test_byobnet"]
-    report = benchmark(models, device="cpu", batch_sizes=[2], image_sizes=[32], threads=1, timing=TINY)
-    assert len(report.correlations()) == 2  # throughput and latency groups, three models each
-    path = plot_bench(report, tmp_path / "plot.png")
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-
-
 # --------------------------------------------------------------------------------------------
 # task "detection": backbone + RetinaNet FPN neck
 # --------------------------------------------------------------------------------------------
@@ -442,18 +434,126 @@ def test_cli_run_writes_json_csv_and_plot(tmp_path, capsys):
     assert "timing per configuration" in out and "Spearman rho" in out and "ms p50" in out
     (json_path,) = tmp_path.glob("bench-*.json")
     (png_path,) = tmp_path.glob("bench-*.png")
-    assert json.loads(json_path.read_text())["schema"] == SCHEMA and png_path.stat().st_size > 20_000
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == SCHEMA and len(data["correlations"]) == 2  # throughput and latency, 3 models each
+    png = png_path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # the MACs-vs-speed plot
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left behind
 
 
-def test_cli_exit_code_1_when_a_configuration_fails(tmp_path, monkeypatch):
+def test_cli_exit_code_1_when_a_configuration_fails(tmp_path, monkeypatch, capsys):
     import lowformer.bench.runner as runner
 
-    def broken_prepare(*args, **kwargs):
-        raise RuntimeError("backend exploded")
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(runner, "prepare", broken_prepare)
-    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--no-save", "--iters", "1"]
+    monkeypatch.setattr(runner, "prepare", out_of_memory)
+    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--iters", "1"]
+    assert main([*argv, "--json", str(tmp_path / "r.json")]) == 1
+    captured = capsys.readouterr()
+    assert (
+        "oom [1]" in captured.out and "[1] timm:test_resnet latency batch 1: OutOfMemoryError: CUDA out" in captured.out
+    )
+    assert captured.err == "lowformer bench: error: 1 of 1 configuration(s) failed (see the table above)\n"
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["status"] == "oom"  # written all the same
+
+
+def test_cli_ctrl_c_exits_130(monkeypatch, capsys):
+    import lowformer.bench.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_config", interrupted)
+    assert main(["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--no-save"]) == 130
+    assert capsys.readouterr().err == "lowformer bench: interrupted\n"
+
+
+# --------------------------------------------------------------------------------------------
+# what a user gets wrong: one line, the right exit code, nothing timed, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seconds", "5", "--max-seconds", "2"], "--max-seconds (2) must be >= --seconds (5)"),
+        (["--iters", "9", "--max-iters", "3"], "--max-iters (3) must be >= --iters (9)"),
+        (["--compare", SMALL_MODEL, "timm:test_vit", "--seconds", "1", "--max-seconds", "0.5"], "--max-seconds (0.5)"),
+        (["--image-size", "16"], "image size 16x16 is too small for timm:test_resnet: height and width must be >= 32"),
+        (["-m", "edgevit_xxs", "--image-size", "200"], "edgevit_xxs needs height and width that are multiples of 32"),
+        (["--compare", "edgevit_xxs", "edgevit_xxs@threads=1", "--image-size", "100"], "multiples of 32, got 100x100"),
+        (["--compare", SMALL_MODEL, "timm:test_vit", "--compile-mode", "max-autotune"], "(--compile-mode"),
+    ],
+)
+def test_cli_option_errors_name_the_flags(argv, message, capsys):
+    if argv[0] != "--compare" and "-m" not in argv:
+        argv = ["-m", SMALL_MODEL, *argv]
+    assert main(["bench", *argv, "--no-save"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1
+    assert "timing per configuration" not in captured.out and "comparing" not in captured.out  # refused before
+    for internal in ("max_s", "min_s", "max_iters", "min_iters"):
+        assert internal not in captured.err
+
+
+def test_cli_rounds_below_2_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--compare", SMALL_MODEL, "timm:test_vit", "--rounds", "1"])
+    assert e.value.code == 2 and "argument --rounds: must be >= 2, got 1" in capsys.readouterr().err
+
+
+def test_cli_max_seconds_alone_lowers_the_default_floor(capsys):
+    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--threads", "1", "--no-save"]
+    assert main([*argv, "--warmup-seconds", "0", "--iters", "1", "--max-seconds", "0.2", "--no-progress"]) == 0
+    assert "then >= 1 timed iters and >= 0.2 s (at most 100000 iters or 0.2 s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["json-is-a-folder", "out-dir-is-a-file", "disk-full"])
+def test_cli_unwritable_output_fails_before_the_run(where, tmp_path, monkeypatch, capsys):
+    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32"]
+    if where == "json-is-a-folder":
+        (tmp_path / "r.json").mkdir()
+        argv += ["--json", str(tmp_path / "r.json")]
+        message = f"cannot write {tmp_path / 'r.json'}: it is a folder; give a file name"
+    elif where == "out-dir-is-a-file":
+        (tmp_path / "results").write_text("not a folder")
+        argv += ["--out-dir", str(tmp_path / "results")]
+        message = f"cannot write {tmp_path / 'results'}: it is a file, not a folder"
+    else:
+        import errno
+
+        import lowformer._io
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(lowformer._io.tempfile, "mkstemp", full)
+        argv += ["--csv", str(tmp_path / "r.csv")]
+        message = f"cannot write {tmp_path / 'r.csv'}: no space left on device"
     assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"lowformer bench: error: {message}\n"
+    assert captured.out == ""  # nothing planned, nothing timed
+    assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("bench-*"))
+
+
+def test_cli_read_only_output_folder(tmp_path):
+    import os
+    import sys
+
+    from helpers import run_unprivileged
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    argv = [sys.executable, "-m", "lowformer", "bench", "-m", SMALL_MODEL, "--json", str(folder / "r.json")]
+    package_root = str(Path(lowformer.__file__).resolve().parents[1])  # this checkout, in the child too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = run_unprivileged(argv, cwd=tmp_path, env=env)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"lowformer bench: error: cannot write {folder / 'r.json'}: permission denied\n"
+    assert done.stdout == "" and not list(folder.iterdir())
 
 
 def test_cli_compare(capsys):

@@ -20,6 +20,7 @@ from lowformer.measure.session import (
     batch_size_for,
     batch_sizes_by_mode,
     classify_failure,
+    frozen_heap,
     input_shape,
     make_input,
     mode_of,
@@ -377,6 +378,23 @@ def test_failures_are_classified_by_the_shared_rule():
         "RuntimeError: shapes do not match",
     )
     assert len(classify_failure(ValueError("x" * 2000))[1]) == 500
+
+
+def test_frozen_heap_makes_collections_cheap_and_nests():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the heap alive before the block
+        with frozen_heap():
+            assert gc.get_freeze_count() == frozen
+        cycle = [nn.Linear(2, 2)]
+        cycle.append(cycle)  # garbage created inside is still collected
+        del cycle
+        assert gc.collect() >= 1
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
 
 
 def test_busy_machine_rule():

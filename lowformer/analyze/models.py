@@ -18,6 +18,7 @@ from pathlib import Path
 from .._io import write_json
 from ..bench.models import DEFAULT_MODELS
 from ..bench.plan import ModelArg, Plan, plan
+from ..bench.presets import QUICK_TIMING
 from ..bench.result import BenchReport
 from ..bench.runner import run_plan
 from ..measure import stats
@@ -26,9 +27,6 @@ from ..measure.timing import TimingPolicy
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.models/1"
-
-# `--quick`: a first look in a minute, not a measurement to publish
-QUICK_TIMING = TimingPolicy(warmup_iters=1, warmup_s=0.2, min_iters=3, min_s=0.5, max_s=5.0)
 
 _monotonic = time.monotonic
 

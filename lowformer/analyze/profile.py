@@ -28,7 +28,7 @@ from torch import nn
 from .._io import write_csv, write_json
 from ..bench.backends import PRECISIONS, prepare, unsupported_reason
 from ..bench.models import build_source, source_kind
-from ..bench.presets import default_batch_size
+from ..bench.presets import QUICK_TIMING, default_batch_size
 from ..factory import check_image_size
 from ..measure import stats
 from ..measure.env import environment, resolve_device
@@ -40,6 +40,9 @@ from ..measure.timing import TimingPolicy, measure
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.profile/1"
+
+# the wall time per call, measured without the profiler
+WALL_TIMING = TimingPolicy(warmup_iters=3, warmup_s=1.0, min_iters=10, min_s=2.0, max_s=20.0)
 
 KINDS: dict[str, str] = {
     "dense_conv": "dense conv",
@@ -245,6 +248,7 @@ def profile_model(
     threads: int | None = None,
     iters: int | None = None,
     timing: TimingPolicy | None = None,
+    quick: bool = False,
     label: str | None = None,
 ) -> ModelProfile:
     """Profile one model eagerly: time per operator kind (torch.profiler) against MAC share.
@@ -254,7 +258,7 @@ def profile_model(
         mode: "latency" (batch 1) or "throughput" (`batch_size`, default 256 on CUDA, 16 on CPU).
         iters: profiled calls (default 20 on CUDA, 5 on CPU), after the wall-clock measurement.
         timing: the wall-clock measurement without the profiler (default: >= 1 s warm-up, >= 10
-            calls and >= 2 s).
+            calls and >= 2 s; `quick`: `presets.QUICK_TIMING`).
     """
     device = resolve_device(device)
     check_modes([mode])
@@ -269,7 +273,7 @@ def profile_model(
     h, w = check_image_size(model, image_size)
     cuda = device.startswith("cuda")
     iters = iters or (20 if cuda else 5)
-    timing = timing or TimingPolicy(warmup_iters=3, warmup_s=1.0, min_iters=10, min_s=2.0, max_s=20.0)
+    timing = timing or (QUICK_TIMING if quick else WALL_TIMING)
     name = model if isinstance(model, str) else label or type(model).__name__
     module = build_source(model)
     mac_report = count_macs(module, (h, w), in_chans=getattr(module, "in_chans", 3), device="cpu")

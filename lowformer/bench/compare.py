@@ -91,7 +91,9 @@ def parse_spec(spec: str, base: BenchConfig) -> BenchConfig:
     if config.threads is not None and config.threads < 1:
         raise ValueError(f"{spec!r}: threads must be >= 1")
     if config.compile_mode is not None and config.backend != "compile":
-        raise ValueError(f"{spec!r}: compile_mode needs backend=compile")
+        raise ValueError(
+            f"{spec!r}: a compile mode (--compile-mode, @compile_mode=) needs the compile backend (@backend=compile)"
+        )
     unsupported_reason(config.backend, config.precision, config.device, config.channels_last)  # name check
     return config
 

@@ -73,6 +73,10 @@ def default_timing(device: str, preset: str | None = None) -> TimingPolicy:
     return TimingPolicy(warmup_iters=2, warmup_s=1.0, min_iters=10, min_s=3.0, max_s=15.0)
 
 
+# `--quick`: a first look in a minute, not a measurement to publish
+QUICK_TIMING = TimingPolicy(warmup_iters=1, warmup_s=0.2, min_iters=3, min_s=0.5, max_s=5.0)
+
+
 def default_round_timing(device: str) -> TimingPolicy:
     """One round of a paired comparison: a re-warm call, then a short burst of timed calls."""
     if device.startswith("cuda"):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..measure.env import PeakMemory, device_name, environment, peak_tflops, tf32_state
 from ..measure.macs import count_macs
-from ..measure.session import classify_failure, input_shape, make_input, place, run_context
+from ..measure.session import classify_failure, frozen_heap, input_shape, make_input, place, run_context
 from ..measure.stats import median, summarize_ms
 from ..measure.timing import measure
 from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
@@ -278,7 +278,8 @@ def run_plan(plan: Plan, progress: bool = False, stop: Callable[[], bool] | None
     report = BenchReport(environment=environment(device), settings=plan.settings)
     macs_cache: dict = {}
     label, pristine, build_error = None, None, None
-    with tqdm(plan.configs, desc="bench", unit="config", disable=not progress, dynamic_ncols=True) as bar:
+    bar = tqdm(plan.configs, desc="bench", unit="config", disable=not progress, dynamic_ncols=True)
+    with frozen_heap(), bar:
         for config in bar:
             if stop is not None and stop():
                 break

@@ -121,6 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--batch-size", type=positive_int, metavar="N", help="throughput batch")
     m.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
     m.add_argument("--iters", type=positive_int, metavar="N", help="profiled calls (CPU 5, CUDA 20)")
+    m.add_argument("--quick", action="store_true", help="short wall-clock timing (>= 3 calls, >= 0.5 s)")
     _common(m, backend=False)
     m.set_defaults(run=run)
 
@@ -256,6 +257,7 @@ def _run_model(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         threads=args.threads,
         iters=args.iters,
+        quick=args.quick,
     )
     data = profile.to_dict()
     print(format_profile(data))

@@ -160,11 +160,17 @@ def _with_flags(default: TimingPolicy, flags: dict) -> TimingPolicy | None:
 
 
 def _output_paths(args: argparse.Namespace, stem: str, plot: bool) -> tuple[str | None, str | None, str | None]:
-    """(JSON, CSV, plot) paths: those given, else DIR/STEM-YYYYmmdd-HHMMSS.{json,png} unless --no-save."""
+    """(JSON, CSV, plot) paths: those given, else --out-dir/STEM-YYYYmmdd-HHMMSS.{json,png} unless
+    --no-save. Checked before the run: each must be writable (and --out-dir a folder)."""
     if args.json or args.csv or args.plot or args.no_save:
-        return args.json, args.csv, args.plot if plot else None
+        paths = args.json, args.csv, args.plot if plot else None
+        check_outputs(list(paths))
+        return paths
+    check_outputs([], folders=[args.out_dir])
     base = Path(args.out_dir) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return str(base.with_suffix(".json")), None, str(base.with_suffix(".png")) if plot else None
+    paths = str(base.with_suffix(".json")), None, str(base.with_suffix(".png")) if plot else None
+    check_outputs(list(paths))
+    return paths
 
 
 def _raise_if_failed(statuses: list[str], what: str) -> None:
@@ -223,7 +229,6 @@ def _compare_options(args: argparse.Namespace, device: str) -> dict:
 def _run_compare(args: argparse.Namespace, device: str) -> int:
     comparison = plan_compare(args.compare, **_compare_options(args, device))
     json_path, csv_path, _ = _output_paths(args, "compare", plot=False)
-    check_outputs([json_path, csv_path])
     print(comparison.describe(), flush=True)
     report = run_compare(comparison, progress=not args.no_progress and sys.stderr.isatty())
     print(format_compare(report))
@@ -266,7 +271,6 @@ def run(args: argparse.Namespace) -> int:
         cudnn_benchmark=not args.no_cudnn_benchmark,
     )
     json_path, csv_path, plot_path = _output_paths(args, "bench", plot=True)
-    check_outputs([json_path, csv_path, plot_path])
     print(p.describe(), flush=True)
     warn_if_busy(device, "a paired --compare is robust to that")
     start = time.perf_counter()

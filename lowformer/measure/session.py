@@ -10,10 +10,12 @@ meaning of its mode and batch size, and how a failure is classified.
   times a batch.
 - `classify_failure`: an exception that ended one run, as a recorded status ("oom" or "error") and
   a one-line message, so the run goes on.
+- `frozen_heap`: cheap garbage collections between runs.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -120,3 +122,19 @@ def classify_failure(e: BaseException) -> tuple[str, str]:
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
     return ("oom" if is_out_of_memory(e) else "error"), f"{type(e).__name__}: {first}"[:500]
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Make the `gc.collect()` between two runs cheap: the objects alive when the block starts (the
+    libraries' own heap, hundreds of thousands of objects) are left out of collections inside it,
+    so a collection scans only what the runs created (a model, its prepared step): about a
+    millisecond instead of a quarter of a second. Nested use keeps the outer freeze."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
