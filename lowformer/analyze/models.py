@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._io import write_json
 from ..bench.models import DEFAULT_MODELS
-from ..bench.plan import ModelArg, Plan, plan
+from ..bench.planner import ModelArg, Plan, plan
 from ..bench.presets import QUICK_TIMING
 from ..bench.result import BenchReport
 from ..bench.runner import run_plan

@@ -9,7 +9,7 @@
     print(format_compare(compare(["lowformer_b1", "lowformer_b1@backend=torchscript"], batch_size=16)))
 
 Layout: `backends` (eager, compile, TorchScript, ONNX Runtime, CUDA graphs; precision;
-reparameterisation), `models` (what a name builds per task), `presets`, `plan` (arguments into
+reparameterisation), `models` (what a name builds per task), `presets`, `planner` (arguments into
 configurations), `runner` (time configurations, jobs), `compare` (paired rounds) and `result` (the
 records, JSON, CSV, rank correlations). Timing, statistics, the environment and the run context
 are `lowformer.measure`'s; tables and plots are `lowformer.report`'s. Method and fields: docs/bench.md.
@@ -21,7 +21,7 @@ from ..measure.timing import CudaEventTimer, PerfCounterTimer, TimingPolicy, mea
 from .backends import BACKENDS, PRECISIONS, reparameterize
 from .compare import ComparePlan, CompareReport, compare, parse_spec, plan_compare, run_compare
 from .models import DEFAULT_MODELS, DETECTION_MODELS, TASKS
-from .plan import Plan, plan
+from .planner import Plan, plan
 from .presets import PRESETS
 from .result import SCHEMA, BenchConfig, BenchReport, BenchResult
 from .runner import benchmark, run_config, run_plan

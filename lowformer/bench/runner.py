@@ -22,7 +22,7 @@ from ..measure.stats import median, summarize_ms
 from ..measure.timing import measure
 from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
 from .models import Source, build_source, source_kind
-from .plan import ModelArg, Plan, plan
+from .planner import ModelArg, Plan, plan
 from .result import BenchConfig, BenchReport, BenchResult
 
 _logger = logging.getLogger(__name__)

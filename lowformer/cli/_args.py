@@ -71,8 +71,9 @@ def check_outputs(files: list[str | Path | None], folders: list[str | Path | Non
             check_writable(path)
 
 
-def warn_if_busy(device: str, advice: str) -> None:
-    """CPU timings on a loaded machine are distorted (threads wait on each other): say so up front."""
+def warn_if_busy(device: str, consequence: str) -> None:
+    """CPU timings on a loaded machine are distorted (threads wait on each other): say so up front,
+    with what that means for this command's numbers."""
     load, cpus = cpu_load()
     if is_busy(device, load, cpus):
-        print(f"  note: load average {load:.1f} on {cpus} CPUs before the run: CPU timings are noisy; {advice}")
+        print(f"  note: load average {load:.1f} on {cpus} CPUs before the run: {consequence}", flush=True)

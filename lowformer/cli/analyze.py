@@ -51,6 +51,10 @@ EXAMPLES = """examples:
 
 DEFAULT_OUT = "analysis-results"
 
+# what a busy machine means for the numbers (see `warn_if_busy`)
+_FAIR_RATIOS = "the interleaved rounds keep the ratios fair, the absolute times are not"
+_USE_COMPARE = "compare configurations with `lowformer bench --compare`, which interleaves them"
+
 
 def _common(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
@@ -215,7 +219,7 @@ def _run_elements(args: argparse.Namespace) -> int:
     files = [out / f"{stem}.csv", out / f"{stem}.json", out / REPORT_NAME]
     check_outputs(files + [out / f"{stem}_{p.name}.png" for p in sweep.pairs], folders=[out, cache_dir])
     print(sweep.describe(), flush=True)
-    warn_if_busy(sweep.settings["device"], "the interleaved rounds keep the ratios fair, the absolute times are not")
+    warn_if_busy(sweep.settings["device"], f"CPU timings are noisy; {_FAIR_RATIOS}")
     start = time.perf_counter()
     report = run_elements(sweep, progress=not args.no_progress and sys.stderr.isatty())
     data = report.to_dict()
@@ -246,7 +250,7 @@ def _run_model(args: argparse.Namespace) -> int:
     check_outputs([*files, out / REPORT_NAME], folders=[out])
     device = resolve_device(args.device)
     print(f"profiling {args.model} on {device} ({args.mode}) ...", flush=True)
-    warn_if_busy(device, "compare configurations with `lowformer bench --compare`, which interleaves them")
+    warn_if_busy(device, f"CPU timings are noisy; {_USE_COMPARE}")
     profile = profile_model(
         args.model,
         device=device,
@@ -284,7 +288,7 @@ def _run_models(args: argparse.Namespace) -> int:
     check_outputs([*files, out / REPORT_NAME], folders=[out])
     print(models_plan.describe(), flush=True)
     device = models_plan.settings["device"]
-    warn_if_busy(device, "compare configurations with `lowformer bench --compare`, which interleaves them")
+    warn_if_busy(device, f"CPU timings are noisy; {_USE_COMPARE}")
     report = run_models(models_plan, budget_s=args.budget, progress=not args.no_progress and sys.stderr.isatty())
     print()
     print(format_models(report.to_dict()))

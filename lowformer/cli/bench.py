@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     )
     json_path, csv_path, plot_path = _output_paths(args, "bench", plot=True)
     print(p.describe(), flush=True)
-    warn_if_busy(device, "a paired --compare is robust to that")
+    warn_if_busy(device, "if other processes are busy, CPU timings are noisy (a paired --compare is robust to that)")
     start = time.perf_counter()
     report = run_plan(p, progress=not args.no_progress and sys.stderr.isatty())
     print()

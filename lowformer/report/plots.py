@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .._io import atomic_write
 from ..analyze.cells import element_rows
+from ..analyze.models import ModelsReport
 from ..bench.result import BenchReport, comparable_groups, correlation_group_key
 from .tables import SHORT_STATUS, format_number, format_ratio, task_prefix
 
@@ -35,15 +36,17 @@ def figure(width: float, height: float, dpi: int = 100):
     return fig
 
 
-def save_png(fig, path: str | os.PathLike, palette: bool = False) -> Path:
-    """Write `fig` as a PNG, atomically; with `palette`, as a 256-colour PNG.
+def save_figure(fig, path: str | os.PathLike, palette: bool = False) -> Path:
+    """Write `fig` atomically, in the format its suffix names (PNG without one); with `palette`, a
+    PNG gets 256 colours.
 
     NOTE: analysis figures are flat colours and text, so a palette loses nothing visible and makes
     the file about 3x smaller than matplotlib's RGBA output, which matters for reports committed to
     a repository.
     """
-    if not palette:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if not palette or fmt != "png":
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
     from PIL import Image
 
     buf = io.BytesIO()
@@ -62,13 +65,13 @@ def save_png(fig, path: str | os.PathLike, palette: bool = False) -> Path:
 def plot_bench(report: BenchReport, path: str | os.PathLike, max_panels: int = 4) -> Path:
     """Scatter of counted MACs against measured throughput / latency, one panel per comparable group
     (`lowformer bench --plot`)."""
-    return save_png(_macs_vs_speed(report, max_panels), path)
+    return save_figure(_macs_vs_speed(report, max_panels), path)
 
 
-def plot_models(report, path: str | os.PathLike) -> Path:
+def plot_models(report: ModelsReport, path: str | os.PathLike) -> Path:
     """The MACs-vs-speed scatter of a model set (`lowformer analyze models`; a `ModelsReport`), as a
     256-colour PNG like the other analysis figures."""
-    return save_png(_macs_vs_speed(report.bench, max_panels=4), path, palette=True)
+    return save_figure(_macs_vs_speed(report.bench, max_panels=4), path, palette=True)
 
 
 def _macs_vs_speed(report: BenchReport, max_panels: int):
@@ -80,7 +83,7 @@ def _macs_vs_speed(report: BenchReport, max_panels: int):
     styles = {"lowformer": ("tab:orange", "ours"), "timm": ("tab:blue", "timm"), "module": ("tab:green", "module")}
     for i, (key, rs) in enumerate(groups):
         ax = fig.add_subplot(1, len(groups), i + 1)
-        throughput = key[0] == "throughput"
+        throughput = key[0] == "throughput"  # group_key starts with the mode
         for source, (color, name) in styles.items():
             pts = [r for r in rs if r.source == source]
             if not pts:
@@ -131,13 +134,8 @@ def _label_offsets(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> lis
     return offsets
 
 
-def _group_key_from_corr(c: dict) -> tuple:
-    h, w = c["image_size"]
-    keys = ("backend", "precision", "channels_last", "reparam", "threads", "jobs")
-    return (c["mode"], c["batch_size"], h, w, *(c[k] for k in keys), c.get("task", "classification"))
-
-
 def _group_title(key: tuple) -> str:
+    """The title of a comparable group (`lowformer.bench.result.group_key`)."""
     mode, bs, h, w, backend, precision, channels_last, reparam, threads, jobs, task = key
     parts = [f"{task_prefix(task)}{mode}, batch {bs}, {h}x{w}, {backend} {precision}"]
     if channels_last:
@@ -254,7 +252,7 @@ def plot_element_heatmaps(data: dict, out_dir: str | Path, stem: str = "elements
             f"ratio < 1 (blue): the first side ({a}) is cheaper;  * framed: MACs and time pick different sides",
             fontsize=8,
         )
-        paths.append(save_png(fig, out_dir / f"{stem}_{pair['name']}.png", palette=True))
+        paths.append(save_figure(fig, out_dir / f"{stem}_{pair['name']}.png", palette=True))
     return paths
 
 
@@ -290,4 +288,4 @@ def plot_profile(data: dict, path: str | Path, dpi: int = 100) -> Path:
         f"{data['wall_ms_p50']:.2f} ms per call, {env.get('date', '')[:10]}",
         fontsize=9,
     )
-    return save_png(fig, path, palette=True)
+    return save_figure(fig, path, palette=True)
