@@ -191,3 +191,24 @@ def train_segmentation(
         optimizer=optimizer,
         on_step=on_step,
     )
+
+
+def slide_inference(model: nn.Module, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """Logits of `image` (1, 3, H, W) from overlapping `crop` windows `stride` apart, averaged where
+    they overlap (mmseg's `slide_inference`); windows at the border are shifted inside the image."""
+    _, _, h, w = image.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride
+    rows = max(h - ch + sh - 1, 0) // sh + 1
+    cols = max(w - cw + sw - 1, 0) // sw + 1
+    logits: torch.Tensor | None = None
+    counts = torch.zeros(1, 1, h, w, device=image.device)
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = min(r * sh, h - ch), min(c * sw, w - cw)
+            out = model(image[..., y1 : y1 + ch, x1 : x1 + cw])  # (1, K, ch, cw)
+            if logits is None:
+                logits = image.new_zeros(1, out.shape[1], h, w)
+            logits[..., y1 : y1 + ch, x1 : x1 + cw] += out
+            counts[..., y1 : y1 + ch, x1 : x1 + cw] += 1
+    return logits / counts
