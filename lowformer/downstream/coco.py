@@ -458,7 +458,7 @@ def evaluate_coco(
             continue
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            coco_dt = coco_gt.loadRes(dets)
+            coco_dt = coco_gt.loadRes([dict(d) for d in dets])  # loadRes adds keys to the dicts it gets
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.params.imgIds = sorted(coco_gt.getImgIds())
             evaluator.evaluate()

@@ -354,6 +354,7 @@ def _train(
 
                 if global_step % schedule.eval_every == 0 or global_step == schedule.total_steps:
                     elapsed = time.perf_counter() - t_window
+                    _broadcast_buffers(model, info)  # every process evaluates the weights rank 0 saves
                     evaluation = task.evaluate(
                         model, val_ds, recipe, info, workers=recipe.workers, progress=progress, data=data
                     )
@@ -414,6 +415,16 @@ def _train(
         wall_s=time.perf_counter() - wall_start,
         stopped_by=stopped_by,
     )
+
+
+def _broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every process: DDP syncs them only at the start of a
+    training forward, so after the last step each process holds the statistics of its own batch."""
+    if info.distributed:
+        import torch.distributed as dist
+
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
 
 
 def _jsonable(details: dict[str, Any]) -> dict[str, Any]:

@@ -151,6 +151,23 @@ def semantic_fpn_lowformer(
     return SemanticFPN(neck, num_classes, head_channels, dropout, norm_layer)
 
 
+# What `lowformer bench --task segmentation` times: the whole Semantic FPN as the papers ran it on
+# ADE20K (150 classes; the training crop, 512x512, as image size), logits at full resolution.
+SEGMENTATION_BENCH_CLASSES = 150
+SEGMENTATION_BENCH_IMAGE_SIZE = (512, 512)
+
+
+def semantic_fpn_timing_model(model: str | nn.Module, num_classes: int = SEGMENTATION_BENCH_CLASSES) -> SemanticFPN:
+    """A randomly initialised Semantic FPN in eval mode, for speed measurements.
+
+    Backbone + FPN + head + the final upsampling, i.e. everything between an image and its
+    (B, num_classes, H, W) logits; the output is one tensor, so TorchScript tracing and ONNX export
+    take the model as it is. Unlike detection, whose shared heads and post-processing the benchmark
+    leaves out, the head is part of what a Semantic FPN costs and is timed.
+    """
+    return semantic_fpn_lowformer(model, num_classes).eval()
+
+
 def segmentation_loss(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ignore_index: int = 255
 ) -> torch.Tensor:
