@@ -102,12 +102,13 @@ def test_detection_demo_reaches_ap50_and_eval_reproduces_it(tmp_path, capsys):
 
 def test_segmentation_demo_reaches_miou_and_slide_inference_agrees(tmp_path, capsys):
     out = tmp_path / "shapes"
-    rc = main(["segment", "train", "--iterations", "100", "--set", "eval_every=100", "--output", str(out),
+    # 3 of the demo's 4 epochs (120 steps of 4 crops, ~25 s on one core)
+    rc = main(["segment", "train", "--iterations", "120", "--set", "eval_every=120", "--output", str(out),
                "--no-progress"])  # fmt: skip
     assert rc == 0
     capsys.readouterr()
     (row,) = _rows(out / "log.csv")
-    assert float(row["mIoU"]) >= 0.6, row
+    assert float(row["mIoU"]) >= 0.6, row  # reached 0.80 in development runs
     assert (out / "demo_data" / "annotations" / "training").is_dir()  # ADE20K's layout
 
     rc = main(["segment", "eval", "--checkpoint", str(out / "best.pt"), "--json", "--no-progress"])
@@ -273,10 +274,18 @@ def test_bad_data_and_checkpoints_exit_with_a_message(tiny_coco, tiny_ade, tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and "has values [77] outside the class range" in err and ".png" in err
 
-    # a checkpoint of the other task
-    seg = engine.train("segmentation", "lowformer_b0", _tiny_segmentation(iterations=1, eval_every=1),
-                       data_dir=tiny_ade, output_dir=tmp_path / "seg", progress=False)  # fmt: skip
-    rc = main(["detect", "eval", "--checkpoint", str(seg.last_checkpoint)])
+    # a checkpoint of the other task; evaluation keys only; --overwrite replaces a run
+    one_step = tmp_path / "one_step.yaml"
+    one_step.write_text(_tiny_segmentation(iterations=1, eval_every=1).to_yaml())
+    seg = ["segment", "train", "--model", "lowformer_b0", "--recipe", str(one_step), "--data", str(tiny_ade),
+           "--output", str(tmp_path / "seg"), "--no-progress"]  # fmt: skip
+    assert main(seg) == 0
+    first = (tmp_path / "seg" / "last.pt").stat().st_mtime_ns
+    assert main(seg + ["--overwrite"]) == 0 and (tmp_path / "seg" / "last.pt").stat().st_mtime_ns != first
+    capsys.readouterr()
+    rc = main(["segment", "eval", "--checkpoint", str(tmp_path / "seg" / "last.pt"), "--set", "num_classes=5"])
+    assert rc == 2 and "cannot change num_classes when evaluating a checkpoint" in capsys.readouterr().err
+    rc = main(["detect", "eval", "--checkpoint", str(tmp_path / "seg" / "last.pt")])
     err = capsys.readouterr().err
     assert rc == 1 and "is a segmentation checkpoint, not a detection one; use `lowformer segment`" in err
 

@@ -155,7 +155,7 @@ def run_train(args: argparse.Namespace, cmd: DenseCommand) -> int:
 
 
 def run_eval(args: argparse.Namespace, cmd: DenseCommand) -> int:
-    from .._io import check_writable, write_json
+    from .._io import check_writable, write_text
     from ..downstream import engine
     from ..downstream.recipe import parse_override
 
@@ -179,7 +179,7 @@ def run_eval(args: argparse.Namespace, cmd: DenseCommand) -> int:
     if not _is_main():
         return 0
     if predictions is not None:
-        write_json(predictions, evaluation.files["predictions.json"])
+        write_text(predictions, json.dumps(evaluation.files["predictions.json"]))
     if args.json:
         details = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in evaluation.details.items()}
         print(json.dumps({**described, **evaluation.metrics, **details}, indent=2))

@@ -17,6 +17,7 @@ the weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -376,8 +377,8 @@ def _train(
                         write_csv(out / "log.csv", history, columns)
                         write_json(out / "metrics.json", {"step": global_step, **evaluation.metrics,
                                                           **_jsonable(evaluation.details)})  # fmt: skip
-                        for name, content in evaluation.files.items():
-                            write_json(out / name, content)
+                        for name, content in evaluation.files.items():  # data files: compact JSON
+                            write_text(out / name, json.dumps(content))
                     log(
                         "step %d/%d (epoch %g): train loss %.4f | %s | lr %.3g | %.3f s/step",
                         global_step, schedule.total_steps, row["epoch"], row["train_loss"], evaluation.text,
@@ -470,7 +471,9 @@ def evaluate_checkpoint(
     cls = task.recipe_type
     recipe = recipe_from_dict(cls, state["recipe"], origin=f"{checkpoint}'s recipe")
     if overrides:
-        recipe = merge_resumed(cls, recipe.to_dict(), recipe.replace(**overrides), set(overrides))
+        recipe = merge_resumed(
+            cls, recipe.to_dict(), recipe.replace(**overrides), set(overrides), when="evaluating a checkpoint"
+        )
     split = split or state["splits"][1]
     with process_group(device) as info:
         with contextlib.ExitStack() as stack:
@@ -502,7 +505,7 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "model": state["model_name"],
         "task": task_name,
-        "data": "built-in demo" if data_dir is None and state["demo"] else str(root),
+        "data": "the built-in demo" if data_dir is None and state["demo"] else str(root),
         "split": split,
         "images": len(dataset),
         "step": state["global_step"],

@@ -345,14 +345,17 @@ def recipe_from_dict(cls: type[DownstreamRecipe], data: Any, origin: str = "reci
         raise RecipeError(f"{origin}: {e}") from None
 
 
-def merge_resumed(cls: type[DownstreamRecipe], saved: dict[str, Any], given: DownstreamRecipe, explicit: set[str]):
+def merge_resumed(
+    cls: type[DownstreamRecipe], saved: dict[str, Any], given: DownstreamRecipe, explicit: set[str], *,
+    when: str = "resuming (the run would no longer continue exactly)",
+) -> DownstreamRecipe:  # fmt: skip
     """The checkpoint's recipe with the runtime keys the user set now; other changes are refused
-    (the resumed run would no longer continue the interrupted one)."""
+    (the resumed run would no longer continue the interrupted one; an evaluation would not be of
+    the model the checkpoint holds)."""
     changed = sorted(k for k in explicit if k not in cls.RUNTIME_KEYS and getattr(given, k) != saved.get(k))
     if changed:
         raise RecipeError(
-            f"cannot change {', '.join(changed)} when resuming (the run would no longer continue exactly); "
-            f"only {', '.join(sorted(cls.RUNTIME_KEYS))} may change"
+            f"cannot change {', '.join(changed)} when {when}; only {', '.join(sorted(cls.RUNTIME_KEYS))} may change"
         )
     runtime = {k: getattr(given, k) for k in explicit if k in cls.RUNTIME_KEYS}
     return recipe_from_dict(cls, {**saved, **runtime}, "resumed recipe")
