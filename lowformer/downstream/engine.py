@@ -243,7 +243,7 @@ def _train(
     n_train = sum(p.numel() for p in params)
     log(
         "%s %s on %s: %.2fM params (%.2fM trainable), %d classes; %d training / %d validation images (%s)",
-        getattr(recipe, "detector", "semantic_fpn"), model_name, info.device.type, n_params / 1e6, n_train / 1e6,
+        task.model_label(recipe), model_name, info.device.type, n_params / 1e6, n_train / 1e6,
         len(data.names), len(train_ds), len(val_ds), f"built-in demo, {root}" if demo else root,
     )  # fmt: skip
     lr_rule = f" = {recipe.lr:.3g} x {eff_batch} / {recipe.lr_batch} (lr_batch)" if recipe.lr_batch else ""

@@ -71,7 +71,6 @@ class DownstreamRecipe:
     fpn_channels: int = 256
     frozen_bn: bool | None = None  # None: frozen when ImageNet weights are loaded (torchvision's rule)
     trainable_stages: int | None = None  # None: every stage trains (mmdet frozen_stages=-1)
-    drop_path: float = 0.0  # backbone stochastic depth
 
     # -- data -----------------------------------------------------------------------------------
     batch_size: int = 2  # per process
@@ -134,7 +133,6 @@ class DownstreamRecipe:
         return [
             (self.fpn_channels >= 1, "fpn_channels must be >= 1"),
             (self.trainable_stages is None or self.trainable_stages >= 0, "trainable_stages must be >= 0 or null"),
-            (0 <= self.drop_path < 1, "drop_path must be in [0, 1)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.workers >= 0, "workers must be >= 0"),
             (0 <= self.hflip <= 1, "hflip is a probability"),

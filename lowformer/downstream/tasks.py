@@ -103,6 +103,9 @@ class DetectionTask:
     def write_demo(self, root: Path, seed: int) -> None:
         synthetic.write_coco_shapes(root, seed=seed, splits=self.default_splits)
 
+    def model_label(self, recipe: DetectionRecipe) -> str:
+        return recipe.detector
+
     def load_data(self, recipe: DetectionRecipe, root: Path, splits: Sequence[str], train: bool = True) -> TaskData:
         masks = recipe.detector == "maskrcnn"
         train_split = coco_split(root, splits[0]) if train else None
@@ -215,6 +218,9 @@ class SegmentationTask:
 
     def write_demo(self, root: Path, seed: int) -> None:
         synthetic.write_ade_shapes(root, seed=seed, splits=self.default_splits)
+
+    def model_label(self, recipe: SegmentationRecipe) -> str:
+        return "semantic_fpn"
 
     def load_data(self, recipe: SegmentationRecipe, root: Path, splits: Sequence[str], train: bool = True) -> TaskData:
         train_split = ade_split(root, splits[0]) if train else None
