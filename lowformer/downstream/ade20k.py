@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ._data import DatasetError, Failed, seeded
+from ._data import DatasetError, Failed, seeded, take_failures
 
 _logger = logging.getLogger(__name__)
 
@@ -266,6 +266,5 @@ class SegmentationDataset(Dataset):
 
 def collate_segmentation(batch: list) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
     """Lists of images and label maps (evaluation images differ in size), and failed samples' messages."""
-    failed = [s.message for s in batch if isinstance(s, Failed)]
-    kept = [s for s in batch if not isinstance(s, Failed)]
+    kept, failed = take_failures(batch)
     return [image for image, _ in kept], [label for _, label in kept], failed

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import CocoDetection, VisionDataset
 
-from ._data import DatasetError, Failed, seeded
+from ._data import DatasetError, Failed, seeded, take_failures
 
 _logger = logging.getLogger(__name__)
 
@@ -275,6 +276,15 @@ def detection_transform(train: bool, hflip: float = 0.5):
     return v2.Compose(steps)
 
 
+class _CheckedCoco(CocoDetection):
+    """torchvision's `CocoDetection` over an already checked `COCO` object instead of re-reading the file."""
+
+    def __init__(self, root: str, coco) -> None:
+        VisionDataset.__init__(self, root)
+        self.coco = coco
+        self.ids = sorted(coco.imgs.keys())
+
+
 class CocoDetectionDataset(Dataset):
     """Images and torchvision detection targets of a checked COCO split.
 
@@ -286,19 +296,11 @@ class CocoDetectionDataset(Dataset):
     def __init__(
         self, split: CocoSplit, info: CocoInfo, *, train: bool, masks: bool = False, hflip: float = 0.5
     ) -> None:
-        from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
-
-        class _Checked(CocoDetection):
-            """torchvision's CocoDetection over the checked dict instead of re-reading the file."""
-
-            def __init__(self, root: str, coco) -> None:
-                super(CocoDetection, self).__init__(root)
-                self.coco = coco
-                self.ids = sorted(coco.imgs.keys())
+        from torchvision.datasets import wrap_dataset_for_transforms_v2
 
         keys = {"image_id", "boxes", "labels", "iscrowd"} | ({"masks"} if masks else set())
         self.coco = coco_api(info)
-        self.base = wrap_dataset_for_transforms_v2(_Checked(str(split.images), self.coco), target_keys=keys)
+        self.base = wrap_dataset_for_transforms_v2(_CheckedCoco(str(split.images), self.coco), target_keys=keys)
         self.split, self.info, self.train, self.masks = split, info, train, masks
         self.transform = detection_transform(train, hflip)
         self.label_of = {cid: i + 1 for i, cid in enumerate(info.category_ids)}
@@ -372,8 +374,7 @@ class CocoDetectionDataset(Dataset):
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict], list[str]]:
     """Lists of images and targets (detectors take lists), and the messages of failed samples."""
-    failed = [s.message for s in batch if isinstance(s, Failed)]
-    kept = [s for s in batch if not isinstance(s, Failed)]
+    kept, failed = take_failures(batch)
     return [image for image, _ in kept], [target for _, target in kept], failed
 
 

@@ -110,7 +110,7 @@ class DetectionTask:
         masks = recipe.detector == "maskrcnn"
         train_split = coco_split(root, splits[0]) if train else None
         val_split = coco_split(root, splits[1])
-        val_info = check_coco(val_split, need_masks=False)
+        val_info = check_coco(val_split, need_masks=masks)  # mask AP needs the masks
         categories = [{"id": c["id"], "name": c.get("name", str(c["id"]))} for c in val_info.categories]
         train_info = None
         if train_split is not None:
