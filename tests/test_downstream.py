@@ -312,8 +312,11 @@ def test_embeddings_train_and_retrieve_from_folders(tmp_path):
     with torch.no_grad():
         emb = model(torch.randn(3, 3, 64, 64))
     assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=1), torch.ones(3))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
-        evaluate_retrieval(model, tmp_path / "set" / "query" / "class_0")
+        evaluate_retrieval(model, tmp_path / "empty")
+    with pytest.raises(ValueError, match="read as GPR1200's layout <class>_<n>.jpg, but 2 file names have no class"):
+        evaluate_retrieval(model, tmp_path / "set" / "query" / "class_0")  # images, but no classes
 
 
 def test_embedding_deploy_and_average_pooling():

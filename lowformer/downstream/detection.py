@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
@@ -96,7 +96,10 @@ def _detector_kwargs(detector: type[nn.Module], neck: BackboneWithFPN, kwargs: d
     NOTE: torchvision's detectors pass unknown keyword arguments on to their input transform,
     which ignores them, so a misspelt option would be dropped silently; here it raises TypeError.
     """
-    known = _named_parameters(detector.__init__) | _named_parameters(GeneralizedRCNNTransform.__init__)
+    # a subclass (Mask R-CNN) passes its other keywords on to its parent (Faster R-CNN)
+    lineage = detector.__mro__[: next(i for i, c in enumerate(detector.__mro__) if c in (FasterRCNN, RetinaNet)) + 1]
+    known = set().union(*(_named_parameters(c.__init__) for c in lineage))
+    known |= _named_parameters(GeneralizedRCNNTransform.__init__)
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(
@@ -203,6 +206,41 @@ def fasterrcnn_lowformer(
     return FasterRCNN(neck, num_classes=num_classes, **_detector_kwargs(FasterRCNN, neck, kwargs))
 
 
+def maskrcnn_lowformer(
+    model: str | nn.Module,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    out_indices: Sequence[int] | None = None,
+    frozen_bn: bool | None = None,
+    trainable_stages: int | None = None,
+    fpn_channels: int = 256,
+    **kwargs,
+) -> MaskRCNN:
+    """torchvision Mask R-CNN with one of our backbones (or any timm model, "timm:NAME"): Faster
+    R-CNN's neck, anchors and box RoIAlign, plus a mask branch (RoIAlign 14x14 over the same levels).
+
+    Args: as `fasterrcnn_lowformer` (`num_classes` counts the background); `**kwargs` go to
+    `torchvision.models.detection.MaskRCNN`.
+    """
+    _check_num_classes(num_classes, 2, "the background class 0 and at least one object class")
+    neck = fasterrcnn_neck(
+        model,
+        fpn_channels=fpn_channels,
+        out_indices=out_indices,
+        pretrained=pretrained,
+        checkpoint_path=checkpoint_path,
+        frozen_bn=frozen_bn,
+        trainable_stages=trainable_stages,
+    )
+    kwargs.setdefault("rpn_anchor_generator", anchor_generator(neck.strides, base_scale=8))
+    roi_levels = [n for n, s in zip(neck.names, neck.strides) if n != "pool"]
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2))
+    kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2))
+    return MaskRCNN(neck, num_classes=num_classes, **_detector_kwargs(MaskRCNN, neck, kwargs))
+
+
 def detection_loss(model: nn.Module, batch: tuple[list[torch.Tensor], list[dict]]) -> torch.Tensor:
     """Sum of a torchvision detector's training losses on one (images, targets) batch."""
     images, targets = batch
@@ -242,3 +280,11 @@ def train_detection(
         optimizer=optimizer,
         on_step=on_step,
     )
+
+
+# the detectors `lowformer detect` trains, by recipe name
+DETECTOR_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "retinanet": retinanet_lowformer,
+    "fasterrcnn": fasterrcnn_lowformer,
+    "maskrcnn": maskrcnn_lowformer,
+}

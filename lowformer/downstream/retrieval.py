@@ -4,10 +4,12 @@
     result = evaluate_retrieval(model.eval(), "my_retrieval_set/")
     print(result.summary())          # mAP 0.xxxx | R@1 ... | R@5 ... | R@10 ...
 
-Folder layouts (class = sub-folder name; an image is relevant to a query when their classes match):
+Folder layouts (an image is relevant to a query when their classes match):
 
     root/query/<class>/*.jpg and root/gallery/<class>/*.jpg   every query ranks the whole gallery
-    root/<class>/*.jpg                                       every image ranks all the others (GPR1200)
+    root/<class>/*.jpg                                       every image ranks all the others
+    root/<class>_<anything>.jpg                              GPR1200's own layout: one flat folder, the
+                                                             class is the file name before the first "_"
 
 Metrics (cosine similarity, ranking by decreasing similarity, ties kept in gallery order):
 
@@ -17,6 +19,9 @@ Metrics (cosine similarity, ranking by decreasing similarity, ties kept in galle
   a query without any relevant gallery image scores 0.
 - recall@k: the fraction of queries with at least one relevant image among the top k (the
   metric-learning "Recall@K" of CUB / SOP papers, not the fraction of relevant images retrieved).
+- GPR1200 (12,000 images, 1,200 classes in the flat layout): also the mAP of each of its six parts
+  (2,000 images each, in class order: Landmarks, iNat, Sketch, INSTRE, SOP, Faces), as its
+  official `evaluate(compute_partial=True)` reports them.
 """
 
 from __future__ import annotations
@@ -199,6 +204,7 @@ class RetrievalResult:
     queries_without_relevant: int = 0  # scored AP 0 and no hit, as GPR1200 does
     protocol: str = "query/gallery"  # or "leave-one-out", "all-vs-all (self included)"
     average_precision: list[float] = field(default_factory=list, repr=False)  # per query
+    parts: dict[str, float] = field(default_factory=dict)  # GPR1200's six parts, when evaluated on it
 
     def summary(self) -> str:
         recalls = " | ".join(f"R@{k} {v:.4f}" for k, v in self.recall_at_k.items())
@@ -208,6 +214,8 @@ class RetrievalResult:
         )
         if self.queries_without_relevant:
             text += f"; {self.queries_without_relevant} queries had no relevant gallery image"
+        if self.parts:
+            text += "\n  GPR1200 parts: " + " | ".join(f"{k} {v:.4f}" for k, v in self.parts.items())
         return text
 
     def to_dict(self) -> dict:
@@ -219,6 +227,7 @@ class RetrievalResult:
             "num_classes": self.num_classes,
             "queries_without_relevant": self.queries_without_relevant,
             "protocol": self.protocol,
+            **({"parts": self.parts} if self.parts else {}),
         }
 
 
@@ -306,6 +315,40 @@ def retrieval_metrics(
 # --------------------------------------------------------------------------------------------
 
 
+GPR1200_PARTS = ("Landmarks", "iNat", "Sketch", "INSTRE", "SOP", "Faces")
+GPR1200_IMAGES, GPR1200_CLASSES = 12000, 1200
+
+
+def is_flat_layout(folder: str | os.PathLike) -> bool:
+    """True when `folder` holds images directly and no class sub-folders (GPR1200's layout)."""
+    folder = Path(folder)
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    return not any(p.is_dir() for p in entries) and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
+
+
+def list_flat_images(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(path, class) of every image `folder/<class>_<anything>.<ext>`, in class order (numerically when the
+    classes are numbers, as GPR1200's loader sorts them), then by name."""
+    folder = Path(folder)
+    items = []
+    unnamed = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        cls, sep, _ = path.name.partition("_")
+        if not sep or not cls:
+            unnamed.append(path.name)
+        items.append((path, cls))
+    if unnamed:
+        raise ValueError(
+            f"{folder} is a flat folder of images, read as GPR1200's layout <class>_<n>.jpg, but "
+            f"{len(unnamed)} file names have no class prefix (e.g. {', '.join(unnamed[:3])}); "
+            "name them <class>_<anything>, or use class sub-folders"
+        )
+    numeric = all(cls.isdigit() for _, cls in items)
+    return sorted(items, key=lambda item: ((int(item[1]) if numeric else item[1]), item[0].name))
+
+
 def list_images(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     """(path, class name) of every image in `folder/<class>/`, sorted; ValueError if there are none."""
     folder = Path(folder)
@@ -339,6 +382,26 @@ def default_transform(image_size: int, mean: Sequence[float], std: Sequence[floa
     )
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files, each read as RGB and transformed; an unreadable one raises naming the file."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Callable) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[index]) as im:
+                return self.transform(im.convert("RGB"))
+        except (OSError, SyntaxError) as e:
+            # a plain ValueError survives the trip from a loader worker with its message
+            raise ValueError(f"cannot read image {self.paths[index]}: {e}") from None
+
+
 @torch.no_grad()
 def embed_images(
     model: nn.Module,
@@ -346,18 +409,23 @@ def embed_images(
     transform: Callable,
     *,
     batch_size: int = 32,
+    workers: int = 0,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> torch.Tensor:
-    """(N, D) embeddings of image files, in order."""
-    from PIL import Image
+    """(N, D) embeddings of image files, in order; `workers` loader processes read and transform them."""
+    from tqdm import tqdm
 
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     out = []
-    for start in range(0, len(paths), batch_size):
-        images = []
-        for p in paths[start : start + batch_size]:
-            with Image.open(p) as im:
-                images.append(transform(im.convert("RGB")))
-        out.append(model(torch.stack(images).to(device)).float().cpu())
+    for images in tqdm(loader, desc="embedding", unit="batch", leave=False, disable=not progress):
+        out.append(model(images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out)
 
 
@@ -368,20 +436,25 @@ def evaluate_retrieval(
     image_size: int = 224,
     transform: Callable | None = None,
     ks: Sequence[int] = (1, 5, 10),
-    include_self: bool = False,
+    include_self: bool | None = None,
     batch_size: int = 32,
+    workers: int = 0,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> RetrievalResult:
     """Embed the images under `root` and score retrieval (layouts and metrics: module docstring).
 
     Args:
         model: maps (B, 3, S, S) normalised images to (B, D) embeddings; run in eval mode (its mode
             is restored after).
-        root: `root/query/<class>/` + `root/gallery/<class>/`, or `root/<class>/`.
+        root: `root/query/<class>/` + `root/gallery/<class>/`, `root/<class>/`, or GPR1200's flat
+            `root/<class>_<n>.jpg`.
         image_size: S of the default transform (shorter side to S, centre crop, the model's
             `pretrained_cfg` mean/std, else ImageNet's).
         transform: PIL image -> tensor, replacing the default.
-        include_self: single-folder layout only, see `retrieval_metrics` (GPR1200's official code).
+        include_self: single-folder layouts only, see `retrieval_metrics`. Default: True for the flat
+            GPR1200 layout (its official protocol), False (leave-one-out) for class sub-folders.
+        workers: data loader processes reading and transforming the images.
     """
     root = Path(root)
     if transform is None:
@@ -392,25 +465,34 @@ def evaluate_retrieval(
     query_dir, gallery_dir = root / "query", root / "gallery"
     if query_dir.is_dir() != gallery_dir.is_dir():
         raise ValueError(f"{root} has {'query' if query_dir.is_dir() else 'gallery'}/ but not the other")
+    flat = not query_dir.is_dir() and is_flat_layout(root)
     if query_dir.is_dir():
+        if include_self:
+            raise ValueError("include_self applies when the images rank each other (no query/ and gallery/)")
         query, gallery = list_images(query_dir), list_images(gallery_dir)
     else:
-        query, gallery = list_images(root), None
+        query, gallery = (list_flat_images(root) if flat else list_images(root)), None
+    if include_self is None:
+        include_self = flat
     classes = sorted({c for _, c in query} | {c for _, c in (gallery or [])})
     index = {c: i for i, c in enumerate(classes)}
     was_training = model.training
     model.to(device).eval()
+    embed = dict(batch_size=batch_size, workers=workers, device=device, progress=progress)
     try:
-        q_emb = embed_images(model, [p for p, _ in query], transform, batch_size=batch_size, device=device)
-        g_emb = None
-        if gallery is not None:
-            g_emb = embed_images(model, [p for p, _ in gallery], transform, batch_size=batch_size, device=device)
+        q_emb = embed_images(model, [p for p, _ in query], transform, **embed)
+        g_emb = embed_images(model, [p for p, _ in gallery], transform, **embed) if gallery is not None else None
     finally:
         model.train(was_training)
     q_labels = [index[c] for _, c in query]
-    if gallery is None:
-        return retrieval_metrics(q_emb, q_labels, ks=ks, include_self=include_self)
-    return retrieval_metrics(q_emb, q_labels, g_emb, [index[c] for _, c in gallery], ks=ks)
+    if gallery is not None:
+        return retrieval_metrics(q_emb, q_labels, g_emb, [index[c] for _, c in gallery], ks=ks)
+    result = retrieval_metrics(q_emb, q_labels, ks=ks, include_self=include_self)
+    if flat and len(query) == GPR1200_IMAGES and len(classes) == GPR1200_CLASSES:
+        part = GPR1200_IMAGES // len(GPR1200_PARTS)
+        aps = result.average_precision
+        result.parts = {n: sum(aps[i * part : (i + 1) * part]) / part for i, n in enumerate(GPR1200_PARTS)}
+    return result
 
 
 def _pretrained_cfg(model: nn.Module) -> dict:

@@ -151,6 +151,23 @@ def semantic_fpn_lowformer(
     return SemanticFPN(neck, num_classes, head_channels, dropout, norm_layer)
 
 
+# What `lowformer bench --task segmentation` times: the whole Semantic FPN as the papers ran it on
+# ADE20K (150 classes; the training crop, 512x512, as image size), logits at full resolution.
+SEGMENTATION_BENCH_CLASSES = 150
+SEGMENTATION_BENCH_IMAGE_SIZE = (512, 512)
+
+
+def semantic_fpn_timing_model(model: str | nn.Module, num_classes: int = SEGMENTATION_BENCH_CLASSES) -> SemanticFPN:
+    """A randomly initialised Semantic FPN in eval mode, for speed measurements.
+
+    Backbone + FPN + head + the final upsampling, i.e. everything between an image and its
+    (B, num_classes, H, W) logits; the output is one tensor, so TorchScript tracing and ONNX export
+    take the model as it is. Unlike detection, whose shared heads and post-processing the benchmark
+    leaves out, the head is part of what a Semantic FPN costs and is timed.
+    """
+    return semantic_fpn_lowformer(model, num_classes).eval()
+
+
 def segmentation_loss(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ignore_index: int = 255
 ) -> torch.Tensor:
@@ -191,3 +208,24 @@ def train_segmentation(
         optimizer=optimizer,
         on_step=on_step,
     )
+
+
+def slide_inference(model: nn.Module, image: torch.Tensor, crop: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """Logits of `image` (1, 3, H, W) from overlapping `crop` windows `stride` apart, averaged where
+    they overlap (mmseg's `slide_inference`); windows at the border are shifted inside the image."""
+    _, _, h, w = image.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride
+    rows = max(h - ch + sh - 1, 0) // sh + 1
+    cols = max(w - cw + sw - 1, 0) // sw + 1
+    logits: torch.Tensor | None = None
+    counts = torch.zeros(1, 1, h, w, device=image.device)
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = min(r * sh, h - ch), min(c * sw, w - cw)
+            out = model(image[..., y1 : y1 + ch, x1 : x1 + cw])  # (1, K, ch, cw)
+            if logits is None:
+                logits = image.new_zeros(1, out.shape[1], h, w)
+            logits[..., y1 : y1 + ch, x1 : x1 + cw] += out
+            counts[..., y1 : y1 + ch, x1 : x1 + cw] += 1
+    return logits / counts
