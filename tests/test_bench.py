@@ -289,8 +289,30 @@ def test_detection_task_defaults_and_errors():
     # a preset's 224x224 is a classification protocol; detection keeps 512 unless asked
     (config,) = plan(["lowformer_b0"], task="detection", device="cpu", preset="paper-latency").configs
     assert config.image_size == (512, 512) and config.backend == "torchscript"
-    with pytest.raises(ValueError, match="unknown task 'segmentation'"):
-        plan(task="segmentation", device="cpu")
+    with pytest.raises(ValueError, match="unknown task 'panoptic'"):
+        plan(task="panoptic", device="cpu")
+
+
+def test_segmentation_task_times_the_whole_semantic_fpn():
+    p = plan(task="segmentation", device="cpu")
+    assert [c.model for c in p.configs[::2]] == list(DETECTION_MODELS)
+    assert {c.image_size for c in p.configs} == {(512, 512)}
+    assert {(c.mode, c.batch_size) for c in p.configs} == {("throughput", 4), ("latency", 1)}
+    assert "segmentation: Semantic FPN" in p.describe()
+    report = benchmark(
+        ["lowformer_b0"],
+        task="segmentation",
+        device="cpu",
+        modes=["latency"],
+        image_sizes=[64],
+        threads=1,
+        backends=["eager", "onnxruntime"],
+        reparam=True,
+        timing=TINY,
+    )
+    assert all(r.ok and r.task == "segmentation" for r in report.results), [r.error for r in report.results]
+    assert {r.reparam_applied for r in report.results} == {"lowformer.deploy"}
+    assert "all rows: task segmentation" in format_bench(report)
 
 
 def test_detection_task_times_the_neck_on_every_cpu_backend(tmp_path):

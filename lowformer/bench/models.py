@@ -1,6 +1,6 @@
 """What a benchmark times: a model name (ours, `lowformer.list_models()`, or timm's, `timm:NAME`,
-resolved by `lowformer.factory`) or a module given directly, and for each task the classifier or
-(task "detection") the backbone + RetinaNet FPN neck."""
+resolved by `lowformer.factory`) or a module given directly, and for each task what is timed: the
+classifier, the backbone + RetinaNet FPN neck (detection), or the whole Semantic FPN (segmentation)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ Source = str | nn.Module  # what builds a model: a name, or the module itself
 # "classification": the whole classifier. "detection": the dense-prediction part of a detector, the
 # backbone's stride 8-32 maps + RetinaNet's FPN (P3-P7, 256 channels), as the papers time detection
 # backbones; the heads and post-processing are the same for every backbone and left out.
-TASKS = ("classification", "detection")
+# "segmentation": the whole Semantic FPN (backbone, FPN, head, upsampling to full resolution), since
+# its head and upsampling are part of what a segmenter costs.
+TASKS = ("classification", "detection", "segmentation")
+DENSE_TASKS = ("detection", "segmentation")
+TASK_DESCRIPTIONS = {
+    "classification": "the classifier",
+    "detection": "backbone + RetinaNet FPN neck, P3-P7 at 256 channels",
+    "segmentation": "Semantic FPN: backbone, FPN, head and upsampling to full resolution, 150 classes",
+}
 
 # The README's comparison: our families against the efficient peers the papers compare with.
 DEFAULT_MODELS = (
@@ -42,7 +50,7 @@ DETECTION_MODELS = (
 
 def default_models(task: str = "classification") -> tuple[str, ...]:
     check_task(task)
-    return DETECTION_MODELS if task == "detection" else DEFAULT_MODELS
+    return DETECTION_MODELS if task in DENSE_TASKS else DEFAULT_MODELS
 
 
 def check_task(task: str) -> None:
@@ -70,6 +78,10 @@ def build_model(name: str, task: str = "classification") -> nn.Module:
         from ..downstream.detection import retinanet_neck
 
         return NeckOutputs(retinanet_neck(name)).eval()
+    if task == "segmentation":
+        from ..downstream.segmentation import semantic_fpn_timing_model
+
+        return semantic_fpn_timing_model(name)
     return create_model(name).eval()
 
 

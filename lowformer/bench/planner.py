@@ -14,7 +14,7 @@ from ..measure.env import cpu_name, device_name, resolve_device
 from ..measure.session import LATENCY_BATCH, MODES, batch_sizes_by_mode, check_modes
 from ..measure.timing import TimingPolicy
 from .backends import unsupported_reason
-from .models import Source, check_task, default_models
+from .models import TASK_DESCRIPTIONS, Source, check_task, default_models
 from .presets import default_batch_size, default_image_size, default_timing, get_preset
 from .result import BenchConfig
 
@@ -42,7 +42,7 @@ class Plan:
             modes.append(f"latency: batch {LATENCY_BATCH}")
         images = ", ".join(f"{h}x{w}" for h, w in s["image_sizes"])
         layout = "channels_last" if s["channels_last"] else "NCHW"
-        task = " (detection: backbone + RetinaNet FPN neck, P3-P7 at 256 channels)" * (s["task"] == "detection")
+        task = f" ({s['task']}: {TASK_DESCRIPTIONS[s['task']]})" * (s["task"] != "classification")
         lines = [
             f"{len(s['models'])} model(s), {len(self.configs)} configuration(s) on {where}{task}",
             f"  {' | '.join(modes)} | image {images} | backend {', '.join(s['backends'])} | "
@@ -81,15 +81,16 @@ def plan(
 
     Args:
         models: names from `lowformer.list_models()`, "timm:NAME", modules, or (label, module)
-            pairs. Default: `DEFAULT_MODELS` (`DETECTION_MODELS` for task "detection").
-        task: "classification" (the classifier) or "detection" (backbone + RetinaNet FPN neck, the
-            papers' dense-prediction speed setting; default image 512x512, CPU batch 4, GPU 32). A
-            module given directly is timed as it is.
+            pairs. Default: `DEFAULT_MODELS` (`DETECTION_MODELS` for "detection" and "segmentation").
+        task: "classification" (the classifier), "detection" (backbone + RetinaNet FPN neck, the
+            papers' dense-prediction speed setting) or "segmentation" (the whole Semantic FPN); the
+            dense tasks default to image 512x512, CPU batch 4, GPU 32. A module given directly is
+            timed as it is.
         modes: "throughput" (each of `batch_sizes`) and/or "latency" (batch 1). Default: both.
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
-        batch_sizes: throughput batch sizes. Default: 256 on CUDA, 16 on CPU (detection: 32, 4).
+        batch_sizes: throughput batch sizes. Default: 256 on CUDA, 16 on CPU (dense tasks: 32, 4).
         image_sizes: sizes as S or (H, W), each checked against every model with
-            `lowformer.factory.check_image_size`. Default: 224 (detection: 512).
+            `lowformer.factory.check_image_size`. Default: 224 (dense tasks: 512).
         precisions: "fp32" (TF32 off), "tf32", "fp16", "bf16" (autocast). Default: fp32.
         backends: "eager", "compile", "torchscript", "onnxruntime", "cudagraphs". Default: eager.
         compile_mode: `torch.compile` mode for the compile backend.
@@ -114,7 +115,7 @@ def plan(
     given_batches = None if batch_sizes is None else _as_tuple(batch_sizes, ())
     default_batches = (p.batch_sizes if p and p.batch_sizes else None) or (default_batch_size(device, task),)
     batches = batch_sizes_by_mode(modes, given_batches, default_batches)
-    # the presets are the papers' classification protocols: their 224x224 does not apply to detection
+    # the presets are the papers' classification protocols: their 224x224 does not apply to dense tasks
     default_images = p.image_sizes if p and task == "classification" else (default_image_size(task),)
     image_sizes = tuple(dict.fromkeys(_image_size(s) for s in _as_tuple(image_sizes, default_images)))
     precisions = _as_tuple(precisions, p.precisions if p else ("fp32",))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..measure.timing import TimingPolicy
+from .models import DENSE_TASKS
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,21 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
 
 
-# The papers time detection backbones at 512x512 (with the FPN neck).
-DETECTION_IMAGE_SIZE = (512, 512)
+# The papers time detection backbones at 512x512 (with the FPN neck); ADE20K segmentation crops are
+# 512x512 too.
+DENSE_IMAGE_SIZE = (512, 512)
 
 
 def default_image_size(task: str = "classification") -> tuple[int, int]:
-    return DETECTION_IMAGE_SIZE if task == "detection" else (224, 224)
+    return DENSE_IMAGE_SIZE if task in DENSE_TASKS else (224, 224)
 
 
 def default_batch_size(device: str, task: str = "classification") -> int:
     """Throughput batch: large on a GPU; 16 on a CPU, where larger batches only add minutes.
 
-    Detection (512x512, 5.2x the pixels of 224x224): 32 on a GPU, 4 on a CPU, a detector's
-    inference batch rather than a classifier's."""
-    if task == "detection":
+    Detection and segmentation (512x512, 5.2x the pixels of 224x224): 32 on a GPU, 4 on a CPU, a
+    dense-prediction inference batch rather than a classifier's."""
+    if task in DENSE_TASKS:
         return 32 if device.startswith("cuda") else 4
     return 256 if device.startswith("cuda") else 16
 

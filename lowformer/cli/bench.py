@@ -3,7 +3,8 @@
 With no arguments it times the built-in model set (LowFormer B0/B1/E1, EdgeViT-XS and timm peers)
 in both modes, prints a table with the MACs-vs-speed rank correlation, and writes JSON and a plot
 to bench-results/. `--task detection` times backbone + RetinaNet FPN neck at 512x512 instead (the
-papers' dense-prediction speed setting). Method and output schema: docs/bench.md.
+papers' dense-prediction speed setting), `--task segmentation` the whole Semantic FPN. Method and
+output schema: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ EXAMPLES = """examples:
   lowformer bench --preset paper-latency -m lowformer_b1 lowformer_e1
   lowformer bench --task detection                  # backbone + FPN neck at 512x512, detection model set
   lowformer bench --task detection -m lowformer_b1 timm:resnet50 --mode latency --image-size 512 640x640
+  lowformer bench --task segmentation --mode latency   # Semantic FPN at 512x512, full-resolution logits
   lowformer bench --compare lowformer_b1 timm:lowformer_b1 --batch-size 16
   lowformer bench --compare lowformer_b1 lowformer_b1@backend=torchscript lowformer_b1@channels_last
 """
@@ -63,14 +65,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="NAME",
         help=f"our model name or timm:NAME; repeatable (default: {' '.join(DEFAULT_MODELS)}; with --task "
-        f"detection: {' '.join(DETECTION_MODELS)})",
+        f"detection or segmentation: {' '.join(DETECTION_MODELS)})",
     )
     what.add_argument(
         "--task",
         choices=TASKS,
         default="classification",
-        help="classification: the classifier; detection: backbone + RetinaNet FPN neck (P3-P7, 256 ch), "
-        "default image 512x512 and throughput batch 4 on CPU, 32 on CUDA (default: classification)",
+        help="classification: the classifier; detection: backbone + RetinaNet FPN neck (P3-P7, 256 ch); "
+        "segmentation: the whole Semantic FPN (150 classes, full-resolution logits). The dense tasks default "
+        "to image 512x512 and throughput batch 4 on CPU, 32 on CUDA (default: classification)",
     )
     what.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     what.add_argument("--mode", nargs="+", choices=MODES, help="default: both")
@@ -82,7 +85,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="throughput batch sizes (default 256 on CUDA, 16 on CPU); latency is batch 1",
     )
     what.add_argument(
-        "--image-size", nargs="+", type=image_size, metavar="S|HxW", help="default: 224 (--task detection: 512)"
+        "--image-size",
+        nargs="+",
+        type=image_size,
+        metavar="S|HxW",
+        help="default: 224 (--task detection/segmentation: 512)",
     )
     what.add_argument("--precision", nargs="+", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16 = autocast")
     what.add_argument("--backend", nargs="+", choices=BACKENDS, help="default: eager")

@@ -41,7 +41,7 @@ def format_ms(value: float | None) -> str:
 
 
 def task_prefix(task: str | None) -> str:
-    return "detection neck, " if task == "detection" else ""
+    return {"detection": "detection neck, ", "segmentation": "segmentation, "}.get(task or "", "")
 
 
 # --------------------------------------------------------------------------------------------
