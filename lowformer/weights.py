@@ -69,6 +69,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 CONTAINERS = ("safetensors", "torch zip", "torch pickle")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def checkpoint_container(path: str | os.PathLike) -> str:
@@ -90,7 +91,9 @@ def checkpoint_container(path: str | os.PathLike) -> str:
         return "torch zip"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "torch pickle"
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then the JSON header
+    # safetensors: an 8-byte little-endian header length (at most 100 MB, as safetensors itself
+    # allows), then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER:
         return "safetensors"
     raise CheckpointError(
         f"{path} is not a checkpoint: its first bytes ({head[:8].hex(' ')}) are those of neither a PyTorch file "
@@ -148,7 +151,7 @@ def _torch_load(path: Path, kind: str) -> object:
             ) from e
         if any(n.split("/", 1)[-1].startswith("code/") for n in names):
             raise CheckpointError(
-                f"{path} is a TorchScript module (torch.jit.save, e.g. from `lowformer export`), not a checkpoint; "
+                f"{path} is a TorchScript module (torch.jit.save, e.g. written by lowformer export), not a checkpoint; "
                 "give the state dict or safetensors file it was made from"
             )
     try:

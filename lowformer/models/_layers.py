@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -88,6 +89,13 @@ def check_input(x: torch.Tensor, size_divisor: int = 1, label: str = "the model"
     if x.dim() != 4:
         hint = " (add the batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
         raise ValueError(f"{label} takes a 4D input (batch, channels, height, width), got shape {tuple(x.shape)}{hint}")
+    if torch.jit.is_tracing():
+        # sizes are traced values here; the check only raises, so it records nothing and its
+        # "trace might not generalize" warnings are noise (export refuses bad sizes up front)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            check_input_size(int(x.shape[-2]), int(x.shape[-1]), size_divisor, label)
+        return
     check_input_size(x.shape[-2], x.shape[-1], size_divisor, label)
 
 
