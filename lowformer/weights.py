@@ -165,8 +165,8 @@ def _torch_load(path: Path, kind: str) -> object:
             raise CheckpointError(
                 f"refused to load {path}: it is a pickle that needs code execution to load "
                 "(torch.load weights_only=True rejected it). Load it only if you trust it, then "
-                "re-save its state_dict with torch.save(model.state_dict(), ...) or lowformer.save_checkpoint."
-                f"\nDetail: {detail}"
+                "re-save its state_dict with torch.save(model.state_dict(), ...) or lowformer.save_checkpoint "
+                f"(torch: {detail.split('. ')[0]})"
             ) from e
         raise CheckpointError(f"{path} is a damaged PyTorch file: its pickle cannot be read ({detail})") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
