@@ -97,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if args.deploy:
         model = deploy(model, inplace=True, memory_format="keep")  # the plain ops, for tracing
     shapes = _shapes_to_run(args, model)
-    what = f"exporting {args.model} at {_shape_text(model, max(shapes, key=math.prod))}"
+    largest = max(shapes, key=math.prod)
+    what = f"exporting {args.model} at {_shape_text(model, largest)}"
     # besides the forward pass, the exporter holds the traced graph and its serialised bytes
-    check_forward_fits(model, _full(model, max(shapes, key=math.prod)), what, _HINT, 2 * tensor_bytes(model))
+    check_forward_fits(model, _full(model, largest), what, _HINT, reserve_bytes=2 * tensor_bytes(model))
     metadata = {"lowformer.deploy": "on" if args.deploy else "off", "lowformer.checkpoint": args.checkpoint or ""}
     with out_of_memory_as(what, _HINT):
         path = export(
