@@ -30,6 +30,9 @@ def _temp_prefix(path: Path) -> str:
 def _ensure_folder(path: Path) -> None:
     if path.is_dir():
         raise OutputError(path, "it is a folder; give a file name")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(path, f"{existing} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -7,7 +7,7 @@ Exit codes (the same for every subcommand, documented in the README):
   output that cannot be written (disk full, read-only, a folder in the way), out of memory, a failed
   verification, a training run stopped by a non-finite loss.
 - 2: usage error: bad arguments (an unknown model, a value out of range, options that contradict
-  each other, an input path that does not exist).
+  each other, an input path that does not exist or names a folder where a file is expected).
 - 130: interrupted (Ctrl-C); 143: terminated (SIGTERM). Training saves a resumable checkpoint first.
 
 Library code raises ordinary exceptions (`ValueError`, `TypeError` and `FileNotFoundError` for
@@ -18,6 +18,8 @@ a bad argument. `exit_code` maps any exception to its code.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -28,6 +30,12 @@ EXIT_TERMINATED = 143
 
 class LowformerRuntimeError(RuntimeError):
     """A failure that is not a bad argument: the CLI prints its message (no traceback) and exits 1."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be used: empty, truncated, not a checkpoint at all, a pickle
+    that would run code, or weights that do not fit the model. A runtime failure (exit 1), although a
+    ValueError for the library's callers."""
 
 
 class OutputError(OSError):
@@ -50,6 +58,17 @@ class VerificationError(LowformerRuntimeError):
 class OutOfMemory(LowformerRuntimeError):
     """The work does not fit in the device's memory; the message says how much it needed where known."""
 
+    @classmethod
+    def needs(cls, what: str, needed_bytes: int, available_bytes: int, where: str, hint: str) -> OutOfMemory:
+        """The refusal given before running: "WHAT needs ~N GiB of memory, WHERE has M GiB available; HINT"."""
+        needed, available = _gib(needed_bytes), _gib(available_bytes)
+        return cls(f"{what} needs ~{needed} GiB of memory, {where} has {available} GiB available; {hint}")
+
+
+def _gib(n: int) -> str:
+    gib = n / 2**30
+    return f"{gib:.0f}" if gib >= 10 else f"{gib:.1f}" if gib >= 0.1 else f"{gib:.2f}"
+
 
 _OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 
@@ -62,6 +81,18 @@ def is_out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(w in text for w in _OOM_WORDS)
+
+
+@contextmanager
+def out_of_memory_as(what: str, hint: str) -> Iterator[None]:
+    """Re-raise any out-of-memory error inside as `OutOfMemory("WHAT ran out of memory (detail); HINT")`,
+    the style of `OutOfMemory.needs`, for work whose size the user chose."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e) or isinstance(e, OutOfMemory):
+            raise
+        raise OutOfMemory(f"{what} ran out of memory ({_reason(e)}); {hint}") from e
 
 
 def _reason(e: BaseException) -> str:
@@ -79,11 +110,9 @@ def exit_code(e: BaseException) -> int:
         return e.code if isinstance(e.code, int) else EXIT_FAILURE
     if is_out_of_memory(e):
         return EXIT_FAILURE
-    from .weights import CheckpointError
-
     if isinstance(e, (CheckpointError, OutputError, LowformerRuntimeError)):
         return EXIT_FAILURE
-    if isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError)):
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return EXIT_USAGE
     return EXIT_FAILURE
 
@@ -91,6 +120,5 @@ def exit_code(e: BaseException) -> int:
 def one_line(e: BaseException) -> str:
     """The message the CLI prints for an expected failure (no traceback)."""
     if is_out_of_memory(e) and not isinstance(e, OutOfMemory):
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return f"out of memory: {first} (try a smaller --batch-size or --image-size)"
+        return f"out of memory ({_reason(e)}); try a smaller --batch-size or --image-size"
     return str(e) or type(e).__name__

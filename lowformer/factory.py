@@ -21,6 +21,7 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from .models import get_entry, list_models
+from .models._layers import MIN_IMAGE_SIZE, check_input_size  # noqa: F401  (MIN_IMAGE_SIZE: re-exported)
 from .weights import (
     CheckpointError,
     convert_checkpoint,
@@ -83,9 +84,6 @@ def require_ours(name: str, what: str, where_timm_works: str) -> str:
     return name
 
 
-MIN_IMAGE_SIZE = 32  # every model here downsamples by 32: a smaller input leaves no pixel in the last stage
-
-
 def size_divisor_of(model: nn.Module | str) -> int:
     """Input height and width must be multiples of this (EdgeViT: 32; LowFormer and timm models: 1)."""
     if isinstance(model, str):
@@ -95,23 +93,17 @@ def size_divisor_of(model: nn.Module | str) -> int:
     return max(divisors, default=1)
 
 
-def check_image_size(model: nn.Module | str, image_size: Sequence[int]) -> tuple[int, int]:
-    """The one input-size rule of the package (models, bench, export, train and info ask it): height and
-    width >= `MIN_IMAGE_SIZE` and multiples of the model's size divisor. Returns (H, W).
+def check_image_size(model: nn.Module | str, image_size: Sequence[int] | int) -> tuple[int, int]:
+    """The one input-size rule of the package, for a model or a model name before it is built (bench,
+    export, train and info ask it; our models' forward applies the same `check_input_size`): height
+    and width >= `MIN_IMAGE_SIZE` (32) and multiples of the model's size divisor. Returns (H, W).
 
     Raises:
         ValueError: naming the size, the rule, and the nearest sizes that satisfy it.
     """
     h, w = (int(image_size), int(image_size)) if isinstance(image_size, int) else map(int, image_size)
     label = model if isinstance(model, str) else getattr(model, "variant", type(model).__name__)
-    if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
-        raise ValueError(f"image size {h}x{w} is too small for {label}: height and width must be >= {MIN_IMAGE_SIZE}")
-    divisor = size_divisor_of(model)
-    if h % divisor or w % divisor:
-        up = lambda v: -(-v // divisor) * divisor  # noqa: E731
-        raise ValueError(
-            f"{label} needs height and width that are multiples of {divisor}, got {h}x{w} (e.g. {up(h)}x{up(w)})"
-        )
+    check_input_size(h, w, size_divisor_of(model), label)
     return h, w
 
 
@@ -190,7 +182,10 @@ def create_model(
         }
         _logger.info("loaded %s weights (%s) from %s", name, fmt, path)
     if features_only:
-        model = FeatureGetterNet(model, out_indices=(0, 1, 2, 3) if out_indices is None else out_indices)
+        cfg = model.pretrained_cfg
+        # out_indices are checked by the model (`_layers.take_indices`): in range, ascending, each once
+        model = FeatureGetterNet(model, out_indices=out_indices)
+        model.pretrained_cfg = cfg  # resolve_data_config(model=extractor) sees the data config too
     return model
 
 
@@ -203,6 +198,8 @@ def _create_timm(
     out_indices: Sequence[int] | int | None,
     overrides: dict,
 ) -> nn.Module:
+    """timm builds the model; a `checkpoint_path` is read and loaded by our reader and strict loader,
+    so a bad file gets the same messages as for our models, and safetensors files work too."""
     import timm
 
     kwargs = dict(overrides)
@@ -212,7 +209,23 @@ def _create_timm(
         kwargs["features_only"] = True
         if out_indices is not None:
             kwargs["out_indices"] = out_indices
-    model = timm.create_model(arch, pretrained=pretrained, checkpoint_path=str(checkpoint_path or ""), **kwargs)
+    state_dict = meta = None
+    if checkpoint_path is not None:
+        state_dict, meta = read_checkpoint(checkpoint_path)
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DataParallel / DDP saves
+    model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    if state_dict is not None:
+        classifier = model.pretrained_cfg.get("classifier")
+        if features_only:  # the extractor has no head: the checkpoint's head keys have nowhere to go
+            own = model.state_dict()
+            state_dict, classifier = {k: v for k, v in state_dict.items() if k in own}, None
+        elif num_classes is None and classifier:  # as for ours: the checkpoint's class count by default
+            ckpt_classes = num_classes_in(state_dict, classifier)
+            if ckpt_classes is not None and ckpt_classes != model.num_classes:
+                model.reset_classifier(ckpt_classes)
+        load_state_dict_into(model, state_dict, "timm state dict", classifier=classifier)
+        cfg = {**model.pretrained_cfg, **data_config_of(meta), "file": str(checkpoint_path)}
+        model.pretrained_cfg = {**cfg, "checkpoint_format": "timm state dict"}
     model.variant, model.family = TIMM_PREFIX + arch, "timm"
     return model
 

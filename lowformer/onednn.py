@@ -177,21 +177,18 @@ class PackedConvTranspose2d(_Packed, nn.ConvTranspose2d):
 def pack_convs(model: nn.Module, fuse_activations: bool = True) -> int:
     """Replace every plain Conv2d / ConvTranspose2d in `model` by its packed form, in place.
 
-    With `fuse_activations`, the activation of a folded `ConvNormAct` (conv, no norm left, act)
-    and the GELU after a LowFormer MLP's first 1x1 conv become oneDNN post-ops. Only our own
-    blocks are fused, whose forward is known to apply the activation right after the conv.
-    Returns the number of layers replaced; already packed layers are left alone.
+    With `fuse_activations`, an activation becomes the conv's oneDNN post-op where a block says it
+    may: a block that applies an activation right to a conv's output lists the pair in its
+    `conv_act_pairs()` hook (ours: a folded conv-norm-act, the LowFormer MLP's first 1x1 conv and
+    its GELU). Blocks without the hook are packed without fusion, since only a block's own forward
+    knows what happens between its layers. Returns the number of layers replaced; already packed
+    layers are left alone.
     """
-    from .models._layers import ConvNormAct
-    from .models.lowformer import ConvMlp
-
     count = 0
     for module in model.modules():
-        if fuse_activations:
-            if isinstance(module, ConvNormAct) and isinstance(module.norm, nn.Identity):
-                count += _fuse(module, "conv", "act")
-            elif isinstance(module, ConvMlp):
-                count += _fuse(module, "fc1", "act")
+        if fuse_activations and hasattr(module, "conv_act_pairs"):
+            for conv_name, act_name in module.conv_act_pairs():
+                count += _fuse(module, conv_name, act_name)
         for name, child in module.named_children():
             if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
                 setattr(module, name, PackedConv2d.from_conv(child))

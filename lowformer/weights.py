@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._io import atomic_write
+from .errors import CheckpointError
 from .models._registry import ModelEntry
 
 _logger = logging.getLogger(__name__)
@@ -35,10 +37,6 @@ DATA_CONFIG_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mea
 META_KEY = "meta"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint could not be read or does not fit the model."""
-
-
 def weights_dir() -> Path:
     """Where `pretrained=True` looks: $LOWFORMER_WEIGHTS, else the user cache dir."""
     if os.environ.get(WEIGHTS_ENV):
@@ -48,34 +46,149 @@ def weights_dir() -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Returns (state_dict, metadata). Unwraps training checkpoints; never executes code."""
+    """Returns (state_dict, metadata). Unwraps training checkpoints; never executes code.
+
+    The container is recognised from the file's first bytes, not its suffix (a safetensors file
+    named `.pt` loads too), so each way a file can be unusable gets its own message.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        IsADirectoryError: `path` is a folder (the message lists checkpoint files inside it).
+        CheckpointError: empty, truncated or damaged, not a checkpoint at all, a TorchScript module,
+            or a pickle that needs code execution to load.
+    """
     path = Path(path)
-    if not path.is_file():
+    kind = checkpoint_container(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    obj = _torch_load(path, kind)
+    meta = obj.get(META_KEY) if isinstance(obj, dict) else None
+    meta = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return unwrap_state_dict(obj, path), meta
+
+
+CONTAINERS = ("safetensors", "torch zip", "torch pickle")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def checkpoint_container(path: str | os.PathLike) -> str:
+    """Which container `path` holds, from its first bytes: one of `CONTAINERS` ("torch zip" is what
+    `torch.save` writes, "torch pickle" its legacy format). Raises as `read_checkpoint` does."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.rglob("*") if p.suffix in _CHECKPOINT_SUFFIXES and p.is_file())[:5]
+        hint = f"; checkpoint files in it: {', '.join(inside)}" if inside else ""
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a file; give the checkpoint file itself{hint}")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint: was its download or copy interrupted?")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch pickle"
+    # safetensors: an 8-byte little-endian header length (at most 100 MB, as safetensors itself
+    # allows), then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER:
+        return "safetensors"
+    raise CheckpointError(
+        f"{path} is not a checkpoint: its first bytes ({head[:8].hex(' ')}) are those of neither a PyTorch file "
+        "(torch.save: zip or pickle) nor a safetensors file"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = f.read(header_len) if header_len <= size - 8 else b""
+    if header_len > size - 8:
+        raise CheckpointError(
+            f"{path} is truncated: its safetensors header needs {8 + header_len:,} bytes, the file has {size:,}; "
+            "copy or download it again"
+        )
+    try:
+        entries = json.loads(header)
+        data_end = max((e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path} is a damaged safetensors file: its header is not valid ({e})") from e
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its safetensors header describes {8 + header_len + data_end:,} bytes, "
+            f"the file has {size:,}; copy or download it again"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is a damaged safetensors file: {_first_line(e)}") from e
+
+
+def load_torch_file(path: str | os.PathLike) -> object:
+    """What `torch.save` wrote to `path`, opened with `weights_only=True`, with `read_checkpoint`'s
+    messages for a missing, empty, truncated, foreign or code-running file."""
+    path = Path(path)
+    kind = checkpoint_container(path)
+    if kind == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file (weights only), not a torch.save file")
+    return _torch_load(path, kind)
+
+
+def _torch_load(path: Path, kind: str) -> object:
+    if kind == "torch zip":
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(
+                f"{path} is truncated or damaged: the end of its zip archive (where torch.save lists the tensors) "
+                "is missing; copy or download it again"
+            ) from e
+        if any(n.split("/", 1)[-1].startswith("code/") for n in names):
+            raise CheckpointError(
+                f"{path} is a TorchScript module (torch.jit.save, e.g. written by lowformer export), not a checkpoint; "
+                "give the state dict or safetensors file it was made from"
+            )
     try:
         # DeiT-style training checkpoints (EdgeViT's) carry their `args` Namespace: plain attributes,
         # allowed; anything else that needs code still fails
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused to load {path}: it is a pickle that needs code execution to load "
-            "(torch.load weights_only=True rejected it). Load it only if you trust it, then "
-            "re-save its state_dict with torch.save(model.state_dict(), ...) or lowformer.save_checkpoint."
-            f"\nDetail: {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
-    meta = obj.get(META_KEY) if isinstance(obj, dict) else None
-    meta = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-    return unwrap_state_dict(obj, path), meta
+        detail = _weights_unpickler_detail(e)
+        if "Unsupported global" in detail or "Unsupported class" in detail:
+            raise CheckpointError(
+                f"refused to load {path}: it is a pickle that needs code execution to load "
+                "(torch.load weights_only=True rejected it). Load it only if you trust it, then "
+                "re-save its state_dict with torch.save(model.state_dict(), ...) or lowformer.save_checkpoint "
+                f"(torch: {detail.split('. ')[0]})"
+            ) from e
+        raise CheckpointError(f"{path} is a damaged PyTorch file: its pickle cannot be read ({detail})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        text = _first_line(e)
+        if "EOF" in text or "central directory" in text:
+            raise CheckpointError(f"{path} is truncated: {text}; copy or download it again") from e
+        raise CheckpointError(f"{path} is a damaged PyTorch file: {text}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _weights_unpickler_detail(e: BaseException) -> str:
+    """The line of torch's weights-only message that says what was rejected."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line.removeprefix("WeightsUnpickler error:").strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else type(e).__name__)
+    return _first_line(e)
 
 
 def unwrap_state_dict(obj: object, origin: object = "checkpoint") -> dict[str, torch.Tensor]:
@@ -161,7 +274,9 @@ def convert_checkpoint(
         native, fmt = entry.convert(state_dict, entry.spec)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    return native, ("lowformer safetensors" if meta.get("format") == "lowformer" else fmt), meta
+    if meta.get("format") == "lowformer":
+        fmt = "lowformer safetensors" if checkpoint_container(path) == "safetensors" else "lowformer torch.save"
+    return native, fmt, meta
 
 
 def checkpoint_metadata(model: nn.Module) -> dict[str, str]:

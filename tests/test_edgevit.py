@@ -169,7 +169,7 @@ def test_any_multiple_of_32_works():
 def test_other_sizes_are_a_clear_error(size):
     model = lowformer.create_model("edgevit_xxs").eval()
     x = torch.randn(1, 3, *size)
-    pattern = f"multiples of 32, got {size[0]}x{size[1]}"
+    pattern = f"edgevit_xxs needs height and width that are multiples of 32, got {size[0]}x{size[1]}"
     with pytest.raises(ValueError, match=pattern):
         model(x)
     with pytest.raises(ValueError, match=pattern):
@@ -222,6 +222,8 @@ def test_user_defined_variant():
     assert input_size_divisor(spec) == 8
     model = EdgeViT(spec, num_classes=4).eval()
     assert [f["reduction"] for f in model.feature_info] == [4, 8]
-    assert model(torch.randn(1, 3, 40, 24)).shape == (1, 4)
+    assert model(torch.randn(1, 3, 40, 32)).shape == (1, 4)
     with pytest.raises(ValueError, match="multiples of 8"):
-        model(torch.randn(1, 3, 36, 24))
+        model(torch.randn(1, 3, 36, 32))
+    with pytest.raises(ValueError, match="too small .* >= 32"):  # the one minimum, whatever the spec's strides
+        model(torch.randn(1, 3, 40, 24))

@@ -1,17 +1,19 @@
 """Export to ONNX and TorchScript: every registered model, dynamic axes, fp16, the CLI, and a verify
 that fails when the file is wrong."""
 
+import errno
 import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize_bn
+from helpers import randomize_bn, run_unprivileged
 
 import lowformer
 from lowformer.cli import main
@@ -223,7 +225,7 @@ def test_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
         raise RuntimeError("exporter crashed")
 
     def broken_save(module, f, **kwargs):
-        f.write(b"partial")
+        Path(f).write_bytes(b"partial")
         raise RuntimeError("exporter crashed")
 
     monkeypatch.setattr(torch.onnx, "export", broken_export)
@@ -284,11 +286,14 @@ def test_cli_torchscript_fp16_and_no_deploy(tmp_path, capsys):
 
 
 def test_cli_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lowformer.export.FP32_BOUND", 0.0)  # ONNX Runtime is never bit-exact
-    rc = main(["export", "lowformer_b0", "--image-size", "64", "64", "--out", str(tmp_path / "b0.onnx"), "--verify"])
+    monkeypatch.setattr("lowformer.export.verifier.FP32_BOUND", 0.0)  # ONNX Runtime is never bit-exact
+    out = tmp_path / "b0.onnx"
+    rc = main(["export", "lowformer_b0", "--image-size", "64", "64", "--out", str(out), "--verify"])
     assert rc == 1
     captured = capsys.readouterr()
-    assert "FAILED" in captured.out and "verification failed" in captured.err
+    assert "> 0e+00: FAILED" in captured.out
+    assert captured.err.startswith("lowformer export: error: verification failed (max rel err ")
+    assert captured.err.endswith(f"bound 0e+00); {out} is kept for inspection\n") and out.is_file()
 
 
 @pytest.mark.parametrize(
@@ -296,8 +301,13 @@ def test_cli_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
     [
         (["lowformer_b7"], "Did you mean"),
         (["lowformer_b0", "--format", "tflite"], "invalid choice"),
-        (["lowformer_b0", "--image-size", "16", "16"], "at least 32"),
-        (["edgevit_xxs", "--image-size", "64", "80"], "multiples of 32"),
+        (
+            ["lowformer_b0", "--image-size", "16", "16"],
+            "16x16 is too small for lowformer_b0: height and width must be >= 32",
+        ),
+        (["edgevit_xxs", "--image-size", "64", "80"], "multiples of 32, got 64x80 (e.g. 64x96)"),
+        (["lowformer_b0", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["resnet18"], "it is a timm model, write timm:resnet18"),
         (["lowformer_b0", "--format", "torchscript", "--fp16"], "ONNX only"),
         (["lowformer_b0", "--fp16", "--opset", "16"], "--opset 17"),
     ],
@@ -311,3 +321,118 @@ def test_cli_bad_arguments_exit_2(args, text, tmp_path, capsys):
     assert rc == 2
     assert text in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Failures the user can cause: one line naming the cause, exit 1, and before the slow part
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_read_only_output_folder_fails_before_the_export(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cmd = [sys.executable, "-m", "lowformer", "export", "lowformer_b0", "--out", str(ro / "b0.onnx"), "--verify"]
+    # tests run as root, who writes anywhere: the command runs without that power, as a user's would
+    r = run_unprivileged(cmd, tmp_path, env={**os.environ, "LOWFORMER_DEBUG": ""})
+    assert r.returncode == 1
+    assert r.stderr == f"lowformer export: error: cannot write {ro / 'b0.onnx'}: permission denied\n"
+    assert r.stdout == "" and list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "out, cause", [("folder", "it is a folder; give a file name"), ("file/b0.onnx", "{}/file is a file, not a folder")]
+)
+def test_cli_output_in_the_way_is_one_line(out, cause, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("a file where a folder must be")
+    rc = main(["export", "lowformer_b0", "--out", str(tmp_path / out)])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.out == ""
+    assert captured.err == f"lowformer export: error: cannot write {tmp_path / out}: {cause.format(tmp_path)}\n"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: an export of 56 MB fills it. Needs the right to mount (root in a container
+    usually has it); without it the case is skipped, and says so."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_cli_disk_full_is_one_line_and_leaves_nothing(full_disk, capsys):
+    (full_disk / "old.onnx").write_bytes(b"an earlier export")
+    rc = main(["export", "lowformer_b0", "--image-size", "64", "64", "--out", str(full_disk / "old.onnx")])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.out == ""
+    assert captured.err == f"lowformer export: error: cannot write {full_disk / 'old.onnx'}: no space left on device\n"
+    assert [p.name for p in full_disk.iterdir()] == ["old.onnx"]  # no temporary file, the old file intact
+    assert (full_disk / "old.onnx").read_bytes() == b"an earlier export"
+
+
+def test_disk_full_in_the_library_keeps_the_old_file(tmp_path, monkeypatch):
+    from lowformer.errors import OutputError
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+
+    def full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OutputError, match="cannot write .*m.onnx: no space left on device"):
+        export(_deployed("lowformer_b0"), path, "onnx", (64, 64))
+    monkeypatch.undo()
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_cli_export_refuses_a_size_that_does_not_fit_in_memory(tmp_path):
+    out = tmp_path / "b1.onnx"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowformer",
+            "export",
+            "lowformer_b1",
+            "--image-size",
+            "40000",
+            "40000",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1
+    assert r.stderr.startswith("lowformer export: error: exporting lowformer_b1 at 1x3x40000x40000 needs ~")
+    assert r.stderr.rstrip().endswith("GiB available; try a smaller --image-size or --batch-size")
+    assert not out.exists()
+
+
+def test_cli_exports_a_timm_model_reparameterised(tmp_path, capsys):
+    """timm:NAME exports as ours do; deploy mode is timm's reparameterize_model where the model has it."""
+    files = {}
+    for deploy in ("--deploy", "--no-deploy"):
+        files[deploy] = tmp_path / f"mobileone{deploy}.onnx"
+        args = ["timm:mobileone_s0", "--image-size", "64", "64", deploy, "--out", str(files[deploy]), "--verify"]
+        assert main(["export", *args]) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"model         timm:mobileone_s0, deploy {deploy[2:].replace('no-deploy', 'off').replace('deploy', 'on')}"
+            in out
+        )
+        assert ": ok" in out
+    ops = {k: [n.op_type for n in onnx.load(str(v)).graph.node] for k, v in files.items()}
+    # MobileOne's training form has parallel conv branches per block; the deployed one a single conv
+    assert ops["--deploy"].count("Conv") < ops["--no-deploy"].count("Conv")
+    props = {p.key: p.value for p in onnx.load(str(files["--deploy"])).metadata_props}
+    assert props["lowformer.model"] == "timm:mobileone_s0" and props["lowformer.deploy"] == "on"

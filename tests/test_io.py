@@ -10,9 +10,8 @@ from helpers import run_unprivileged
 
 import lowformer
 from lowformer import _io
-from lowformer.errors import OutputError, exit_code, is_out_of_memory
+from lowformer.errors import CheckpointError, OutOfMemory, OutputError, VerificationError, exit_code, is_out_of_memory
 from lowformer.factory import check_image_size, parse_model_name
-from lowformer.weights import CheckpointError
 
 
 def test_atomic_write_json_csv_and_no_temp_left(tmp_path):
@@ -74,6 +73,12 @@ def test_exit_codes():
     assert exit_code(ValueError("bad")) == 2
     assert exit_code(FileNotFoundError("x")) == 2
     assert exit_code(CheckpointError("corrupt")) == 1  # a ValueError, but a bad file, not a bad argument
+    assert exit_code(IsADirectoryError("a folder given as a checkpoint")) == 2
+    assert exit_code(VerificationError("exported file differs")) == 1
+    assert exit_code(OutOfMemory.needs("x", 3 * 2**30, 2**30, "this machine", "try smaller")) == 1
+    assert str(OutOfMemory.needs("x", 3 * 2**30, 2**30, "this machine", "y")) == (
+        "x needs ~3.0 GiB of memory, this machine has 1.0 GiB available; y"
+    )
     assert exit_code(OutputError("p", "read-only file system")) == 1
     oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4 bytes")
     assert is_out_of_memory(oom) and exit_code(oom) == 1

@@ -242,3 +242,151 @@ def test_saved_checkpoint_is_atomic_and_readable_by_others(tmp_path):
         os.umask(old_umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600
     assert [p.name for p in tmp_path.iterdir()] == ["b0.safetensors"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------------------------
+# Files that are not usable checkpoints: each gets its own true message, whichever API reads it
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_checkpoints(folder) -> dict:
+    """name -> (path, exception type, text the message must contain)."""
+    import os
+
+    model = lowformer.create_model("lowformer_b0")
+    good_pt, good_st = folder / "good.pt", folder / "good.safetensors"
+    torch.save(model.state_dict(), good_pt)
+    lowformer.save_checkpoint(model, good_st)
+    legacy = folder / "legacy.pt"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    files = {}
+
+    def write(name: str, data: bytes) -> object:
+        (folder / name).write_bytes(data)
+        return folder / name
+
+    pt, st, old = good_pt.read_bytes(), good_st.read_bytes(), legacy.read_bytes()
+    files["empty .pt"] = (write("empty.pt", b""), lowformer.CheckpointError, "is empty (0 bytes), not a checkpoint")
+    files["empty .safetensors"] = (write("empty.safetensors", b""), lowformer.CheckpointError, "is empty (0 bytes)")
+    random_bytes = bytes(range(7, 256)) * 40  # fixed "random" bytes: no magic number of any format
+    files["random .pt"] = (write("random.pt", random_bytes), lowformer.CheckpointError, "is not a checkpoint")
+    files["random .safetensors"] = (
+        write("r.safetensors", os.urandom(8) + b"x" * 99),
+        lowformer.CheckpointError,
+        "is not a checkpoint",
+    )
+    files["truncated .pt"] = (write("cut.pt", pt[: len(pt) // 2]), lowformer.CheckpointError, "is truncated or damaged")
+    files["truncated legacy .pt"] = (
+        write("cut_legacy.pt", old[: len(old) // 2]),
+        lowformer.CheckpointError,
+        "is truncated",
+    )
+    files["truncated .safetensors"] = (
+        write("cut.safetensors", st[: len(st) // 2]),
+        lowformer.CheckpointError,
+        "is truncated",
+    )
+    files["truncated safetensors header"] = (
+        write("head.safetensors", st[:40]),
+        lowformer.CheckpointError,
+        "is truncated",
+    )
+    (folder / "run").mkdir()
+    (folder / "run" / "best.safetensors").write_bytes(st)
+    files["a folder"] = (
+        folder / "run",
+        IsADirectoryError,
+        "is a folder, not a file; give the checkpoint file itself; checkpoint files in it: best.safetensors",
+    )
+    files["missing"] = (folder / "nope.pt", FileNotFoundError, "checkpoint not found")
+    ts = folder / "model.torchscript"
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), ts)
+    files["TorchScript"] = (ts, lowformer.CheckpointError, "is a TorchScript module")
+    return files
+
+
+_BAD = [
+    "empty .pt",
+    "empty .safetensors",
+    "random .pt",
+    "random .safetensors",
+    "truncated .pt",
+    "truncated legacy .pt",
+    "truncated .safetensors",
+    "truncated safetensors header",
+    "a folder",
+    "missing",
+    "TorchScript",
+]
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    return _bad_checkpoints(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("case", _BAD)
+def test_unusable_checkpoint_has_its_own_message(case, bad_checkpoints):
+    path, error, text = bad_checkpoints[case]
+    for read in (
+        lowformer.read_checkpoint,
+        lambda p: lowformer.create_model("lowformer_b0", checkpoint_path=p),
+        lowformer.load_model,
+        lambda p: lowformer.create_model("timm:resnet18", checkpoint_path=p),
+    ):
+        with pytest.raises(error) as err:
+            read(path)
+        assert text in str(err.value) and str(path) in str(err.value)
+        assert "code execution" not in str(err.value)
+
+
+def test_a_safetensors_file_is_recognised_by_its_content_not_its_name(tmp_path):
+    src = lowformer.create_model("lowformer_b0", num_classes=4)
+    path = lowformer.save_checkpoint(src, tmp_path / "weights.pt")  # the "wrong" suffix
+    model = lowformer.create_model("lowformer_b0", checkpoint_path=path)
+    assert model.num_classes == 4 and model.pretrained_cfg["checkpoint_format"] == "lowformer safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# The data config travels with the weights, in both formats
+# --------------------------------------------------------------------------------------------
+
+_TRAINED_AT = {
+    "input_size": (3, 64, 64),
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+    "interpolation": "bilinear",
+    "mean": (0.5, 0.4, 0.3),
+    "std": (0.2, 0.25, 0.3),
+    "label_names": ["cat", "dog", "fish"],
+}
+
+
+@pytest.mark.parametrize("name", ["lowformer_b0", "edgevit_xxs"])
+@pytest.mark.parametrize("container", ["safetensors", "training .pt"])
+def test_checkpoint_restores_its_data_config(name, container, tmp_path):
+    from timm.data import resolve_data_config
+
+    from lowformer.weights import META_KEY, checkpoint_metadata
+
+    src = lowformer.create_model(name, num_classes=3).eval()
+    src.pretrained_cfg = {**src.pretrained_cfg, **_TRAINED_AT}
+    if container == "safetensors":
+        path = lowformer.save_checkpoint(src, tmp_path / "best.safetensors")
+        label = "lowformer safetensors"
+    else:  # what the trainer writes: the weights, training state, and the same metadata under "meta"
+        path = tmp_path / "best.pt"
+        torch.save({"state_dict": src.state_dict(), "epoch": 3, META_KEY: checkpoint_metadata(src)}, path)
+        label = "lowformer torch.save"
+    for model in (lowformer.load_model(path), lowformer.create_model(name, checkpoint_path=path)):
+        cfg = resolve_data_config(model=model)
+        assert cfg["input_size"] == (3, 64, 64) and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
+        assert cfg["mean"] == (0.5, 0.4, 0.3) and cfg["std"] == (0.2, 0.25, 0.3)
+        assert model.pretrained_cfg["label_names"] == ["cat", "dog", "fish"]
+        assert model.pretrained_cfg["checkpoint_format"] == label and model.num_classes == 3
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(src(x), lowformer.load_model(path).eval()(x))
+    plain = tmp_path / "plain.pt"  # a bare state dict records nothing: the family's defaults stay
+    torch.save(src.state_dict(), plain)
+    assert resolve_data_config(model=lowformer.create_model(name, checkpoint_path=plain))["input_size"] == (3, 224, 224)

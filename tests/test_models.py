@@ -6,6 +6,7 @@ from helpers import randomize_bn
 from timm.data import resolve_data_config
 
 import lowformer
+from lowformer.factory import MIN_IMAGE_SIZE, check_image_size
 from lowformer.models import get_entry
 
 MODELS = lowformer.list_models()
@@ -161,3 +162,63 @@ def test_pretrained_without_local_file_says_what_to_do(name, tmp_path, monkeypat
     with pytest.raises(FileNotFoundError) as err:
         lowformer.create_model(name, pretrained=True)
     assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bad_inputs_and_indices_are_one_clear_error(name):
+    """Every model refuses what `check_image_size` (info, export, bench, train) refuses, with the same
+    message; a non-4D input and bad feature indices get the same message whatever the family."""
+    model = lowformer.create_model(name, num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE)).shape == (1, 3)
+        for size in [(31, 64), (64, 16), (64, 48)]:
+            try:
+                check_image_size(name, size)
+            except ValueError as e:
+                with pytest.raises(ValueError) as err:
+                    model(torch.randn(1, 3, *size))
+                assert str(err.value) == str(e)
+            else:  # 64x48 passes for LowFormer (any size >= 32)
+                assert model(torch.randn(1, 3, *size)).shape == (1, 3)
+    for shape, hint in [
+        ((3, 64, 64), " (add the batch dimension: x.unsqueeze(0))"),
+        ((1, 1, 3, 64, 64), ""),
+        ((2, 64), ""),
+    ]:
+        want = f"{name} takes a 4D input (batch, channels, height, width), got shape {shape}{hint}"
+        for call in (model, model.forward_features, model.forward_intermediates):
+            with pytest.raises(ValueError) as err:
+                call(torch.randn(*shape))
+            assert str(err.value) == want
+    for indices in [[4], [], [1, 1], [3, 1]]:
+        with pytest.raises(ValueError, match="valid indices: 0 to 3 "):
+            model.forward_intermediates(torch.randn(1, 3, SMALL, SMALL), indices=indices)
+
+
+@pytest.mark.parametrize("name", ["lowformer_b0", "edgevit_xxs"])
+@pytest.mark.parametrize(
+    "out_indices, problem",
+    [
+        ((4,), "4 out of range"),
+        ((-5, 1), "-5 out of range"),
+        ((), "is empty"),
+        ((1, 1), "twice"),
+        ((3, 1), "ascending"),
+    ],
+)
+def test_features_only_bad_out_indices_list_the_valid_ones(name, out_indices, problem):
+    with pytest.raises(ValueError) as err:
+        lowformer.create_model(name, features_only=True, out_indices=out_indices)
+    assert problem in str(err.value) and "valid indices: 0 to 3 (or -4 to -1), ascending, each once" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["lowformer_b0", "edgevit_xxs"])
+def test_features_follow_feature_info_and_keep_the_data_config(name):
+    feat = lowformer.create_model(name, features_only=True, out_indices=(-3, -1)).eval()
+    with torch.no_grad():
+        maps = feat(torch.randn(1, 3, SMALL, SMALL))
+    assert [m.shape[1] for m in maps] == feat.feature_info.channels()
+    assert [SMALL // m.shape[-1] for m in maps] == feat.feature_info.reduction() == [8, 32]
+    last2 = lowformer.create_model(name, features_only=True, out_indices=2)  # an int: the last n
+    assert last2.feature_info.reduction() == [16, 32]
+    assert resolve_data_config(model=feat) == resolve_data_config(model=lowformer.create_model(name))

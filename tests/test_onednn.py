@@ -113,3 +113,33 @@ def test_deploy_prepacks_on_cpu_only_by_default():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(once(x), twice(x))
+
+
+class _ConvAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.act = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+class _Declares(_ConvAct):
+    def conv_act_pairs(self) -> list[tuple[str, str]]:
+        return [("conv", "act")]
+
+
+def test_fusion_is_the_blocks_answer():
+    """pack_convs fuses only the pairs a block declares; it knows no block class."""
+    x = torch.randn(1, 4, 9, 9)
+    for cls, fused in [(_Declares, True), (_ConvAct, False)]:
+        block = cls().eval()
+        with torch.no_grad():
+            ref = block(x)
+            assert onednn.pack_convs(block) == 1 and isinstance(block.conv, onednn.PackedConv2d)
+            assert isinstance(block.conv.act, nn.Hardswish) == fused and isinstance(block.act, nn.Identity) == fused
+            assert _rel(ref, block(x)) <= 1e-6
+    packed = deploy(lowformer.create_model("lowformer_b0").eval(), memory_format="packed")
+    mlps = [b.mlp for stage in packed.stages for b in stage.blocks if getattr(b, "mlp", None) is not None]
+    assert mlps and all(isinstance(m.fc1.act, nn.GELU) and isinstance(m.act, nn.Identity) for m in mlps)

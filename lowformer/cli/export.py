@@ -1,18 +1,24 @@
 """`lowformer export MODEL --out PATH`: write an ONNX or TorchScript file, in deploy mode by default,
 and with --verify compare it with PyTorch on random inputs (exit 1 if the error bound is exceeded).
-Method, fp16 policy and limits: docs/export.md.
+MODEL is one of ours or any timm model as `timm:NAME`. Method, fp16 policy and limits: docs/export.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from pathlib import Path
 
+from torch import nn
+
+from .._io import check_writable
 from ..deploy import deploy
-from ..export import DEFAULT_OPSET, FORMATS, MIN_FP16_OPSET, export, input_channels, verify
-from ..factory import create_model
-from ..models import get_entry
+from ..errors import VerificationError, out_of_memory_as
+from ..export import DEFAULT_OPSET, FORMATS, MIN_FP16_OPSET, export, input_channels, verify, verify_shapes
+from ..factory import check_image_size, create_model, parse_model_name, size_divisor_of
+from ..measure.memory import check_forward_fits, tensor_bytes
+
+_HINT = "try a smaller --image-size or --batch-size"
 
 EXAMPLES = """examples:
   lowformer export lowformer_b1 --checkpoint evalmodel.pt --out b1.onnx --verify
@@ -30,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="model name (see `lowformer info --list`)")
+    p.add_argument("model", help="model name (see `lowformer info --list`), or timm:NAME for any timm model")
     p.add_argument("--checkpoint", help="load this checkpoint first (any supported format); default: random weights")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="default: onnx")
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=(224, 224), help="default: 224 224")
@@ -61,14 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    entry = get_entry(args.model)  # ValueError naming close matches for an unknown model
-    h, w = args.image_size
-    if h < 32 or w < 32:
-        raise ValueError(f"image size must be at least 32x32, got {h}x{w}")
-    if h % entry.size_divisor or w % entry.size_divisor:
-        raise ValueError(f"{args.model} needs height and width that are multiples of {entry.size_divisor}, got {h}x{w}")
+    """Every usage error, before anything slow: ValueError (exit 2)."""
+    parse_model_name(args.model)  # unknown model: close matches, and the timm: hint
+    check_image_size(args.model, args.image_size)
     if args.batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.fp16 and args.format != "onnx":
         raise ValueError(
             "--fp16 is ONNX only; export TorchScript in fp32 and run it under torch.autocast, "
@@ -76,8 +79,6 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.fp16 and args.opset < MIN_FP16_OPSET:
         raise ValueError(f"--fp16 needs --opset {MIN_FP16_OPSET} or later")
-    if args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a folder; give a file name")
 
 
 def _dynamic_axes(args: argparse.Namespace) -> str:
@@ -91,46 +92,64 @@ def _dynamic_axes(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    check_writable(args.out)  # a read-only folder, a folder in the way: say so before the slow part
     model = create_model(args.model, checkpoint_path=args.checkpoint).eval()
     if args.deploy:
         model = deploy(model, inplace=True, memory_format="keep")  # the plain ops, for tracing
-    image_size = tuple(args.image_size)
-    path = export(
-        model,
-        args.out,
-        args.format,
-        image_size,
-        dynamic_batch=args.dynamic_batch,
-        dynamic_size=args.dynamic_size,
-        fp16=args.fp16,
-        opset=args.opset,
-        batch_size=args.batch_size,
-        metadata={"lowformer.deploy": "on" if args.deploy else "off", "lowformer.checkpoint": args.checkpoint or ""},
-    )
-    size_mb = path.stat().st_size / 1e6
-    h, w = image_size
-    print(f"wrote {path} ({size_mb:.1f} MB)")
+    shapes = _shapes_to_run(args, model)
+    largest = max(shapes, key=math.prod)
+    what = f"exporting {args.model} at {_shape_text(model, largest)}"
+    # besides the forward pass, the exporter holds the traced graph and its serialised bytes
+    check_forward_fits(model, _full(model, largest), what, _HINT, reserve_bytes=2 * tensor_bytes(model))
+    metadata = {"lowformer.deploy": "on" if args.deploy else "off", "lowformer.checkpoint": args.checkpoint or ""}
+    with out_of_memory_as(what, _HINT):
+        path = export(
+            model,
+            args.out,
+            args.format,
+            tuple(args.image_size),
+            dynamic_batch=args.dynamic_batch,
+            dynamic_size=args.dynamic_size,
+            fp16=args.fp16,
+            opset=args.opset,
+            batch_size=args.batch_size,
+            metadata=metadata,
+        )
+    _print_written(args, path, _shape_text(model, shapes[0]))
+    if args.verify:
+        with out_of_memory_as(f"verifying {path}", _HINT):
+            report = verify(model, path, args.format, fp16=args.fp16, shapes=shapes)
+        print(report.summary())
+        if not report.passed:
+            raise VerificationError(
+                f"verification failed (max rel err {report.max_rel_err:.2e}, bound {report.bound:.0e}"
+                f"{'' if report.finite else ', non-finite values'}); {path} is kept for inspection"
+            )
+    return 0
+
+
+def _shapes_to_run(args: argparse.Namespace, model: nn.Module) -> list[tuple[int, int, int]]:
+    """(B, H, W): the export shape first, then with --verify the shapes verification adds."""
+    h, w = args.image_size
+    if not args.verify:
+        return [(args.batch_size, h, w)]
+    return verify_shapes((h, w), args.batch_size, args.dynamic_batch, args.dynamic_size, size_divisor_of(model))
+
+
+def _full(model: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    return (shape[0], input_channels(model), *shape[1:])
+
+
+def _shape_text(model: nn.Module, shape: tuple[int, int, int]) -> str:
+    return "x".join(map(str, _full(model, shape)))
+
+
+def _print_written(args: argparse.Namespace, path: Path, input_shape: str) -> None:
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     fmt = f"onnx, opset {args.opset}" if args.format == "onnx" else "torchscript (traced, frozen)"
     precision = "fp16 (softmax, norms, attention logits fp32; fp32 input/output)" if args.fp16 else "fp32"
     print(f"  format        {fmt}, {precision}")
     print(f"  model         {args.model}, deploy {'on' if args.deploy else 'off'}")
     print(f"  weights       {args.checkpoint or 'random (no --checkpoint)'}")
-    print(f"  input         {args.batch_size}x{input_channels(model)}x{h}x{w} float32")
+    print(f"  input         {input_shape} float32")
     print(f"  dynamic axes  {_dynamic_axes(args)}")
-    if not args.verify:
-        return 0
-    report = verify(
-        model,
-        path,
-        args.format,
-        image_size,
-        dynamic_batch=args.dynamic_batch,
-        dynamic_size=args.dynamic_size,
-        fp16=args.fp16,
-        batch_size=args.batch_size,
-    )
-    print(report.summary())
-    if not report.passed:
-        print(f"lowformer export: verification failed; {path} is kept for inspection", file=sys.stderr)
-        return 1
-    return 0

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
-from timm.models._features import feature_take_indices
+from timm.layers import LayerNorm2d, Mlp, trunc_normal_
 from timm.models._manipulate import checkpoint_seq, reparameterize_model
 from torch import nn
 
 from ._keymap import batchnorm, detect_format, rename, unknown_layout, weight_bias
-from ._layers import affine_free, fold_affine_into_next
+from ._layers import affine_free, check_input, fold_affine_into_next, set_drop_path, take_indices
 from ._registry import register_model
 
 __all__ = [
@@ -78,7 +77,6 @@ class LocalAggregation(nn.Module):
         kernel_size: int = 5,
         act_layer: type[nn.Module] = nn.GELU,
         proj_drop: float = 0.0,
-        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -86,10 +84,10 @@ class LocalAggregation(nn.Module):
         self.conv_in = nn.Conv2d(dim, dim, 1)
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.conv_out = nn.Conv2d(dim, dim, 1)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = nn.Identity()
         self.norm2 = nn.BatchNorm2d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, use_conv=True)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = nn.Identity()
 
     def reparameterize(self) -> None:
         """Deploy mode: fold both BatchNorms into the 1x1 convs after them (exact)."""
@@ -168,7 +166,7 @@ class LGLBlock(nn.Module):
 
     Input and output are NCHW; the attention half runs channels-last, where its linear layers act
     on the channel axis. The stochastic-depth rate is shared by all residual branches of the block
-    (the local aggregation's included), as in the official code.
+    (the local aggregation's included), as in the official code (`EdgeViT.drop_path_per_block`).
     """
 
     drop_path_attrs = ("drop_path1", "drop_path2")
@@ -184,22 +182,19 @@ class LGLBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
-        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if local_agg:
-            self.local_agg = LocalAggregation(
-                dim, mlp_ratio, act_layer=act_layer, proj_drop=proj_drop, drop_path=drop_path
-            )
+            self.local_agg = LocalAggregation(dim, mlp_ratio, act_layer=act_layer, proj_drop=proj_drop)
         else:
             self.local_agg = nn.Identity()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = GlobalSparseAttention(dim, num_heads, attn_stride, qkv_bias, attn_drop, proj_drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = nn.Identity()
 
     def reparameterize(self) -> None:
         """Deploy mode: fold the LayerNorm affines into qkv and the first MLP layer (exact: the
@@ -304,7 +299,6 @@ class EdgeViTStage(nn.Module):
         self,
         in_chs: int,
         spec: EdgeViTStageSpec,
-        drop_path_rates: Sequence[float],
         qkv_bias: bool = True,
         act_layer: type[nn.Module] = nn.GELU,
         embed_drop: float = 0.0,
@@ -325,9 +319,8 @@ class EdgeViTStage(nn.Module):
                     act_layer=act_layer,
                     proj_drop=proj_drop,
                     attn_drop=attn_drop,
-                    drop_path=rate,
                 )
-                for rate in drop_path_rates
+                for _ in range(spec.depth)
             ]
         )
         self.grad_checkpointing = False
@@ -379,9 +372,11 @@ class EdgeViT(nn.Module):
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth, rising linearly over the blocks from 0 for the first to
             `drop_path_rate` for the last, each block's rate shared by all its residual branches
-            (the official / DeiT rule, not `_layers.set_drop_path`'s per-branch rule).
+            (the official / DeiT schedule: `set_drop_path` with `per_block=True`).
         act_layer: activation of the MLPs.
     """
+
+    drop_path_per_block = True
 
     def __init__(
         self,
@@ -403,16 +398,13 @@ class EdgeViT(nn.Module):
         self.grad_checkpointing = False
         self.pretrained_cfg = default_cfg(num_classes=num_classes)
 
-        depths = [stage.depth for stage in spec.stages]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, self.feature_info = [], []
-        in_chs, reduction, first = in_chans, 1, 0
+        in_chs, reduction = in_chans, 1
         for i, stage_spec in enumerate(spec.stages):
             stages.append(
                 EdgeViTStage(
                     in_chs,
                     stage_spec,
-                    rates[first : first + stage_spec.depth],
                     qkv_bias=spec.qkv_bias,
                     act_layer=act_layer,
                     embed_drop=proj_drop_rate if i == 0 else 0.0,
@@ -420,13 +412,15 @@ class EdgeViT(nn.Module):
                     attn_drop=attn_drop_rate,
                 )
             )
-            in_chs, reduction, first = stage_spec.width, reduction * stage_spec.patch_size, first + stage_spec.depth
+            in_chs, reduction = stage_spec.width, reduction * stage_spec.patch_size
             self.feature_info.append({"num_chs": in_chs, "reduction": reduction, "module": f"stages.{i}"})
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.head = ClassifierHead(in_chs, num_classes, drop_rate)
 
         self.apply(_init_weights)
+        if drop_path_rate > 0:
+            set_drop_path(self, drop_path_rate, per_block=self.drop_path_per_block)
 
     @torch.jit.ignore
     def reparameterize(self) -> None:
@@ -472,19 +466,13 @@ class EdgeViT(nn.Module):
         self.head.fc = fc.to(device=ref.device, dtype=ref.dtype)
         _init_weights(self.head.fc)
 
-    def check_input_size(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless the height and width of `x` are multiples of `size_divisor`."""
-        H, W = x.shape[-2], x.shape[-1]
-        if H % self.size_divisor or W % self.size_divisor:
-            raise ValueError(
-                f"EdgeViT needs input height and width that are multiples of {self.size_divisor}, got "
-                f"{H}x{W}: every patch embedding and every attention sub-sampling must divide the token grid "
-                f"exactly. Resize or pad the input (e.g. to {_round_up(H, self.size_divisor)}x"
-                f"{_round_up(W, self.size_divisor)})."
-            )
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless `x` is (B, C, H, W) with H, W >= 32 and multiples of `size_divisor`:
+        every patch embedding and every attention sub-sampling must divide the token grid exactly."""
+        check_input(x, self.size_divisor, getattr(self, "variant", "EdgeViT"))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input_size(x)
+        self.check_input(x)
         return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -509,13 +497,13 @@ class EdgeViT(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"EdgeViT features are NCHW only, got output_fmt={output_fmt!r}")
-        self.check_input_size(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        wanted, max_index = take_indices(len(self.stages), indices)
+        self.check_input(x)
         intermediates = []
         stages = self.stages[: max_index + 1] if stop_early or intermediates_only else self.stages
         for i, stage in enumerate(stages):
             x = stage(x)
-            if i in take_indices:
+            if i in wanted:
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
@@ -525,18 +513,14 @@ class EdgeViT(nn.Module):
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last wanted one (and the head); returns absolute indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        wanted, max_index = take_indices(len(self.stages), indices)
         # the head is sized for the last stage: it goes with it even when prune_head is False
         if prune_head or max_index < len(self.stages) - 1:
             self.head = nn.Identity()
             self.num_classes = 0
         self.stages = self.stages[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]
-        return take_indices
-
-
-def _round_up(n: int, divisor: int) -> int:
-    return -(-n // divisor) * divisor
+        return wanted
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GroupNorm1
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, reparameterize_model
 from torch import nn
 
 from ._keymap import batchnorm, detect_format, rename, unknown_layout, weight_bias
-from ._layers import ConvNormAct, affine_free, fold_affine_into_next, set_drop_path
+from ._layers import ConvNormAct, affine_free, check_input, fold_affine_into_next, set_drop_path, take_indices
 from ._registry import register_model
 
 __all__ = ["LowFormer", "LowFormerSpec", "StageSpec", "Lowtention", "convert_state_dict"]
@@ -144,6 +143,10 @@ class ConvMlp(nn.Module):
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def conv_act_pairs(self) -> list[tuple[str, str]]:
+        """(conv, activation) pairs deploy mode may run as one kernel (see `ConvNormAct.conv_act_pairs`)."""
+        return [("fc1", "act")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -367,7 +370,13 @@ def default_cfg(**kwargs) -> dict:
 
 
 class LowFormer(nn.Module):
-    """LowFormer classifier built from a `LowFormerSpec`, with timm's model contract."""
+    """LowFormer classifier built from a `LowFormerSpec`, with timm's model contract.
+
+    Any input of at least 32x32 works (`size_divisor` 1): odd sizes round up at every stride-2 step.
+    """
+
+    size_divisor = 1
+    drop_path_per_block = False  # the official recipe: one rate per residual branch (`set_drop_path`)
 
     def __init__(
         self,
@@ -403,7 +412,7 @@ class LowFormer(nn.Module):
 
         self.apply(_init_weights)
         if drop_path_rate > 0:
-            set_drop_path(self, drop_path_rate, skip=drop_path_skip)
+            set_drop_path(self, drop_path_rate, skip=drop_path_skip, per_block=self.drop_path_per_block)
 
     @torch.jit.ignore
     def reparameterize(self) -> None:
@@ -436,7 +445,12 @@ class LowFormer(nn.Module):
         self.head.fc = fc.to(device=ref.device, dtype=ref.dtype)
         _init_weights(self.head.fc)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless `x` is (B, C, H, W) with H, W >= 32 (`_layers.check_input`)."""
+        check_input(x, self.size_divisor, getattr(self, "variant", "LowFormer"))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -457,13 +471,14 @@ class LowFormer(nn.Module):
         """Stage outputs (strides 4, 8, 16, 32) selected by `indices` (timm semantics)."""
         if output_fmt != "NCHW":
             raise ValueError(f"LowFormer features are NCHW only, got output_fmt={output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        wanted, max_index = take_indices(len(self.stages), indices)
+        self.check_input(x)
         intermediates = []
         x = self.stem(x)
         stages = self.stages[: max_index + 1] if stop_early or intermediates_only else self.stages
         for i, stage in enumerate(stages):
             x = stage(x)
-            if i in take_indices:
+            if i in wanted:
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
@@ -473,13 +488,13 @@ class LowFormer(nn.Module):
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last wanted one (and the head); returns absolute indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        wanted, max_index = take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]
         if prune_head:
             self.head = nn.Identity()
             self.num_classes = 0
-        return take_indices
+        return wanted
 
 
 def _init_weights(module: nn.Module) -> None:
