@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,15 @@ def _folder(split_dir: Path, class_to_idx: dict[str, int] | None = None) -> Fold
     if not samples:
         raise DataLayoutError(
             f"{split_dir} has class folders but no images ({', '.join(IMG_EXTENSIONS)}). Expected {_LAYOUT}"
+        )
+    # as torchvision's ImageFolder: an empty class folder is an error, not a class without examples
+    counts = Counter(label for _, label in samples)
+    empty = [c for c in classes if c in class_to_idx and counts[class_to_idx[c]] == 0]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+        raise DataLayoutError(
+            f"{split_dir} has empty class folders: {shown} (no {', '.join(IMG_EXTENSIONS)} files); each would be "
+            "a class without a single image. Add their images or remove the folders"
         )
     names = sorted(class_to_idx, key=class_to_idx.get)
     return FolderSource(samples, names)
