@@ -500,3 +500,41 @@ def test_tensorboard_gets_every_epoch_metric(tmp_path, monkeypatch):
           progress=False)  # fmt: skip
     assert {tag for tag, _ in scalars} >= {"train_loss", "val_top1", "val_top5", "lr", "train_img_s"}
     assert {step for _, step in scalars} == {1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Run lifecycle: signals and the resume command
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_signal_delivered_twice_counts_once_and_a_later_one_stops_at_once():
+    import os
+    import signal
+    import time
+
+    from lowformer.train.lifecycle import StopSignals
+
+    with StopSignals(repeat_window_s=0.5) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the Ctrl-C its workers already got
+        time.sleep(0.05)
+        assert stop.requested and stop.exit_code == 130
+        time.sleep(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the user pressing Ctrl-C again
+            time.sleep(0.5)
+
+
+def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
+    from lowformer.train.lifecycle import resume_command
+
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resume_command("train", "runs/my run/last.pt", ["--device", "cpu"]) == (
+        "lowformer train --resume 'runs/my run/last.pt' --device cpu"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command("train", "r/last.pt") == "torchrun --nproc-per-node 8 -m lowformer train --resume r/last.pt"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert resume_command("train", "r/last.pt").startswith("torchrun --nproc-per-node 8 --nnodes 2 <your rendezvous")

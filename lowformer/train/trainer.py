@@ -260,18 +260,20 @@ def train(
         if saved is not None:
             _restore(run, saved)
         _on_main(info, f"check the free space in {out}", lambda: _check_free_space(run))
-        _start(run, tensorboard)
-        try:
-            with StopSignals() as stop:
+        # from here on Ctrl-C / SIGTERM stop at the next step boundary, with a checkpoint (before
+        # here, nothing is lost by stopping at once)
+        with StopSignals() as stop:
+            _start(run, tensorboard)
+            try:
                 run.scheduler.step_update(run.progress.global_step)
                 for epoch in range(run.progress.epoch, recipe.epochs):
                     train_one_epoch(run, epoch, stop)
                     end_epoch(run, epoch)
                     if epoch + 1 < recipe.epochs and any_process(stop.requested, info):
                         _stop(run, stop, f"after epoch {epoch + 1}")
-        finally:
-            if run.writer is not None:
-                run.writer.close()
+            finally:
+                if run.writer is not None:
+                    run.writer.close()
         _finish(run)
         return TrainResult(
             output_dir=out,
