@@ -35,6 +35,7 @@ __all__ = [
     "FolderSource",
     "ImageSource",
     "StepBatchSampler",
+    "SubsetSource",
     "TrainDataset",
     "collate",
     "eval_batches",
@@ -101,6 +102,22 @@ class DigitsSource:
 
     def describe(self, index: int) -> str:
         return f"digits[{index}]"
+
+
+class SubsetSource:
+    """Some images of a source (by index), itself a source: the BN-reset subset."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        self.source, self.indices, self.classes = source, list(indices), source.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return self.source.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
 
 
 def digits_split() -> tuple[DigitsSource, DigitsSource]:

@@ -37,7 +37,6 @@ from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import dispatch_clip_grad
@@ -59,6 +58,7 @@ from .data import (
     EvalDataset,
     ImageSource,
     StepBatchSampler,
+    SubsetSource,
     TrainDataset,
     collate,
     eval_batches,
@@ -418,44 +418,10 @@ def _setup(
         rank=info.rank,
         grad_accum=recipe.grad_accum,
     )
-    steps_per_epoch = StepBatchSampler(epoch=0, **sampler_args).steps_per_epoch
-    eff_batch, eff_lr = recipe.scaled(info.world_size)
-    if steps_per_epoch == 0:
-        raise recipe.error(
-            f"the training set has {len(train_src)} images, fewer than one effective batch ({eff_batch} = "
-            f"{{batch_size}} x {info.world_size} process(es) x {{grad_accum}}): lower them"
-        )
-    total_updates = recipe.epochs * steps_per_epoch
-    warmup_updates = min(total_updates, round(recipe.warmup_epochs * steps_per_epoch))
-    plan = _Plan(
-        steps_per_epoch=steps_per_epoch,
-        total_updates=total_updates,
-        warmup_updates=warmup_updates,
-        cosine_updates=max(1, total_updates - warmup_updates),
-        effective_batch=eff_batch,
-        effective_lr=eff_lr,
-    )
+    plan = _make_plan(recipe, StepBatchSampler(epoch=0, **sampler_args).steps_per_epoch, len(train_src), info)
 
     # -- optimizer, schedule, scaler, losses --
-    opt_kwargs: dict[str, Any] = {}
-    if "adam" in recipe.optimizer or "lamb" in recipe.optimizer:
-        opt_kwargs = {"eps": recipe.opt_eps, "betas": tuple(recipe.opt_betas)}
-    # timm's filter: no weight decay on 1-d parameters and biases, i.e. exactly the official
-    # no_wd_keys [norm, bias] for every registered model (tests/test_train.py checks it)
-    optimizer = create_optimizer_v2(
-        model, opt=recipe.optimizer, lr=eff_lr, weight_decay=recipe.weight_decay, **opt_kwargs
-    )
-    # NOTE: scheduled per optimizer update; the official scheduler steps per micro-batch (the same
-    # curve when grad_accum is 1). Warm-up starts at warmup_lr one update earlier than the official.
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=plan.cosine_updates,
-        lr_min=recipe.min_lr,
-        warmup_t=plan.warmup_updates,
-        warmup_lr_init=recipe.warmup_lr,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    optimizer, scheduler = _build_optimizer(model, recipe, plan)
     scaler = torch.amp.GradScaler(info.device.type, enabled=recipe.amp == "fp16")
     mixup = build_mixup(recipe, len(classes))
     return _Run(
@@ -483,6 +449,50 @@ def _setup(
         std=std,
         progress_bars=progress_bars,
     )
+
+
+def _make_plan(recipe: Recipe, steps_per_epoch: int, num_images: int, info: DistInfo) -> _Plan:
+    """Steps per epoch and in all, the warm-up, and the effective batch and lr (the scaling rule)."""
+    eff_batch, eff_lr = recipe.scaled(info.world_size)
+    if steps_per_epoch == 0:
+        raise recipe.error(
+            f"the training set has {num_images} images, fewer than one effective batch ({eff_batch} = "
+            f"{{batch_size}} x {info.world_size} process(es) x {{grad_accum}}): lower them"
+        )
+    total_updates = recipe.epochs * steps_per_epoch
+    warmup_updates = min(total_updates, round(recipe.warmup_epochs * steps_per_epoch))
+    return _Plan(
+        steps_per_epoch=steps_per_epoch,
+        total_updates=total_updates,
+        warmup_updates=warmup_updates,
+        cosine_updates=max(1, total_updates - warmup_updates),
+        effective_batch=eff_batch,
+        effective_lr=eff_lr,
+    )
+
+
+def _build_optimizer(model: nn.Module, recipe: Recipe, plan: _Plan) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    """timm's optimizer at the effective lr, and the cosine schedule with warm-up, per optimizer update."""
+    opt_kwargs: dict[str, Any] = {}
+    if "adam" in recipe.optimizer or "lamb" in recipe.optimizer:
+        opt_kwargs = {"eps": recipe.opt_eps, "betas": tuple(recipe.opt_betas)}
+    # timm's filter: no weight decay on 1-d parameters and biases, i.e. exactly the official
+    # no_wd_keys [norm, bias] for every registered model (tests/test_train.py checks it)
+    optimizer = create_optimizer_v2(
+        model, opt=recipe.optimizer, lr=plan.effective_lr, weight_decay=recipe.weight_decay, **opt_kwargs
+    )
+    # NOTE: scheduled per optimizer update; the official scheduler steps per micro-batch (the same
+    # curve when grad_accum is 1). Warm-up starts at warmup_lr one update earlier than the official.
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=plan.cosine_updates,
+        lr_min=recipe.min_lr,
+        warmup_t=plan.warmup_updates,
+        warmup_lr_init=recipe.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    return optimizer, scheduler
 
 
 def _build_model(
@@ -862,7 +872,7 @@ def _reset_bn(
 ) -> None:
     """Official `reset_bn`: a fixed subset of training images, training transform at the eval size."""
     subset = subset_indices(len(train_src), recipe.reset_bn_samples, recipe.seed)
-    source = _Subset(train_src, subset)
+    source = SubsetSource(train_src, subset)
     transform = train_transform(recipe, recipe.eval_image_size, mean, std)
     loader = DataLoader(
         EvalDataset(source, transform, seed=sample_seed(recipe.seed, 0xB9)),
@@ -880,22 +890,6 @@ def _reset_bn(
 
     with autocast(recipe.amp, info.device):
         reset_bn_stats(model, batches(), info)
-
-
-class _Subset:
-    """Some indices of a source, itself a source."""
-
-    def __init__(self, source: ImageSource, indices: list[int]) -> None:
-        self.source, self.indices, self.classes = source, indices, source.classes
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, i: int) -> tuple[Image.Image, int]:
-        return self.source.load(self.indices[i])
-
-    def describe(self, i: int) -> str:
-        return self.source.describe(self.indices[i])
 
 
 # ------------------------------------------------------------------------------------------------
