@@ -34,7 +34,9 @@ TINY = [
 ]
 
 
-def _cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def _cli(*args, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """The script as a user runs it. `timeout` only guards against a hang: on a loaded shared CPU the
+    digits demo takes minutes, not the 45 s it takes on an idle one."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lowformer", *map(str, args)],
