@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import lowformer
+from lowformer._io import check_writable, write_text
 from lowformer.measure.env import environment
 from lowformer.measure.stats import ratio_summary
 from lowformer.measure.timing import PerfCounterTimer
@@ -57,6 +58,8 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--out", type=Path, help="write all samples and the environment to this JSON file")
     args = p.parse_args()
+    if args.out:
+        check_writable(args.out)  # now, not after the measurements
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -99,8 +102,7 @@ def main() -> None:
     print("|---|---:|---:|---|")
     print("\n".join(rows))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
+        write_text(args.out, json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     except OSError as e:
         raise OutputError(path, e) from e
     except RuntimeError as e:
-        # torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer
-        if "write" in str(e).lower():
+        # torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer:
+        # "... write ..." or, when a write stopped short, "unexpected pos N vs M"
+        if "write" in str(e).lower() or "unexpected pos" in str(e):
             raise OutputError(path, _disk_reason(path, e)) from e
         raise
     finally:

@@ -4,8 +4,10 @@ of digits at 32 px so they take seconds; tests/test_train_e2e.py runs the comman
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from lowformer.train import trainer as trainer_mod
 from lowformer.train.augment import PermutedMixup
 from lowformer.train.data import StepBatchSampler, digits_split, eval_batches, load_sources
 from lowformer.train.distributed import DistInfo
-from lowformer.train.recipe import from_dict, list_recipes, parse_override
+from lowformer.train.recipe import from_dict, list_recipes, merge_for_resume, parse_override
 from lowformer.train.techniques import DropPathSchedule, OfficialEma, apply_drop_path, official_init, reset_bn_stats
 
 # ------------------------------------------------------------------------------------------------
@@ -111,16 +113,52 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path):
 @pytest.mark.parametrize(
     "changes, text",
     [
-        ({"batch_size": "big"}, "batch_size='big' is not int"),
-        ({"amp": "fp8"}, "amp is null, bf16 or fp16"),
-        ({"image_size": [16]}, "sizes must be >= 32"),
-        ({"mesa_threshold": 0.2, "ema_decay": None}, "mesa distils from the EMA"),
-        ({"warmup_epochs": 5, "epochs": 3}, "warmup_epochs must be in"),
+        ({"batch_size": "big"}, "batch_size=big is not int"),
+        ({"amp": "fp8"}, "amp=fp8 must be null, bf16 or fp16"),
+        ({"image_size": []}, "give at least one training size"),
+        ({"mesa_threshold": 0.2, "ema_decay": None}, "mesa_threshold=0.2 needs an EMA, but ema_decay=null"),
+        ({"warmup_epochs": 5, "epochs": 3}, "the warm-up, warmup_epochs=5, is longer than the whole run, epochs=3"),
     ],
 )
 def test_bad_values_are_refused(changes, text):
-    with pytest.raises(RecipeError, match=text):
+    with pytest.raises(RecipeError, match=re.escape(text)):
         Recipe().replace(**changes)
+
+
+def test_recipe_errors_name_keys_the_way_the_caller_gave_them():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("b0").replace(epochs=1)
+    labels = {"epochs": lambda v: f"--epochs {v}", "warmup_epochs": lambda v: f"preset b0's {v}"}
+    assert str(info.value.relabel(labels)) == (
+        "the warm-up, preset b0's 20.0, is longer than the whole run, --epochs 1: "
+        "shorten the warm-up or train for more epochs"
+    )
+    # a value with braces in it is text, not a format field
+    with pytest.raises(RecipeError, match=re.escape("randaugment={x} must be a timm RandAugment string")):
+        Recipe().replace(randaugment="{x}")
+
+
+def test_the_recipe_file_machinery_takes_any_recipe_dataclass(tmp_path):
+    @dataclasses.dataclass
+    class DetRecipe:
+        name: str = "det"
+        epochs: int = 12
+        lr: float = 0.01
+
+        def __post_init__(self):
+            if self.epochs < 1:
+                raise RecipeError("{epochs} must be >= 1", {"epochs": self.epochs})
+
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "retina.yaml").write_text("name: retina\nepochs: 24\n")
+    assert list_recipes(tmp_path / "presets") == ["retina"]
+    assert load_recipe("retina", preset_dir=tmp_path / "presets", cls=DetRecipe) == DetRecipe("retina", 24, 0.01)
+    with pytest.raises(RecipeError, match="unknown recipe key 'epoch' \\(did you mean 'epochs'\\?\\)"):
+        from_dict({"epoch": 1}, cls=DetRecipe)
+    with pytest.raises(RecipeError, match="override: epochs=0 must be >= 1"):
+        from_dict({"epochs": 0}, origin="override", cls=DetRecipe)
+    with pytest.raises(RecipeError, match="cannot change lr=0.5 when resuming"):
+        merge_for_resume({"epochs": 24, "lr": 0.01}, DetRecipe(lr=0.5), {"lr"}, runtime_keys={"name"})
 
 
 def test_yaml_details_and_overrides():
@@ -188,6 +226,19 @@ def test_wrong_layout_says_what_was_expected(tmp_path):
         load_sources(tmp_path / "nope")
 
 
+def test_an_empty_class_folder_is_an_error_not_a_class(tmp_path):
+    make_image_folder(tmp_path, classes=(0, 1), per_class_train=2, per_class_val=1)
+    (tmp_path / "train" / "class_9").mkdir()
+    (tmp_path / "train" / "class_9" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataLayoutError, match=r"train has empty class folders: class_9 .*remove the folders"):
+        load_sources(tmp_path)
+    (tmp_path / "train" / "class_9" / "notes.txt").unlink()
+    (tmp_path / "train" / "class_9").rmdir()
+    (tmp_path / "val" / "class_1" / next((tmp_path / "val" / "class_1").iterdir()).name).unlink()
+    with pytest.raises(DataLayoutError, match="val has empty class folders: class_1"):
+        load_sources(tmp_path)
+
+
 def test_val_classes_must_be_the_training_ones(tmp_path):
     make_image_folder(tmp_path, classes=(0, 1), per_class_train=2, per_class_val=1)
     (tmp_path / "val" / "zebra").mkdir()
@@ -234,6 +285,30 @@ def test_official_init_starts_residual_conv_blocks_as_identity():
         assert torch.equal(block(x), x)
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() > 10_000]
     assert all(abs(w.std().item() - 0.02) < 0.002 for w in convs)  # nn.init.trunc_normal_(std=0.02), as official
+    # blocks without a shortcut keep their init: there is no identity for them to start as
+    no_skip = [m for m in model.modules() if isinstance(m, FusedMBConv) and not m.has_skip]
+    assert no_skip and all(m.conv_pwl.norm.weight.abs().min() > 0 for m in no_skip)
+
+
+def test_official_init_asks_each_block_through_its_hook():
+    """Generic code calls `zero_init_last()` wherever a module has one (timm's convention)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(4, 4, 1)
+            self.calls = 0
+
+        def zero_init_last(self):
+            self.calls += 1
+            torch.nn.init.zeros_(self.proj.weight)
+
+    model = torch.nn.Sequential(Block(), torch.nn.Sequential(Block()), torch.nn.Conv2d(4, 4, 1))
+    official_init(model, zero_last_gamma=True)
+    assert [model[0].calls, model[1][0].calls] == [1, 1]
+    assert not model[0].proj.weight.any() and model[2].weight.any()
+    official_init(model, zero_last_gamma=False)
+    assert model[0].calls == 1 and model[0].proj.weight.any()
 
 
 def test_ema_decay_warms_up_as_the_official():
@@ -354,7 +429,7 @@ def test_resume_refuses_changes_that_would_alter_the_run(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=(0, 1), per_class_train=4, per_class_val=1)
     recipe = tiny_recipe(epochs=1, batch_size=4)
     train("lowformer_b0", recipe, data_dir=data, output_dir=tmp_path / "run", progress=False)
-    with pytest.raises(RecipeError, match="cannot change lr when resuming"):
+    with pytest.raises(RecipeError, match="cannot change lr=1 when resuming"):
         train(
             None, recipe.replace(lr=1.0), data_dir=data, output_dir=tmp_path / "run", resume="auto",
             explicit_keys={"lr"}, progress=False,
@@ -425,3 +500,41 @@ def test_tensorboard_gets_every_epoch_metric(tmp_path, monkeypatch):
           progress=False)  # fmt: skip
     assert {tag for tag, _ in scalars} >= {"train_loss", "val_top1", "val_top5", "lr", "train_img_s"}
     assert {step for _, step in scalars} == {1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Run lifecycle: signals and the resume command
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_signal_delivered_twice_counts_once_and_a_later_one_stops_at_once():
+    import os
+    import signal
+    import time
+
+    from lowformer.train.lifecycle import StopSignals
+
+    with StopSignals(repeat_window_s=0.5) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the Ctrl-C its workers already got
+        time.sleep(0.05)
+        assert stop.requested and stop.exit_code == 130
+        time.sleep(0.5)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the user pressing Ctrl-C again
+            time.sleep(0.5)
+
+
+def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch):
+    from lowformer.train.lifecycle import resume_command
+
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resume_command("train", "runs/my run/last.pt", ["--device", "cpu"]) == (
+        "lowformer train --resume 'runs/my run/last.pt' --device cpu"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command("train", "r/last.pt") == "torchrun --nproc-per-node 8 -m lowformer train --resume r/last.pt"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert resume_command("train", "r/last.pt").startswith("torchrun --nproc-per-node 8 --nnodes 2 <your rendezvous")

@@ -1,9 +1,10 @@
 """`lowformer eval`: top-1/top-5 of a checkpoint on DIR/val, or on the held-out digits without --data.
 
 Any checkpoint format loads (our training checkpoints, the official evalmodel.pt, timm state
-dicts, our safetensors). For our training checkpoints the evaluation transform and the class
-order come from the recipe stored inside; otherwise from the model's data config (224, crop 0.95,
-bicubic) and the sorted class folder names.
+dicts, our safetensors). The evaluation transform and the class order are what the checkpoint
+records (every file `lowformer train` writes records them), otherwise the model's data config (224,
+crop 0.95, bicubic) and the sorted class folder names. --image-size, --crop-pct and --interpolation
+override them, with a warning when they contradict the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import logging
 import os
 import sys
 
+from ._args import non_negative_int, positive_int
+
 EXAMPLES = """examples:
   lowformer eval --model lowformer_b0 --checkpoint runs/digits/best.pt          # held-out digits
+  lowformer eval --checkpoint runs/digits/best.safetensors                       # the model it names
   lowformer eval --model lowformer_b1 --checkpoint evalmodel.pt --data /data/imagenet
   torchrun --nproc-per-node 4 -m lowformer eval --model lowformer_b3 --checkpoint b3.pt --data /data/imagenet
 """
@@ -32,14 +36,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name (default: the one a training checkpoint names)")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="weights, any supported format")
     p.add_argument("--data", metavar="DIR", help="ImageFolder root; DIR/val is evaluated (default: digits)")
-    p.add_argument("--image-size", type=int, metavar="S")
+    p.add_argument("--image-size", type=int, metavar="S", help="default: the checkpoint's")
     p.add_argument("--crop-pct", type=float, metavar="F", help="resize to S / F, centre-crop S")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"))
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--amp", choices=("bf16", "fp16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads (torch.set_num_threads)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
@@ -48,8 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import evaluate
 
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

@@ -59,6 +59,12 @@ class FusedMBConv(nn.Module):
         self.conv_pwl = ConvNormAct(mid_chs, out_chs, 1)
         self.drop_path = nn.Identity()
 
+    def zero_init_last(self) -> None:
+        """Zero the projection's BatchNorm scale so a residual block starts as an identity (the
+        official `--last_gamma 0`); without a shortcut the block keeps its initialisation."""
+        if self.has_skip:
+            nn.init.zeros_(self.conv_pwl.norm.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv_pwl(self.conv_exp(x))
         return x + self.drop_path(out) if self.has_skip else out
@@ -80,6 +86,10 @@ class MBConv(nn.Module):
         self.conv_dw = ConvNormAct(mid_chs, mid_chs, 3, groups=mid_chs, bias=True, norm_layer=None, act_layer=act_layer)
         self.conv_pwl = ConvNormAct(mid_chs, chs, 1)
         self.drop_path = nn.Identity()
+
+    def zero_init_last(self) -> None:
+        """Zero the projection's BatchNorm scale so the block starts as an identity (official `--last_gamma 0`)."""
+        nn.init.zeros_(self.conv_pwl.norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.conv_pwl(self.conv_dw(self.conv_pw(x))))

@@ -5,10 +5,12 @@
     print(evaluate("lowformer_b0", result.best_checkpoint).top1)
 
 Multi-process: run the same code (or `lowformer train`) under `torchrun --nproc-per-node N`.
+Ctrl-C or SIGTERM during `train` saves a resumable checkpoint and raises `RunInterrupted`.
 """
 
 from .data import DataLayoutError
 from .evaluate import EvalResult, evaluate, evaluate_model
+from .lifecycle import RunInterrupted
 from .recipe import Recipe, RecipeError, list_recipes, load_recipe, recipe_for_model
 from .trainer import NonFiniteLossError, TrainResult, train
 
@@ -18,6 +20,7 @@ __all__ = [
     "NonFiniteLossError",
     "Recipe",
     "RecipeError",
+    "RunInterrupted",
     "TrainResult",
     "evaluate",
     "evaluate_model",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "FolderSource",
     "ImageSource",
     "StepBatchSampler",
+    "SubsetSource",
     "TrainDataset",
     "collate",
     "eval_batches",
@@ -102,6 +104,22 @@ class DigitsSource:
         return f"digits[{index}]"
 
 
+class SubsetSource:
+    """Some images of a source (by index), itself a source: the BN-reset subset."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        self.source, self.indices, self.classes = source, list(indices), source.classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return self.source.load(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
+
+
 def digits_split() -> tuple[DigitsSource, DigitsSource]:
     """(train, held-out): a stratified 80/20 split with a fixed seed, the same on every machine."""
     from sklearn.datasets import load_digits
@@ -158,6 +176,15 @@ def _folder(split_dir: Path, class_to_idx: dict[str, int] | None = None) -> Fold
     if not samples:
         raise DataLayoutError(
             f"{split_dir} has class folders but no images ({', '.join(IMG_EXTENSIONS)}). Expected {_LAYOUT}"
+        )
+    # as torchvision's ImageFolder: an empty class folder is an error, not a class without examples
+    counts = Counter(label for _, label in samples)
+    empty = [c for c in classes if c in class_to_idx and counts[class_to_idx[c]] == 0]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+        raise DataLayoutError(
+            f"{split_dir} has empty class folders: {shown} (no {', '.join(IMG_EXTENSIONS)} files); each would be "
+            "a class without a single image. Add their images or remove the folders"
         )
     names = sorted(class_to_idx, key=class_to_idx.get)
     return FolderSource(samples, names)

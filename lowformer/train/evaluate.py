@@ -1,9 +1,10 @@
 """Evaluation: top-1/top-5 and loss over a validation set, reduced over processes.
 
 `evaluate_model` is what the trainer calls after each epoch; `evaluate` is `lowformer eval`: it
-builds the model from any checkpoint format, takes the evaluation transform from the training
-recipe stored in our checkpoints (else the model's data config: 224, crop 0.95, bicubic) and
-evaluates on `DIR/val` or, without a data directory, on the held-out digits.
+builds the model from any checkpoint format, evaluates with the data config the checkpoint records
+(every checkpoint the trainer writes records its input size, crop, interpolation, mean/std and
+class names; other files get the model's defaults: 224, crop 0.95, bicubic) on `DIR/val` or,
+without a data directory, on the held-out digits.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..factory import create_model
-from ..weights import CheckpointError
-from . import checkpoint as ckpt_io
+from ..factory import check_image_size, create_model
+from ..weights import CheckpointError, data_config_of, read_checkpoint
 from .augment import eval_transform
 from .data import EvalDataset, ImageSource, collate, eval_batches, load_sources
 from .distributed import DistInfo, all_reduce_sum, process_group
+from .lifecycle import ignore_stop_signals
 
 __all__ = ["EvalResult", "autocast", "evaluate", "evaluate_model"]
 
@@ -121,17 +122,38 @@ def eval_loader(source: ImageSource, transform: Callable, batch_size: int, worke
         num_workers=workers,
         collate_fn=collate,
         pin_memory=info.device.type == "cuda",
+        worker_init_fn=ignore_stop_signals,
     )
 
 
-def _checkpoint_recipe(path: Path) -> dict:
-    """The training checkpoint's recipe, classes and model name; {} for any other format."""
-    if path.suffix == ".safetensors":
-        return {}
-    try:
-        return ckpt_io.load(path)
-    except CheckpointError:
-        return {}
+def _model_name(given: str | None, meta: dict[str, str], path: Path) -> str:
+    """The model to build: `given`, which must be the one the checkpoint records, else the recorded one."""
+    recorded = meta.get("variant") if meta.get("format") == "lowformer" else None
+    if given is None:
+        if recorded is None:
+            raise ValueError(f"{path} does not name its model; pass --model")
+        return recorded
+    if recorded is not None and recorded != given:
+        raise CheckpointError(f"{path} holds {recorded!r}, not {given!r}; pass --model {recorded}")
+    return given
+
+
+def _pick(flag: str, given: object, recorded: object, default: object, path: Path) -> object:
+    """An evaluation setting: the flag when given (with a warning if the checkpoint records another
+    value), else what the checkpoint records, else the model's default."""
+    if given is None:
+        return recorded if recorded is not None else default
+    if recorded is not None and given != recorded:
+        _logger.warning(
+            "%s %s differs from %s, the value %s records (what the model was trained and evaluated with); "
+            "using %s as asked",
+            flag,
+            given,
+            recorded,
+            path,
+            given,
+        )
+    return given
 
 
 def evaluate(
@@ -148,36 +170,38 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate a checkpoint (any format) on `data_dir/val`, or on the held-out digits when None."""
+    """Evaluate a checkpoint (any format) on `data_dir/val`, or on the held-out digits when None.
+
+    The transform (size, crop, interpolation, mean/std) and the class order are what the checkpoint
+    records (our training checkpoints and safetensors files do), else the model's defaults;
+    `image_size`, `crop_pct` and `interpolation` override them, with a warning where they contradict
+    the checkpoint.
+    """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     with process_group(device) as info:
         path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        saved = _checkpoint_recipe(path)
-        recipe = saved.get("recipe", {})
-        saved_name = saved.get("model_name")
-        if model_name is None:
-            if saved_name is None:
-                raise ValueError(f"{path} does not name its model; pass --model")
-            model_name = saved_name
-        elif saved_name is not None and saved_name != model_name:
-            raise CheckpointError(
-                f"{path} was trained as {saved_name!r}, not {model_name!r}; pass --model {saved_name}"
-            )
-
+        _, meta = read_checkpoint(path)
+        model_name = _model_name(model_name, meta, path)
         model = create_model(model_name, checkpoint_path=path).to(info.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        cfg = model.pretrained_cfg
-        size = image_size or recipe.get("eval_image_size") or cfg["input_size"][-1]
-        crop = crop_pct or recipe.get("eval_crop_pct") or cfg.get("crop_pct", 0.95)
-        interp = interpolation or recipe.get("eval_interpolation") or cfg.get("interpolation", "bicubic")
-        mean = recipe.get("mean") or cfg.get("mean") or IMAGENET_DEFAULT_MEAN
-        std = recipe.get("std") or cfg.get("std") or IMAGENET_DEFAULT_STD
+        # `create_model` put the recorded data config on the model; `recorded` tells what was recorded
+        recorded, cfg = data_config_of(meta), model.pretrained_cfg
+        recorded_size = recorded["input_size"][-1] if "input_size" in recorded else None
+        size = _pick("--image-size", image_size, recorded_size, cfg["input_size"][-1], path)
+        crop = _pick("--crop-pct", crop_pct, recorded.get("crop_pct"), cfg.get("crop_pct", 0.95), path)
+        interp = _pick(
+            "--interpolation", interpolation, recorded.get("interpolation"), cfg.get("interpolation", "bicubic"), path
+        )
+        try:
+            check_image_size(model, (size, size))
+        except ValueError as e:
+            raise ValueError(f"--image-size {size}: {e}" if image_size is not None else str(e)) from None
+        mean = cfg.get("mean") or IMAGENET_DEFAULT_MEAN
+        std = cfg.get("std") or IMAGENET_DEFAULT_STD
 
-        _, val = load_sources(data_dir, classes=saved.get("classes"), need_train=False)
+        _, val = load_sources(data_dir, classes=recorded.get("label_names"), need_train=False)
         if model.num_classes != len(val.classes):
             where = str(data_dir) if data_dir is not None else "the built-in digits (no --data)"
             raise ValueError(

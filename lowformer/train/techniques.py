@@ -3,8 +3,8 @@
 - `OfficialEma`: timm's ModelEmaV3 with the official decay warm-up, decay x (1 - exp(-step / 2000)).
 - `DropPathSchedule`: the official drop path grows with training progress (0 -> its rate).
 - `apply_drop_path`: the official linear rule over the backbone stages, with `skip`.
-- `official_init`: truncated-normal init of every conv/linear and zero "last gamma" of residual
-  conv blocks (official `--rand_init trunc_normal@0.02 --last_gamma 0`).
+- `official_init`: truncated-normal init of every conv/linear, then each block's `zero_init_last()`
+  hook (official `--rand_init trunc_normal@0.02 --last_gamma 0`).
 - `reset_bn_stats`: recompute BatchNorm statistics of the evaluated model on training images.
 - `mesa_targets`: the EMA model's predictions, the soft targets of "mesa" self-distillation.
 """
@@ -21,7 +21,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..models._layers import set_drop_path
-from ..models.lowformer import FusedMBConv, MBConv
 from .distributed import DistInfo, average_buffers
 
 __all__ = [
@@ -80,8 +79,9 @@ def apply_drop_path(model: nn.Module, family: str, rate: float, skip: int) -> li
 @torch.no_grad()
 def official_init(model: nn.Module, std: float = 0.02, zero_last_gamma: bool = True) -> None:
     """The official training init: trunc-normal(std) conv and linear weights, zero biases, unit norms;
-    then the last BatchNorm of every residual conv block starts at zero, so each block starts as
-    an identity."""
+    then, with `zero_last_gamma`, every block that has a `zero_init_last()` hook (timm's convention)
+    zeroes the end of its residual branch, so it starts as an identity. The blocks decide what that
+    means for them (in LowFormer: the last BatchNorm of the residual conv blocks, as the official)."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
             nn.init.trunc_normal_(m.weight, std=std)
@@ -93,8 +93,8 @@ def official_init(model: nn.Module, std: float = 0.02, zero_last_gamma: bool = T
                 nn.init.zeros_(m.bias)
     if zero_last_gamma:
         for m in model.modules():
-            if isinstance(m, MBConv) or (isinstance(m, FusedMBConv) and m.has_skip):
-                nn.init.zeros_(m.conv_pwl.norm.weight)
+            if callable(getattr(m, "zero_init_last", None)):
+                m.zero_init_last()
 
 
 @torch.no_grad()
