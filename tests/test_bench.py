@@ -146,7 +146,8 @@ def test_runner_times_a_sleeping_module():
     report = benchmark([("sleep20ms", SleepNet(0.020))], device="cpu", modes=["latency"], image_sizes=[32], timing=TINY)
     (r,) = report.results
     assert r.ok and r.source == "module" and r.timer == "perf_counter"
-    assert 20.0 <= r.latency_ms_p50 <= 22.0
+    # a sleep never returns early; on a loaded machine it may return late, so the upper bound is loose
+    assert 20.0 <= r.latency_ms_p50 <= 30.0
     assert r.throughput_img_s == pytest.approx(1e3 / r.latency_ms_p50)
     assert r.latency_ms_min <= r.latency_ms_p10 <= r.latency_ms_p50 <= r.latency_ms_p90 <= r.latency_ms_max
 
