@@ -4,6 +4,7 @@ record and the per-operator profiler. Timing assertions use sleeps, spins and fa
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from contextlib import contextmanager
@@ -192,10 +193,12 @@ def test_cpu_peak_memory_sees_an_allocation(reset_refused, monkeypatch):
     memory = PeakMemory("cpu")
     memory.reset()
     before, source = memory.read()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh pages, touched: an anonymous mapping never reuses memory the allocator still holds
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
     after, _ = memory.read()
     resident = _resident_mib()  # includes the block
-    del block
+    block.close()
     assert after >= before and after >= resident - 1  # a peak is never below what is resident now
     if source == "proc_vmhwm":  # reset to what was resident: the block must raise it
         assert after - before >= 60

@@ -37,7 +37,7 @@ from .._io import write_csv, write_json, write_text
 from ..errors import EXIT_INTERRUPTED, LowformerRuntimeError
 from ..train import checkpoint as ckpt_io
 from ..train.distributed import DistInfo, any_process, barrier, process_group
-from ..train.lifecycle import StopSignals, prepare_run_folder
+from ..train.lifecycle import RUN_FILES, StopSignals, prepare_run_folder
 from ..weights import CheckpointError
 from ._data import DatasetError, StepSampler, raise_failures, sample_seed
 from .recipe import DownstreamRecipe, RecipeError, merge_resumed, recipe_from_dict
@@ -176,7 +176,7 @@ def _train(
         raise ValueError(f"recipe {recipe.name!r} names no backbone; pass --model")
     splits = tuple(splits or task.default_splits)
     if info.is_main:
-        prepare_run_folder(out, resume=state is not None, overwrite=overwrite)
+        prepare_run_folder(out, resume=state is not None, overwrite=overwrite, run_files=(*RUN_FILES, DEMO_FOLDER))
     barrier(info)
 
     # -- data -------------------------------------------------------------------------------------------

@@ -169,6 +169,16 @@ def cpu_load() -> tuple[float | None, int]:
     return load, os.cpu_count() or 1
 
 
+def _proc_status_kib(*keys: str) -> dict[str, int] | None:
+    """The named fields of /proc/self/status in KiB, or None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            found = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in keys}
+    except (OSError, ValueError):
+        return None
+    return found if len(found) == len(keys) else None
+
+
 class PeakMemory:
     """Peak memory of one configuration.
 
@@ -190,21 +200,19 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self._reset_ok = True
+            # a reset that took brings the peak down to what is resident now; some sandboxes accept the
+            # write and ignore it, and then the value read later is the lifetime peak
+            status = _proc_status_kib("VmHWM", "VmRSS")
+            self._reset_ok = status is not None and status["VmHWM"] <= status["VmRSS"] + 4096
         except OSError:
             self._reset_ok = False
 
     def read(self) -> tuple[float | None, str]:
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated(self.device) / MIB, "cuda_max_memory_allocated"
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        kib = int(line.split()[1])
-                        return kib * 1024 / MIB, "proc_vmhwm" if self._reset_ok else "proc_vmhwm_lifetime"
-        except OSError:
-            pass
+        status = _proc_status_kib("VmHWM")
+        if status is not None:
+            return status["VmHWM"] * 1024 / MIB, "proc_vmhwm" if self._reset_ok else "proc_vmhwm_lifetime"
         # ru_maxrss is in KiB on Linux, bytes on macOS
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return (rss if sys.platform == "darwin" else rss * 1024) / MIB, "ru_maxrss_lifetime"
