@@ -351,7 +351,7 @@ def test_presets_load_and_schedules_follow_mmcv():
 
 
 def test_recipe_errors():
-    with pytest.raises(RecipeError, match="unknown detection recipe key 'lr_stesp' \\(did you mean 'lr_steps'\\?\\)"):
+    with pytest.raises(RecipeError, match="unknown recipe key 'lr_stesp' \\(did you mean 'lr_steps'\\?\\)"):
         load_recipe("detection", "demo").replace(lr_stesp=[1])
     with pytest.raises(RecipeError, match="recipe 'semantic_fpn_4k'. Did you mean semantic_fpn_40k"):
         load_recipe("segmentation", "semantic_fpn_4k")

@@ -19,9 +19,7 @@ scaled lr. `lr_batch: null` uses `lr` as it is. Both numbers are printed at the 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from ..train.recipe import RecipeError, parse_override
+from ..train import recipe as train_recipe
+from ..train.recipe import RecipeError, from_dict, merge_for_resume, parse_override
 
 __all__ = [
     "DetectionRecipe",
@@ -263,84 +262,13 @@ RECIPE_TYPES: dict[str, type[DownstreamRecipe]] = {"detection": DetectionRecipe,
 
 
 # ------------------------------------------------------------------------------------------------
-# Parsing
+# Parsing, resuming and presets: the classification trainer's machinery, with these dataclasses
 # ------------------------------------------------------------------------------------------------
-
-
-def _fields(cls: type[DownstreamRecipe]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
-    """`value` as the type `hint` names, or RecipeError. YAML 1.1 reads 1e-3 as a string; accept it."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(key, value, option, origin)
-            except RecipeError:
-                continue
-    elif typing.get_origin(hint) is list:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        return [_coerce(key, v, args[0], origin) for v in items]
-    elif typing.get_origin(hint) is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise RecipeError(f"{origin}: {key}={value!r} is not {_type_name(hint)}")
-
-
-def _type_name(hint: Any) -> str:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    if typing.get_origin(hint) is dict:
-        return "a mapping"
-    return {type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def recipe_from_dict(cls: type[DownstreamRecipe], data: Any, origin: str = "recipe") -> DownstreamRecipe:
     """A recipe of type `cls` from a mapping; unknown keys and wrong types raise RecipeError naming `origin`."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{origin}: a recipe is a mapping of keys to values, got {type(data).__name__}")
-    known = _fields(cls)
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        parts = []
-        for k in unknown:
-            close = difflib.get_close_matches(str(k), list(known), n=1, cutoff=0.6)
-            parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise RecipeError(
-            f"{origin}: unknown {cls.task} recipe key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}. "
-            f"Known keys: {', '.join(known)}"
-        )
-    values = {k: _coerce(k, v, known[k], origin) for k, v in data.items()}
-    try:
-        return cls(**values)
-    except RecipeError as e:
-        raise RecipeError(f"{origin}: {e}") from None
+    return from_dict(data, origin, cls=cls)
 
 
 def merge_resumed(
@@ -350,18 +278,7 @@ def merge_resumed(
     """The checkpoint's recipe with the runtime keys the user set now; other changes are refused
     (the resumed run would no longer continue the interrupted one; an evaluation would not be of
     the model the checkpoint holds)."""
-    changed = sorted(k for k in explicit if k not in cls.RUNTIME_KEYS and getattr(given, k) != saved.get(k))
-    if changed:
-        raise RecipeError(
-            f"cannot change {', '.join(changed)} when {when}; only {', '.join(sorted(cls.RUNTIME_KEYS))} may change"
-        )
-    runtime = {k: getattr(given, k) for k in explicit if k in cls.RUNTIME_KEYS}
-    return recipe_from_dict(cls, {**saved, **runtime}, "resumed recipe")
-
-
-# ------------------------------------------------------------------------------------------------
-# Presets and files
-# ------------------------------------------------------------------------------------------------
+    return merge_for_resume(saved, given, explicit, runtime_keys=cls.RUNTIME_KEYS, when=when)
 
 
 def _preset_dir(task: str) -> Path:
@@ -372,31 +289,9 @@ def _preset_dir(task: str) -> Path:
 
 def list_recipes(task: str) -> list[str]:
     """Names of the built-in presets of `task` ("detection" or "segmentation")."""
-    return sorted(p.stem for p in _preset_dir(task).glob("*.yaml"))
+    return train_recipe.list_recipes(_preset_dir(task))
 
 
 def load_recipe(task: str, name_or_path: str | os.PathLike) -> DownstreamRecipe:
     """A preset by name ("retinanet_1x", "demo") or a YAML file by path, as `task`'s recipe type."""
-    presets = _preset_dir(task)  # checks the task
-    cls = RECIPE_TYPES[task]
-    text = str(name_or_path)
-    path = Path(text)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path}")
-        origin = str(path)
-    else:
-        path = presets / f"{text}.yaml"
-        if not path.is_file():
-            close = difflib.get_close_matches(text, list_recipes(task), n=2, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise RecipeError(
-                f"unknown {task} recipe {text!r}.{hint} Presets: {', '.join(list_recipes(task))}; "
-                "or give a YAML file path"
-            )
-        origin = f"preset {text!r}"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{origin}: not valid YAML: {e}") from None
-    return recipe_from_dict(cls, data or {}, origin=origin)
+    return train_recipe.load_recipe(name_or_path, preset_dir=_preset_dir(task), cls=RECIPE_TYPES[task])

@@ -339,7 +339,10 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
         (item,) = args
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_coerce(key, v, item, origin) for v in items]
-    if hint is bool:
+    if typing.get_origin(hint) is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif hint is bool:
         if isinstance(value, bool):
             return value
     elif hint is int:
@@ -370,6 +373,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
     return {type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -417,15 +422,17 @@ def merge_for_resume(
     explicit: Collection[str],
     runtime_keys: Collection[str] = RUNTIME_KEYS,
     origin: str = "resumed recipe",
+    when: str = "resuming (the run would no longer continue exactly)",
 ) -> Any:
     """The recipe a resumed run continues with: the checkpoint's (`saved`), with the runtime keys the
     user set now (`explicit` names them; their values are `given`'s). Changing any other key is refused:
-    the resumed run would no longer continue the interrupted one exactly."""
+    the resumed run would no longer continue the interrupted one exactly (an evaluation, `when` it says
+    so, would no longer be of the model the checkpoint holds)."""
     changed = sorted(k for k in explicit if k not in runtime_keys and getattr(given, k) != saved.get(k))
     if changed:
         raise RecipeError(
-            "cannot change " + ", ".join(f"{{{k}}}" for k in changed) + " when resuming (the run would no longer "
-            f"continue exactly); only {', '.join(sorted(runtime_keys))} may change",
+            "cannot change " + ", ".join(f"{{{k}}}" for k in changed) + f" when {literal(when)}; "
+            f"only {', '.join(sorted(runtime_keys))} may change",
             {k: getattr(given, k) for k in changed},
         )
     now = {k: getattr(given, k) for k in explicit if k in runtime_keys}
