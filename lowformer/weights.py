@@ -62,6 +62,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if kind == "safetensors":
         return _read_safetensors(path)
     obj = _torch_load(path, kind)
+    task = obj.get("task") if isinstance(obj, dict) else None
+    if task not in (None, "classification"):  # a downstream run's checkpoint holds a whole detector / segmenter
+        raise CheckpointError(
+            f"{path} is a {task} training checkpoint: it holds a whole {task} model, not a classifier. "
+            "Evaluate it with `lowformer detect eval` / `lowformer segment eval`, or give a classification checkpoint"
+        )
     meta = obj.get(META_KEY) if isinstance(obj, dict) else None
     meta = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
     return unwrap_state_dict(obj, path), meta

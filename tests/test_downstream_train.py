@@ -284,10 +284,17 @@ def test_bad_data_and_checkpoints_exit_with_a_message(tiny_coco, tiny_ade, tmp_p
     assert main(seg + ["--overwrite"]) == 0 and (tmp_path / "seg" / "last.pt").stat().st_mtime_ns != first
     capsys.readouterr()
     rc = main(["segment", "eval", "--checkpoint", str(tmp_path / "seg" / "last.pt"), "--set", "num_classes=5"])
-    assert rc == 2 and "cannot change num_classes when evaluating a checkpoint" in capsys.readouterr().err
+    assert rc == 2 and "cannot change num_classes=5 when evaluating a checkpoint" in capsys.readouterr().err
     rc = main(["detect", "eval", "--checkpoint", str(tmp_path / "seg" / "last.pt")])
     err = capsys.readouterr().err
     assert rc == 1 and "is a segmentation checkpoint, not a detection one; use `lowformer segment`" in err
+    # ... and the classification commands refuse it too, with the same kind of message
+    rc = main(["eval", "--checkpoint", str(tmp_path / "seg" / "last.pt"), "--model", "lowformer_b0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "is a segmentation training checkpoint" in err and "lowformer segment eval" in err, err
+    rc = main(["train", "--resume", str(tmp_path / "seg" / "last.pt"), "--output", str(tmp_path / "cls")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "is a segmentation checkpoint, not a classification one; use `lowformer segment`" in err, err
 
     # a non-finite loss stops the run with exit code 1, saving nothing broken
     monkeypatch.setattr(SegmentationTask, "loss", lambda self, *a: torch.tensor(float("nan"), requires_grad=True))

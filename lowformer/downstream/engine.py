@@ -38,7 +38,6 @@ from ..errors import EXIT_INTERRUPTED, LowformerRuntimeError
 from ..train import checkpoint as ckpt_io
 from ..train.distributed import DistInfo, any_process, barrier, process_group
 from ..train.lifecycle import RUN_FILES, StopSignals, prepare_run_folder
-from ..weights import CheckpointError
 from ._data import DatasetError, StepSampler, raise_failures, sample_seed
 from .recipe import DownstreamRecipe, RecipeError, merge_resumed, recipe_from_dict
 from .tasks import TASKS, Evaluation, TaskData
@@ -442,12 +441,7 @@ def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, task_name: str) -> dict[str, Any]:
     """A downstream training checkpoint of `task_name`; CheckpointError when it is another kind of file."""
-    state = ckpt_io.load(path)
-    task = state.get("task", "classification")
-    if task != task_name:
-        command = {"detection": "detect", "segmentation": "segment"}.get(task, "train / eval")
-        raise CheckpointError(f"{path} is a {task} checkpoint, not a {task_name} one; use `lowformer {command}`")
-    return state
+    return ckpt_io.load(path, task=task_name)
 
 
 def evaluate_checkpoint(

@@ -57,8 +57,9 @@ def link_or_copy(src: Path, dst: Path) -> Path:
     return atomic_write(dst, write)
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """A training checkpoint, opened with `weights_only=True`; CheckpointError when it is not one."""
+def load(path: str | os.PathLike, task: str = "classification") -> dict[str, Any]:
+    """A training checkpoint of `task`, opened with `weights_only=True`; CheckpointError when it is
+    not one (or is one of another task: a detector's checkpoint cannot continue a classifier's run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -71,6 +72,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a lowformer training checkpoint (no {FORMAT!r} marker); "
             "to start from its weights use --checkpoint (fine-tuning) instead of --resume"
         )
+    found = obj.get("task", "classification")
+    if found != task:
+        command = {"detection": "detect", "segmentation": "segment"}.get(found, "train")
+        raise CheckpointError(f"{path} is a {found} checkpoint, not a {task} one; use `lowformer {command}`")
     return obj
 
 
