@@ -193,6 +193,7 @@ def test_a_model_that_fixes_its_size_is_told_to_export_a_fixed_size(tmp_path):
     with pytest.raises(LowformerRuntimeError, match="with a dynamic height/width: .* static shape of 224") as info:
         export(model, tmp_path / "vit.onnx", "onnx", (224, 224), dynamic_size=True)
     assert "if the model needs a fixed height/width, export without the dynamic option" in str(info.value)
+    assert "\n" not in str(info.value) and ".;" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", SUBSET)
@@ -555,6 +556,20 @@ def test_cli_export_refuses_a_size_that_does_not_fit_in_memory(tmp_path):
     assert r.stderr.startswith("lowformer export: error: exporting lowformer_b1 at 1x3x40000x40000 needs ~")
     assert r.stderr.rstrip().endswith("GiB available; try a smaller --image-size or --batch-size")
     assert not out.exists()
+
+
+def test_cli_timm_model_in_fp16_from_a_dynamo_graph(tmp_path, capsys):
+    """A timm peer through the default exporter and the fp16 converter, batch dynamic (RepViT: its
+    random weights keep the activations in fp16 range; MobileOne's reach 1e15 and verify fails)."""
+    out = tmp_path / "repvit_fp16.onnx"
+    args = ["timm:repvit_m0_9", "--image-size", "64", "64", "--dynamic-batch", "--fp16", "--out", str(out), "--verify"]
+    assert main(["export", *args]) == 0
+    captured = capsys.readouterr()
+    assert "onnx, opset 18, dynamo exporter, fp16" in captured.out and captured.err == ""
+    assert "verify onnx fp16 vs PyTorch fp32 at 1x3x64x64, 3x3x64x64:" in captured.out
+    assert "<= 1e-02: ok" in captured.out
+    assert _input_dims(out) == ["batch", 3, 64, 64]
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["lowformer.exporter"] == "dynamo"
 
 
 def test_cli_exports_a_timm_model_reparameterised(tmp_path, capsys):

@@ -214,6 +214,7 @@ def _summary(e: BaseException) -> str:
     a colon, as torch's "Found the following conflicts ...:" does)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    text = text.rstrip(".")  # the caller goes on after a semicolon
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
