@@ -391,8 +391,10 @@ def test_segmentation_timing_model_traces_and_exports(tmp_path):
         assert ref.shape == (1, 150, 64, 64)
         traced = torch.jit.trace(model, x)
         assert torch.allclose(traced(x), ref, atol=1e-5)
-    onnxruntime = pytest.importorskip("onnxruntime")
-    path = tmp_path / "seg.onnx"
-    torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["logits"], dynamo=False)
-    out = onnxruntime.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
-    assert np.abs(out - ref.numpy()).max() < 1e-4
+    pytest.importorskip("onnxruntime")
+    from lowformer.export import export, verify
+
+    # the path `lowformer bench --backend onnxruntime` takes: the dynamo exporter, run on ONNX Runtime
+    path = export(model, tmp_path / "seg.onnx", "onnx", example_input=x)
+    report = verify(model, path, "onnx", (64, 64))
+    assert report.passed, report.summary()

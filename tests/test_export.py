@@ -17,7 +17,9 @@ from helpers import randomize_bn, run_unprivileged
 
 import lowformer
 from lowformer.cli import main
+from lowformer.errors import LowformerRuntimeError
 from lowformer.export import (
+    DEFAULT_OPSET,
     FP16_BOUND,
     KEEP_FP32_OPS,
     convert_float16,
@@ -48,29 +50,73 @@ def _input_dims(path) -> list:
     return [d.dim_param or d.dim_value for d in dims]
 
 
+def _opset(path) -> int:
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _fp16_copy(path: Path) -> Path:
+    """The fp16 graph `export(..., fp16=True)` writes, converted from an fp32 file already exported
+    (the same `convert_float16` call; it spares a second dynamo export per model)."""
+    fp16 = path.with_name(f"{path.stem}_fp16.onnx")
+    onnx.save(convert_float16(onnx.load(str(path))), str(fp16))
+    return fp16
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_onnx_every_model_dynamic_batch(name, tmp_path):
+def test_onnx_every_model_dynamic_batch_fp32_and_fp16(name, tmp_path):
     model = _deployed(name)
     path = export(model, tmp_path / f"{name}.onnx", "onnx", (64, 96), dynamic_batch=True)
     assert _input_dims(path) == ["batch", 3, 64, 96]
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["lowformer.exporter"] == "dynamo" and _opset(path) == DEFAULT_OPSET == 18
     report = verify(model, path, "onnx", (64, 96), dynamic_batch=True)
     assert report.input_shapes == [(1, 3, 64, 96), (3, 3, 64, 96)]
     assert report.passed, report.summary()
     assert report.max_rel_err <= 1e-4 and report.bound == 1e-4
+    report = verify(model, _fp16_copy(path), "onnx", (64, 96), dynamic_batch=True, fp16=True)
+    assert report.bound == FP16_BOUND and report.finite  # no inf/nan in any fp16 tensor of the graph
+    assert report.passed, report.summary()
+    assert report.max_rel_err > 1e-5  # it really is half precision
+
+
+@pytest.fixture(scope="module")
+def dynamic_exports(tmp_path_factory):
+    """SUBSET exported once by the dynamo exporter with batch, height and width dynamic: {name: (model, path)}."""
+    folder = tmp_path_factory.mktemp("dynamic")
+    sizes = {"lowformer_b0": (64, 96), "lowformer_e3": (64, 64), "edgevit_xxs": (64, 64)}
+    exports = {}
+    for name in SUBSET:
+        model = _deployed(name)
+        path = export(model, folder / f"{name}.onnx", "onnx", sizes[name], dynamic_batch=True, dynamic_size=True)
+        exports[name] = (model, path, sizes[name])
+    return exports
 
 
 @pytest.mark.parametrize(
-    "name, image_size, other",
-    [("lowformer_b0", (64, 96), (65, 97)), ("lowformer_e3", (64, 64), (65, 65)), ("edgevit_xxs", (64, 64), (96, 128))],
+    "name, other", [("lowformer_b0", (65, 97)), ("lowformer_e3", (65, 65)), ("edgevit_xxs", (96, 128))]
 )
-def test_onnx_dynamic_size_is_right_at_another_size(name, image_size, other, tmp_path):
-    # 65x97: odd, so LowFormer's stride-2 attention up-conv overshoots and the crop must follow the input
-    model = _deployed(name)
+def test_onnx_dynamic_size_is_right_at_another_size(name, other, dynamic_exports):
+    # 65x97: odd, so LowFormer's stride-2 attention up-conv overshoots and the crop must follow the input;
+    # EdgeViT promises multiples of 32 only
+    model, path, image_size = dynamic_exports[name]
     assert verify_shapes(image_size, 1, True, True, lowformer.get_entry(name).size_divisor)[-1][1:] == other
-    path = export(model, tmp_path / "m.onnx", "onnx", image_size, dynamic_batch=True, dynamic_size=True)
     assert _input_dims(path) == ["batch", 3, "height", "width"]
     report = verify(model, path, "onnx", image_size, dynamic_batch=True, dynamic_size=True)
     assert report.input_shapes[-1] == (3, 3, *other)
+    assert report.passed, report.summary()
+    smallest = 32  # the size rule's minimum: LowFormer's last stage is 1x1 there, EdgeViT's too
+    assert verify(model, path, "onnx", shapes=[(2, smallest, smallest)]).passed
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_fp16_onnx_of_a_dynamic_graph_is_finite_and_close(name, dynamic_exports):
+    model, path, image_size = dynamic_exports[name]
+    fp16 = _fp16_copy(path)
+    graph = onnx.load(str(fp16)).graph
+    fp16_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert sum(np.prod(t.dims) for t in fp16_weights) > 0.9 * sum(p.numel() for p in model.parameters())
+    report = verify(model, fp16, "onnx", image_size, dynamic_batch=True, dynamic_size=True, fp16=True)
+    assert report.bound == FP16_BOUND and report.finite
     assert report.passed, report.summary()
 
 
@@ -86,9 +132,68 @@ def test_onnx_features_only_exports_every_level(tmp_path):
     path = export(model, tmp_path / "f.onnx", "onnx", (64, 64), dynamic_size=True)
     outputs = onnx.load(str(path)).graph.output
     assert [o.name for o in outputs] == ["output_0", "output_1", "output_2", "output_3"]
-    assert outputs[0].type.tensor_type.shape.dim[2].dim_param == "output_0_height"
+    # the dynamo exporter derives each level's size from the input's: stride 4 is ceil(height / 4)
+    assert outputs[0].type.tensor_type.shape.dim[2].dim_param == "(((height - 1)//4)) + 1"
     report = verify(model, path, "onnx", (64, 64), dynamic_size=True)
     assert report.passed, report.summary()
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_torchscript_based_onnx_exporter_is_the_fallback(name, tmp_path):
+    """The legacy exporter still writes every kind of model, dynamic and fp16, and says it is deprecated."""
+    model = _deployed(name)
+    with pytest.warns(FutureWarning, match="legacy TorchScript-based ONNX export"):
+        path = export(model, tmp_path / "m.onnx", "onnx", (64, 64), True, True, exporter="torchscript", opset=17)
+    assert _input_dims(path) == ["batch", 3, "height", "width"] and _opset(path) == 17
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["lowformer.exporter"] == "torchscript"
+    report = verify(model, path, "onnx", (64, 64), dynamic_batch=True, dynamic_size=True)
+    assert report.passed, report.summary()
+    report = verify(model, _fp16_copy(path), "onnx", (64, 64), dynamic_batch=True, dynamic_size=True, fp16=True)
+    assert report.finite and report.passed, report.summary()
+
+
+class _DataDependent(torch.nn.Module):
+    """Python control flow on a tensor's value: the legacy tracer records the branch taken,
+    `torch.export` refuses to guess."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.abs().max() > 0:  # true for any input but zeros
+            y = y.relu()
+        return y
+
+
+def test_a_model_dynamo_cannot_export_gets_the_fallback_named(tmp_path, capfd):
+    model = _DataDependent().eval()
+    with pytest.raises(LowformerRuntimeError) as info:
+        export(model, tmp_path / "m.onnx", "onnx", (32, 32))
+    message = str(info.value)
+    assert message.startswith("the dynamo ONNX exporter cannot export _DataDependent: GuardOnDataDependentSymNode")
+    assert message.endswith('--exporter torchscript; Python: exporter="torchscript") instead')
+    assert "\n" not in message and not list(tmp_path.iterdir())
+    assert "def forward" not in capfd.readouterr().err  # torch's partial graph went to the debug log
+    with pytest.warns(FutureWarning, match="legacy TorchScript-based ONNX export"):
+        path = export(model, tmp_path / "m.onnx", "onnx", (32, 32), exporter="torchscript")
+    assert verify(model, path, "onnx", (32, 32)).passed
+
+
+def test_missing_onnxscript_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now raises ImportError
+    with pytest.raises(LowformerRuntimeError, match=r"needs the onnxscript package: pip install 'lowformer\[onnx\]'"):
+        export(_DataDependent().eval(), tmp_path / "m.onnx", "onnx", (32, 32))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_that_fixes_its_size_is_told_to_export_a_fixed_size(tmp_path):
+    model = lowformer.create_model("timm:vit_tiny_patch16_224").eval()  # position embeddings of 14x14 patches
+    with pytest.raises(LowformerRuntimeError, match="with a dynamic height/width: .* static shape of 224") as info:
+        export(model, tmp_path / "vit.onnx", "onnx", (224, 224), dynamic_size=True)
+    assert "if the model needs a fixed height/width, export without the dynamic option" in str(info.value)
+    assert "\n" not in str(info.value) and ".;" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", SUBSET)
@@ -100,21 +205,8 @@ def test_torchscript_traced_graph_follows_the_input_shape(name, tmp_path):
     assert report.passed, report.summary()
 
 
-@pytest.mark.parametrize("name", SUBSET)
-def test_fp16_onnx_is_finite_and_close(name, tmp_path):
-    model = _deployed(name)
-    path = export(model, tmp_path / f"{name}.onnx", "onnx", (64, 64), dynamic_batch=True, fp16=True)
-    graph = onnx.load(str(path)).graph
-    fp16_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
-    assert sum(np.prod(t.dims) for t in fp16_weights) > 0.9 * sum(p.numel() for p in model.parameters())
-    report = verify(model, path, "onnx", (64, 64), dynamic_batch=True, fp16=True)
-    assert report.bound == FP16_BOUND and report.finite
-    assert report.passed, report.summary()
-    assert report.max_rel_err > 1e-5  # it really is half precision
-
-
-def test_fp16_graph_keeps_softmax_norms_and_attention_logits_in_fp32(tmp_path):
-    path = export(_deployed("lowformer_b0"), tmp_path / "b0.onnx", "onnx", (64, 64), dynamic_size=True, fp16=True)
+def test_fp16_graph_keeps_softmax_norms_and_attention_logits_in_fp32(dynamic_exports):
+    path = _fp16_copy(dynamic_exports["lowformer_b0"][1])
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
     graph = model.graph
     dtype = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
@@ -161,15 +253,22 @@ def _randn(*shape: int) -> torch.Tensor:
         (_Norm(), 300 + 50 * _randn(1, 8, 256)),  # the sum of squares overflows, the values do not
     ],
 )
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_fp16_policy_prevents_overflow(module, x):
+def test_fp16_policy_prevents_overflow(module, x, dynamo):
     """Evaluated in true fp16 (onnx.reference runs numpy in the graph's types; ONNX Runtime's CPU
-    provider computes fp16 MatMul/Softmax/LayerNorm in fp32 internally and would hide the overflow)."""
+    provider computes fp16 MatMul/Softmax/LayerNorm in fp32 internally and would hide the overflow),
+    on the graphs of both exporters (their node names, decompositions and constants differ)."""
     from onnx.reference import ReferenceEvaluator
 
-    buffer = io.BytesIO()
-    torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17, input_names=["input"])
-    fp32 = onnx.load_model_from_string(buffer.getvalue())
+    module.eval()
+    if dynamo:
+        program = torch.onnx.export(module, (x,), dynamo=True, opset_version=18, input_names=["input"], verbose=False)
+        fp32 = program.model_proto
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17, input_names=["input"])
+        fp32 = onnx.load_model_from_string(buffer.getvalue())
     expected = module(x).detach().numpy()
 
     def run(model):
@@ -198,13 +297,16 @@ class _Loud(torch.nn.Module):
         return self.fc(self.conv(x).relu().mean((2, 3)))
 
 
-def test_fp16_verify_catches_an_overflow_inside_the_graph(tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_fp16_verify_catches_an_overflow_inside_the_graph(exporter, tmp_path):
     # ONNX Runtime on CPU computes this Conv in fp32 and may pass the overflow on unseen
     model = _Loud().eval()
-    path = export(model, tmp_path / "loud.onnx", "onnx", (32, 32), fp16=True)
+    path = export(model, tmp_path / "loud.onnx", "onnx", (32, 32), fp16=True, exporter=exporter)
     report = verify(model, path, "onnx", (32, 32), fp16=True)
     assert not report.passed and not report.finite
-    assert report.checks[0].overflowed[0] == "/conv/Conv_output_0" and "fp16 tensors overflow" in report.summary()
+    conv = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")  # names differ by exporter
+    assert report.checks[0].overflowed[0] == conv.output[0] and "fp16 tensors overflow" in report.summary()
 
 
 def test_verify_fails_for_a_file_from_other_weights(tmp_path):
@@ -220,8 +322,7 @@ def test_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"previous")
 
-    def broken_export(model, args, f, **kwargs):
-        f.write(b"partial")
+    def broken_export(*args, **kwargs):
         raise RuntimeError("exporter crashed")
 
     def broken_save(module, f, **kwargs):
@@ -249,6 +350,14 @@ def test_bad_export_arguments_raise_value_errors(tmp_path):
         export(model, tmp_path / "m.pt", "torchscript", (64, 64), fp16=True)
     with pytest.raises(ValueError, match="opset >= 17"):
         export(model, tmp_path / "m.onnx", "onnx", (64, 64), fp16=True, opset=16)
+    with pytest.raises(
+        ValueError, match="dynamo ONNX exporter writes opset 18 or later, not 17; .*--exporter torchscript"
+    ):
+        export(model, tmp_path / "m.onnx", "onnx", (64, 64), opset=17)
+    with pytest.raises(ValueError, match="unknown ONNX exporter 'tvm'; choose from dynamo, torchscript"):
+        export(model, tmp_path / "m.onnx", "onnx", (64, 64), exporter="tvm")
+    with pytest.raises(ValueError, match="applies to ONNX; a TorchScript file is always traced"):
+        export(model, tmp_path / "m.pt", "torchscript", (64, 64), exporter="dynamo")
     assert not list(tmp_path.iterdir())
 
 
@@ -268,11 +377,36 @@ def test_cli_end_to_end(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert out.is_file() and os.listdir(out.parent) == ["b0.onnx"]
-    assert f"wrote {out}" in r.stdout and "opset 17" in r.stdout and "deploy on" in r.stdout
+    assert (
+        f"wrote {out}" in r.stdout and "onnx, opset 18, dynamo exporter, fp32" in r.stdout and "deploy on" in r.stdout
+    )
+    assert r.stderr == ""  # no progress lines, warnings or logs from the exporter
     assert "batch, height, width" in r.stdout
     assert "1x3x64x96, 3x3x64x96, 3x3x65x97" in r.stdout and "max rel err" in r.stdout and ": ok" in r.stdout
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["lowformer.model"] == "lowformer_b0" and props["lowformer.deploy"] == "on"
+    assert props["lowformer.exporter"] == "dynamo"
+
+
+def test_cli_torchscript_exporter_shows_the_deprecation(tmp_path, capsys):
+    out = tmp_path / "b0.onnx"
+    args = ["lowformer_b0", "--image-size", "64", "64", "--exporter", "torchscript", "--opset", "17"]
+    assert main(["export", *args, "--out", str(out), "--verify"]) == 0
+    captured = capsys.readouterr()
+    assert "onnx, opset 17, TorchScript-based exporter, fp32" in captured.out and ": ok" in captured.out
+    (line,) = captured.err.splitlines()  # torch's own words, once, as one line
+    assert line.startswith("lowformer export: warning: You are using the legacy TorchScript-based ONNX export.")
+
+
+def test_cli_model_dynamo_cannot_export_exits_1_naming_the_fallback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lowformer.cli.export.create_model", lambda name, **kwargs: _DataDependent())
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "lowformer_b0", "--no-deploy", "--image-size", "32", "32", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.out == "" and not out.exists()
+    assert captured.err.startswith("lowformer export: error: the dynamo ONNX exporter cannot export _DataDependent")
+    assert captured.err.endswith('(--exporter torchscript; Python: exporter="torchscript") instead\n')
+    assert len(captured.err.splitlines()) == 1
 
 
 def test_cli_torchscript_fp16_and_no_deploy(tmp_path, capsys):
@@ -310,6 +444,12 @@ def test_cli_verify_failure_exits_1(tmp_path, monkeypatch, capsys):
         (["resnet18"], "it is a timm model, write timm:resnet18"),
         (["lowformer_b0", "--format", "torchscript", "--fp16"], "ONNX only"),
         (["lowformer_b0", "--fp16", "--opset", "16"], "--opset 17"),
+        (["lowformer_b0", "--opset", "17"], "writes opset 18 or later, not 17; for an older opset use the"),
+        (["lowformer_b0", "--exporter", "tvm"], "invalid choice: 'tvm'"),
+        (
+            ["lowformer_b0", "--format", "torchscript", "--exporter", "torchscript"],
+            "--exporter applies to --format onnx",
+        ),
     ],
 )
 def test_cli_bad_arguments_exit_2(args, text, tmp_path, capsys):
@@ -416,6 +556,20 @@ def test_cli_export_refuses_a_size_that_does_not_fit_in_memory(tmp_path):
     assert r.stderr.startswith("lowformer export: error: exporting lowformer_b1 at 1x3x40000x40000 needs ~")
     assert r.stderr.rstrip().endswith("GiB available; try a smaller --image-size or --batch-size")
     assert not out.exists()
+
+
+def test_cli_timm_model_in_fp16_from_a_dynamo_graph(tmp_path, capsys):
+    """A timm peer through the default exporter and the fp16 converter, batch dynamic (RepViT: its
+    random weights keep the activations in fp16 range; MobileOne's reach 1e15 and verify fails)."""
+    out = tmp_path / "repvit_fp16.onnx"
+    args = ["timm:repvit_m0_9", "--image-size", "64", "64", "--dynamic-batch", "--fp16", "--out", str(out), "--verify"]
+    assert main(["export", *args]) == 0
+    captured = capsys.readouterr()
+    assert "onnx, opset 18, dynamo exporter, fp16" in captured.out and captured.err == ""
+    assert "verify onnx fp16 vs PyTorch fp32 at 1x3x64x64, 3x3x64x64:" in captured.out
+    assert "<= 1e-02: ok" in captured.out
+    assert _input_dims(out) == ["batch", 3, 64, 64]
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["lowformer.exporter"] == "dynamo"
 
 
 def test_cli_exports_a_timm_model_reparameterised(tmp_path, capsys):

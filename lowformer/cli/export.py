@@ -1,12 +1,16 @@
 """`lowformer export MODEL --out PATH`: write an ONNX or TorchScript file, in deploy mode by default,
 and with --verify compare it with PyTorch on random inputs (exit 1 if the error bound is exceeded).
-MODEL is one of ours or any timm model as `timm:NAME`. Method, fp16 policy and limits: docs/export.md.
+MODEL is one of ours or any timm model as `timm:NAME`. ONNX goes through torch's dynamo exporter;
+`--exporter torchscript` is the legacy fallback for a model it cannot capture. Method, fp16 policy
+and limits: docs/export.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -14,7 +18,18 @@ from torch import nn
 from .._io import check_writable
 from ..deploy import deploy
 from ..errors import VerificationError, out_of_memory_as
-from ..export import DEFAULT_OPSET, FORMATS, MIN_FP16_OPSET, export, input_channels, verify, verify_shapes
+from ..export import (
+    DEFAULT_EXPORTER,
+    DEFAULT_OPSET,
+    EXPORTERS,
+    FORMATS,
+    MIN_FP16_OPSET,
+    export,
+    input_channels,
+    verify,
+    verify_shapes,
+)
+from ..export.onnx import check_exporter
 from ..factory import check_image_size, create_model, parse_model_name, size_divisor_of
 from ..measure.memory import check_forward_fits, tensor_bytes
 
@@ -25,6 +40,7 @@ EXAMPLES = """examples:
   lowformer export lowformer_b1 --out b1.onnx --dynamic-batch --dynamic-size --verify
   lowformer export lowformer_e3 --out e3_fp16.onnx --fp16 --verify
   lowformer export edgevit_xs --format torchscript --image-size 256 256 --out edgevit_xs.pt --verify
+  lowformer export timm:NAME --exporter torchscript --out m.onnx --verify   # a model dynamo cannot capture
 """
 
 
@@ -56,6 +72,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="export the deploy-mode model (BatchNorm and norm affines folded; default: on)",
     )
+    p.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        help=f"ONNX exporter (default: {DEFAULT_EXPORTER}); torchscript: the legacy one, deprecated by torch, "
+        "for a model the dynamo exporter cannot capture or an opset below 18",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--out", required=True, type=Path, help="file to write; its folder is created")
     p.add_argument(
@@ -79,6 +101,10 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.fp16 and args.opset < MIN_FP16_OPSET:
         raise ValueError(f"--fp16 needs --opset {MIN_FP16_OPSET} or later")
+    if args.format == "onnx":
+        check_exporter(args.exporter or DEFAULT_EXPORTER, args.opset)
+    elif args.exporter is not None:
+        raise ValueError("--exporter applies to --format onnx; a TorchScript file is always traced")
 
 
 def _dynamic_axes(args: argparse.Namespace) -> str:
@@ -102,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     # besides the forward pass, the exporter holds the traced graph and its serialised bytes
     check_forward_fits(model, _full(model, largest), what, _HINT, reserve_bytes=2 * tensor_bytes(model))
     metadata = {"lowformer.deploy": "on" if args.deploy else "off", "lowformer.checkpoint": args.checkpoint or ""}
-    with out_of_memory_as(what, _HINT):
+    with out_of_memory_as(what, _HINT), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", FutureWarning)  # e.g. torch deprecating the legacy exporter
         path = export(
             model,
             args.out,
@@ -114,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset,
             batch_size=args.batch_size,
             metadata=metadata,
+            exporter=args.exporter,
         )
+    for w in caught:  # the warnings Python would show, as one line each
+        print(f"lowformer export: warning: {w.message}", file=sys.stderr)
     _print_written(args, path, _shape_text(model, shapes[0]))
     if args.verify:
         with out_of_memory_as(f"verifying {path}", _HINT):
@@ -146,7 +176,11 @@ def _shape_text(model: nn.Module, shape: tuple[int, int, int]) -> str:
 
 def _print_written(args: argparse.Namespace, path: Path, input_shape: str) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    fmt = f"onnx, opset {args.opset}" if args.format == "onnx" else "torchscript (traced, frozen)"
+    if args.format == "onnx":
+        exporter = "dynamo" if (args.exporter or DEFAULT_EXPORTER) == "dynamo" else "TorchScript-based"
+        fmt = f"onnx, opset {args.opset}, {exporter} exporter"
+    else:
+        fmt = "torchscript (traced, frozen)"
     precision = "fp16 (softmax, norms, attention logits fp32; fp32 input/output)" if args.fp16 else "fp32"
     print(f"  format        {fmt}, {precision}")
     print(f"  model         {args.model}, deploy {'on' if args.deploy else 'off'}")

@@ -144,6 +144,8 @@ def convert_float16(model, keep_fp32_ops: frozenset[str] = KEEP_FP32_OPS, attent
                 n.input[k] = read(name, want)
             elif name in initializers and is_float(name):  # a Cast/Shape reading a float constant
                 n.input[k] = read(name, FP32)
+            elif name in initializers:  # an integer constant (the dynamo exporter's shapes, axes)
+                new_inits.setdefault(name, initializers[name])
         if n.op_type == "Cast" and want == FP16:  # e.g. Cast(bool mask -> float) in the fp16 region
             for a in n.attribute:
                 if a.name == "to" and a.i == FP32:
