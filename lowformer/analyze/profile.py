@@ -314,7 +314,7 @@ def profile_model(
     if ceilings is not None:
         from .roofline import attribute
 
-        roofline = attribute(count_op_costs(module, shape), calls, iters, ceilings)
+        roofline = attribute(count_op_costs(module, shape), calls, iters, ceilings, module)
 
     total_macs = mac_report.macs or 0
     macs_by_kind = {k: 0 for k in KINDS}

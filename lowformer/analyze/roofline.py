@@ -7,7 +7,8 @@ time of that call, `lowformer.measure.profiler.top_level_ops`), and with the cei
 each as a share of its ceiling, and the *bound*: what would limit the call at the ceilings
 ("compute" above the ridge, "memory" below it, "overhead" when both its arithmetic and its traffic
 would take less than one call's overhead). Summaries per operator kind and per stage (the model's
-top-level child module, with its index for `stages.N` / `blocks.N`) tell where time goes and why.
+top-level child module, split by index where it is a sequence of blocks: `stages.N`, `blocks.N`)
+tell where time goes and why.
 
 Records only: `lowformer.report` draws the roofline and formats the tables.
 """
@@ -18,20 +19,34 @@ import difflib
 import statistics
 from collections.abc import Sequence
 
+from torch import nn
+
 from ..measure.calibrate import BOUNDS, Ceilings
 from ..measure.opcost import OpCost
 from ..measure.profiler import OpCall
 from .profile import KINDS, classify_op
 
 
-def stage_of(module: str) -> str:
-    """The stage a module path belongs to: its first component, with the index when that is a
-    container's (`stages.2.blocks.0.attn` -> `stages.2`, `blocks.3.1` -> `blocks.3`, `stem.conv` ->
-    `stem`); "(model)" for calls made by the model's own forward."""
+def block_sequences(model: nn.Module) -> set[str]:
+    """The model's top-level children that are sequences of blocks (every item has children of its
+    own): their items are the stages. A sequence of plain layers (a stem) is one stage."""
+    out = set()
+    for name, child in model.named_children():
+        items = list(child.children())
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(items) > 1:
+            if all(next(item.children(), None) is not None for item in items):
+                out.add(name)
+    return out
+
+
+def stage_of(module: str, sequences: set[str] = frozenset()) -> str:
+    """The stage a module path belongs to: its first component, with the item index inside one of
+    `sequences` (`stages.2.blocks.0.attn` -> `stages.2`, `stem.conv` -> `stem`); "(model)" for
+    calls made by the model's own forward."""
     if not module:
         return "(model)"
     parts = module.split(".")
-    if len(parts) > 1 and parts[1].isdigit():
+    if len(parts) > 1 and parts[0] in sequences:
         return f"{parts[0]}.{parts[1]}"
     return parts[0]
 
@@ -64,7 +79,9 @@ def match_calls(costs: Sequence[OpCost], calls: Sequence[OpCall], iters: int) ->
     return out
 
 
-def op_records(costs: Sequence[OpCost], times_us: Sequence[Sequence[float]], ceilings: Ceilings) -> list[dict]:
+def op_records(
+    costs: Sequence[OpCost], times_us: Sequence[Sequence[float]], ceilings: Ceilings, sequences: set[str] = frozenset()
+) -> list[dict]:
     """One record per top-level call: cost, median profiled time, achieved rates and shares, bound."""
     records = []
     for cost, times in zip(costs, times_us):
@@ -77,7 +94,7 @@ def op_records(costs: Sequence[OpCost], times_us: Sequence[Sequence[float]], cei
                 "op": cost.name,
                 "kind": classify_op(cost.name, cost.input_shapes, cost.transposed),
                 "module": cost.module,
-                "stage": stage_of(cost.module),
+                "stage": stage_of(cost.module, sequences),
                 "flops": cost.flops,
                 "bytes_read": cost.bytes_read,
                 "bytes_weights": cost.bytes_weights,
@@ -136,9 +153,13 @@ def summarize(records: Sequence[dict], key: str, ceilings: Ceilings, order: Sequ
     return out
 
 
-def attribute(costs: Sequence[OpCost], calls: Sequence[OpCall], iters: int, ceilings: Ceilings) -> dict:
-    """The roofline section of a profile: ceilings, per-call records, per-kind and per-stage summaries."""
-    records = op_records(costs, match_calls(costs, calls, iters), ceilings)
+def attribute(
+    costs: Sequence[OpCost], calls: Sequence[OpCall], iters: int, ceilings: Ceilings, model: nn.Module | None = None
+) -> dict:
+    """The roofline section of a profile: ceilings, per-call records, per-kind and per-stage summaries
+    (stages from `model`'s structure, see `block_sequences`)."""
+    sequences = block_sequences(model) if model is not None else set()
+    records = op_records(costs, match_calls(costs, calls, iters), ceilings, sequences)
     return {
         "ceilings": ceilings.to_dict(),
         "ops": records,

@@ -162,7 +162,7 @@ class _Leaf:
     name: str
     macs: tuple[str, int] | None
     flops: int
-    reads: list[tuple[int, tuple, int, bool]]  # (storage, view key, bytes, is weight)
+    reads: list[tuple[int, int, int, bool]]  # (storage, first byte, end byte, is weight)
     writes: list[tuple[int, int]]  # (storage, bytes)
 
 
@@ -174,8 +174,14 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def _view_key(t: torch.Tensor) -> tuple:
-    return (_storage(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage a view spans: from its first element to past its last (a transposed
+    view spans what its source does; an expanded one, only what it repeats)."""
+    if t.numel() == 0:
+        return 0, 0
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    first = t.storage_offset() * t.element_size()
+    return first, first + span * t.element_size()
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
@@ -229,12 +235,7 @@ class _CostWalk(TorchDispatchMode):
             flops = 0
         else:
             flops = max((t.numel() for t in inputs + outputs), default=0)
-        reads, seen = [], set()
-        for t in inputs:
-            key = _view_key(t)
-            if key not in seen:
-                seen.add(key)
-                reads.append((key[0], key, _nbytes(t), key[0] in self.weights))
+        reads = [(_storage(t), *_byte_range(t), _storage(t) in self.weights) for t in inputs]
         writes = [(_storage(t), _nbytes(t)) for t in outputs]
         return _Leaf(name, macs, flops, reads, writes)
 
@@ -327,23 +328,41 @@ def _add_traffic(cost: OpCost, group: list[_Leaf]) -> None:
     """FLOPs, MACs and compulsory bytes of one top-level call from the ATen calls it ran."""
     produced: dict[int, int] = {}  # storages written inside this call -> bytes
     consumed: set[int] = set()  # ... and read again inside it (intermediates)
-    read: dict[tuple, tuple[int, bool]] = {}
+    read: dict[int, list[tuple[int, int]]] = {}  # storages read from outside -> byte ranges
+    weights: set[int] = set()
     for leaf in group:
         cost.leaf_ops.append(leaf.name)
         cost.flops += leaf.flops
         if leaf.macs is not None:
             kind, n = leaf.macs
             cost.macs[kind] = cost.macs.get(kind, 0) + n
-        for storage, key, nbytes, is_weight in leaf.reads:
+        for storage, first, end, is_weight in leaf.reads:
             if storage in produced:
                 consumed.add(storage)
-            else:
-                read.setdefault(key, (nbytes, is_weight))
+                continue
+            read.setdefault(storage, []).append((first, end))
+            if is_weight:
+                weights.add(storage)
         for storage, nbytes in leaf.writes:
             produced[storage] = max(produced.get(storage, 0), nbytes)
-    cost.bytes_read = sum(n for n, w in read.values() if not w)
-    cost.bytes_weights = sum(n for n, w in read.values() if w)
+    # a storage read through several views (q, k and v of one tensor, a view and its transpose) counts
+    # the bytes the views span together, once
+    spans = {storage: _union_length(ranges) for storage, ranges in read.items()}
+    cost.bytes_read = sum(n for storage, n in spans.items() if storage not in weights)
+    cost.bytes_weights = sum(n for storage, n in spans.items() if storage in weights)
     cost.bytes_written = sum(n for s, n in produced.items() if s not in consumed)
+
+
+def _union_length(ranges: list[tuple[int, int]]) -> int:
+    total, reach = 0, None
+    for first, end in sorted(ranges):
+        if reach is None or first >= reach:
+            total += end - first
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
 
 
 def total_flops(costs: list[OpCost]) -> int:

@@ -230,10 +230,10 @@ def _judgement_md(data: dict) -> str:
     headers = [
         "mode",
         "models",
-        "Spearman: MACs",
+        "Spearman rho: MACs",
         "params",
         "prediction",
-        "Kendall: MACs",
+        "Kendall tau: MACs",
         "prediction",
         "median error",
         "max error",
