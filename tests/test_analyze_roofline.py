@@ -38,6 +38,12 @@ TINY_SIZES = CalibrationSizes(matmul=(64, 128), copy_bytes=1 << 20, tiny_calls=5
 CALIBRATION_SPREAD = 4.0
 
 
+@pytest.fixture(autouse=True)
+def _calibration_dir(tmp_path, monkeypatch):
+    """No test writes a calibration into the user's cache."""
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(tmp_path / "user-cache"))
+
+
 @pytest.fixture(scope="module")
 def ceilings() -> Ceilings:
     return cal.calibrate("cpu", "fp32", threads=1, clock="cpu", sizes=TINY_SIZES)

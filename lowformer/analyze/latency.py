@@ -5,18 +5,19 @@ For one top-level operator call of kind k (`lowformer.analyze.opkinds.fit_kind`)
 bytes moved (`lowformer.measure.opcost`), on a device with compute ceiling C, bandwidth M and
 per-call overhead O (`lowformer.measure.calibrate`):
 
-    t = max(F / (e_c[k] * C), B / (e_m[k] * M)) + o[k] * O
+    t = max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O
 
-and a model's predicted time is the sum over its calls. e_c and e_m are the shares of the ceilings the
-kind reaches (e_m can exceed 1: what a small operator touches may stay in a cache the large copy of
-the calibration does not fit in); o is its overhead per call in units of O (a convolution's primitive
-set-up costs more than a tiny add's dispatch).
+and a model's predicted time is the sum over its calls. M(B) is the copy bandwidth the calibration
+measured at B bytes (`Ceilings.bandwidth_at`: caches make small copies faster); e_c and e_m are the
+shares of the ceilings the kind reaches; o is its overhead per call in units of O (a convolution's
+primitive set-up costs more than a tiny add's dispatch).
 
 The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
-3x3 convs, depthwise convs of 3-7 px kernels, linears on tokens, attention products, norms,
+3x3 convs, depthwise convs of 1-7 px kernels, linears on tokens, attention products, norms,
 activations, elementwise ops, pools, copies, views) built alone at a range of channels, resolutions
-and batch sizes, timed with the measuring core, and fitted in log space (relative errors), so no model
-that the prediction is judged on ever informs it. The fit is cached next to the calibration.
+and batch sizes, timed with the measuring core interleaved with each other (as operators run in a
+network), and fitted in log space (relative errors), so no model that the prediction is judged on
+ever informs it. The fit is cached next to the calibration.
 """
 
 from __future__ import annotations
