@@ -35,6 +35,7 @@ from ..analyze.profile import safe_name
 from ..analyze.sweep import MIN_ROUNDS
 from ..bench import BACKENDS, MODES, PRECISIONS
 from ..errors import LowformerRuntimeError
+from ..factory import check_model_name
 from ..measure.calibrate import calibrated, calibration_dir, calibration_path
 from ..measure.env import environment, keep_freed_memory, resolve_device
 from ..measure.timing import CLOCKS, check_clock
@@ -416,6 +417,7 @@ def _run_model(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stem = f"profile-{safe_name(args.model)}-{args.mode}"
     files = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png", out / f"{stem}-roofline.png"]
+    check_model_name(args.model)  # before a calibration that may take minutes
     device = resolve_device(args.device)
     _check_measuring(args, device)
     check_outputs([*files, out / REPORT_NAME], folders=[out])
@@ -455,6 +457,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     stem = args.name or f"predict-b{args.batch_size}"
     files = [out / f"{stem}.json", out / f"{stem}.csv"]
     check_outputs([*files, out / REPORT_NAME], folders=[out])
+    for name in args.models:  # before a calibration that may take minutes
+        check_model_name(name)
     with keep_freed_memory(args.keep_memory):
         model, _ = _latency_model(args, device)
     report = predict_models(args.models, model, batch_size=args.batch_size, image_size=args.image_size)

@@ -8,7 +8,7 @@ modes, failure classification) and `profiler` (per-operator times). It imports n
 package but `lowformer.errors` and `lowformer._io`.
 """
 
-from .calibrate import Ceilings, calibrate, calibrated
+from .calibrate import Ceilings, calibrated
 from .env import environment, keep_freed_memory, resolve_device
 from .macs import CONVENTION, MacReport, count_macs
 from .opcost import OpCost, count_op_costs
@@ -34,7 +34,6 @@ __all__ = [
     "Rounds",
     "ThreadCpuTimer",
     "TimingPolicy",
-    "calibrate",
     "calibrated",
     "classify_failure",
     "count_macs",

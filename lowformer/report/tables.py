@@ -433,7 +433,8 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     overhead = model["ceilings"]["overhead_s"]
     headers = ["kind", "compute eff.", "memory eff.", "overhead us/call", "cases", "fit error (median)"]
     rows = []
-    for kind, f in model["factors"].items():
+    order = {k: i for i, k in enumerate(FIT_KINDS)}
+    for kind, f in sorted(model["factors"].items(), key=lambda kv: order.get(kv[0], len(order))):
         rows.append(
             [
                 FIT_KINDS.get(kind, kind),
