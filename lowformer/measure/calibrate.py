@@ -315,8 +315,7 @@ def calibrated(
     precision, thread count, clock and allocator mode, or a new one (then cached). `threads` None
     means torch's choice, resolved now, so that the cache key names the real count. `quick`: small
     sizes (`quick_sizes`), cached apart from the full calibration."""
-    if threads is None and not str(device).startswith("cuda"):
-        threads = torch.get_num_threads()
+    threads = _resolved_threads(device, threads)
     path = calibration_path(device, precision, threads, clock, quick, folder)
     if not fresh:
         data = read_cached(path)
@@ -340,4 +339,12 @@ def calibration_path(
     folder: str | os.PathLike | None = None,
 ) -> Path:
     """Where `calibrated` keeps the ceilings of these settings."""
+    threads = _resolved_threads(device, threads)
     return cache_path({**cache_key(device, precision, threads, clock), "quick": quick}, folder=folder)
+
+
+def _resolved_threads(device: str, threads: int | None) -> int | None:
+    """None means torch's choice on a CPU: the count it runs with now, which the cache key names."""
+    if threads is None and not str(device).startswith("cuda"):
+        return torch.get_num_threads()
+    return threads
