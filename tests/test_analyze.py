@@ -44,6 +44,13 @@ from lowformer.report import (
     write_report,
 )
 
+
+@pytest.fixture(autouse=True)
+def _calibration_dir(tmp_path, monkeypatch):
+    """No test writes a calibration into the user's cache."""
+    monkeypatch.setenv("LOWFORMER_CALIBRATION_DIR", str(tmp_path / "calibration"))
+
+
 TINY = ElementTiming(
     warmup=TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=1, min_s=0.0),
     round=TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=1, min_s=0.0),
@@ -583,10 +590,11 @@ def test_cli_unwritable_output_fails_before_the_run(where, tmp_path, capsys):
 def test_cli_timm_models_in_model_and_models(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--image-size", "32", "--threads", "1", "--out", str(out)]
-    assert main(["analyze", "model", "timm:test_resnet", "--iters", "1", "--quick", *args]) == 0
+    assert main(["analyze", "model", "timm:test_resnet", "--iters", "1", "--quick", "--no-roofline", *args]) == 0
     profile = json.loads((out / "profile-timm_test_resnet-latency.json").read_text())
     assert (profile["model"], profile["source"]) == ("timm:test_resnet", "timm") and profile["macs"] > 0
-    assert main(["analyze", "models", "timm:test_resnet", "--quick", "--batch-size", "2", "--no-progress", *args]) == 0
+    args += ["--no-progress", "--no-predict"]  # the calibration and the roofline: test_analyze_roofline.py
+    assert main(["analyze", "models", "timm:test_resnet", "--quick", "--batch-size", "2", *args]) == 0
     models = json.loads((out / "models.json").read_text())
     assert [(r["model"], r["source"]) for r in models["ranks"]] == [("timm:test_resnet", "timm")]
     assert {r["status"] for r in models["bench"]["results"]} == {"ok"}

@@ -16,9 +16,11 @@ interleaved rounds, the run context, the profiler) and the benchmark's backends 
 
 Layout: `elements` (pairs of design elements and their registry), `sweep` (plan and run the grid:
 interleaved timing, per-cell cache, time budget), `cells` (the sweep's records and rows),
-`profile` (time per operator kind vs MAC share), `models` (MACs vs latency/throughput across
-models). Records only: tables, figures and report.md are `lowformer.report`'s. Method and
-outputs: docs/analyze.md.
+`profile` (time per operator kind vs MAC share), `roofline` (every operator call against the
+device's measured ceilings), `opkinds` and `latency` (the analytic latency model: operator kinds,
+the single-operator sweep, the fit), `predict` (models' predicted time), `models` (MACs,
+parameters and the prediction vs latency/throughput across models). Records only: tables, figures
+and report.md are `lowformer.report`'s. Method and outputs: docs/analyze.md.
 """
 
 from .cells import ROW_COLUMNS, CellResult, ElementReport, SideResult, element_rows, summarize_comparison
@@ -32,7 +34,10 @@ from .elements import (
     register_pair,
     unregister_pair,
 )
-from .models import ModelsReport, analyze_models, plan_models, run_models
+from .latency import LatencyModel, build_latency_model, cached_latency_model, fit_latency_model
+from .models import MODEL_SETS, ModelsPlan, ModelsReport, analyze_models, model_set, plan_models, run_models
+from .opkinds import FIT_KINDS, fit_kind
+from .predict import PredictionReport, predict_models
 from .profile import KINDS, ModelProfile, classify_op, profile_model
 from .sweep import (
     DEFAULT_CHANNELS,
@@ -51,29 +56,40 @@ __all__ = [
     "BUILTIN_PAIRS",
     "DEFAULT_CHANNELS",
     "DEFAULT_RESOLUTIONS",
+    "FIT_KINDS",
     "KINDS",
+    "MODEL_SETS",
     "ROW_COLUMNS",
     "CellResult",
     "ElementPair",
     "ElementPlan",
     "ElementReport",
     "ElementTiming",
+    "LatencyModel",
     "ModelProfile",
+    "ModelsPlan",
     "ModelsReport",
     "MultiHeadSelfAttention",
+    "PredictionReport",
     "Side",
     "SideResult",
     "analyze_elements",
     "analyze_models",
+    "build_latency_model",
+    "cached_latency_model",
     "classify_op",
     "count_sides",
     "default_element_timing",
     "element_rows",
+    "fit_kind",
+    "fit_latency_model",
     "get_pair",
     "list_pairs",
+    "model_set",
     "plan_cells",
     "plan_elements",
     "plan_models",
+    "predict_models",
     "profile_model",
     "register_pair",
     "run_elements",

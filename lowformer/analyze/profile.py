@@ -13,6 +13,10 @@ Convolutions are told apart by their recorded weight shape, with the rule the MA
 share per kind comes from `count_macs` (dense conv = "conv", attention = "attention_matmul").
 Time is host time on CPU and GPU kernel time on CUDA. The profiler adds overhead per operator, so
 the wall time per call is measured separately, without it, and reported beside the profile.
+
+Given the device's measured ceilings (`lowformer.measure.calibrate`), the profile also places every
+call on the roofline (`lowformer.analyze.roofline`): FLOPs, bytes moved, intensity, achieved rates
+as shares of the ceilings, and what bounds it, summarised per kind and per stage.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from ..bench.models import build_source, source_kind
 from ..bench.presets import QUICK_TIMING, default_batch_size
 from ..factory import check_image_size
 from ..measure import stats
-from ..measure.env import environment, resolve_device
+from ..measure.calibrate import Ceilings
+from ..measure.env import environment, keep_freed_memory, memory_mode, resolve_device
 from ..measure.macs import CONVENTION, LAYOUT_OPS, count_macs
+from ..measure.opcost import COST_CONVENTION, count_op_costs
 from ..measure.profiler import OpCall, top_level_ops
 from ..measure.session import batch_size_for, check_modes, input_shape, make_input, place, run_context
-from ..measure.timing import TimingPolicy, measure
+from ..measure.timing import TimingPolicy, check_clock, device_timer, measure
 
 _logger = logging.getLogger(__name__)
 
@@ -159,6 +165,9 @@ _RESHAPE_OPS = LAYOUT_OPS | {
     "roll",
     "to",
     "unfold",
+    "reshape_as",
+    "view_as",
+    "expand_as",
 }
 
 
@@ -204,6 +213,7 @@ class ModelProfile:
     wall_ms: dict[str, float]
     kinds: list[dict] = field(default_factory=list)
     top_ops: list[dict] = field(default_factory=list)
+    roofline: dict | None = None  # lowformer.analyze.roofline.attribute, when ceilings were given
 
     def to_dict(self) -> dict:
         return {
@@ -221,6 +231,8 @@ class ModelProfile:
             "profiled_ms_per_call": sum(k["time_ms"] for k in self.kinds),
             "kinds": self.kinds,
             "top_ops": self.top_ops,
+            "roofline": self.roofline,
+            "cost_convention": COST_CONVENTION if self.roofline else None,
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -250,8 +262,12 @@ def profile_model(
     timing: TimingPolicy | None = None,
     quick: bool = False,
     label: str | None = None,
+    clock: str = "wall",
+    keep_memory: bool = False,
+    ceilings: Ceilings | None = None,
 ) -> ModelProfile:
-    """Profile one model eagerly: time per operator kind (torch.profiler) against MAC share.
+    """Profile one model eagerly: time per operator kind (torch.profiler) against MAC share, and with
+    `ceilings`, every call on the roofline.
 
     Args:
         model: our name, "timm:NAME", or a module (random weights are fine: speed does not need them).
@@ -259,6 +275,11 @@ def profile_model(
         iters: profiled calls (default 20 on CUDA, 5 on CPU), after the wall-clock measurement.
         timing: the wall-clock measurement without the profiler (default: >= 1 s warm-up, >= 10
             calls and >= 2 s; `quick`: `presets.QUICK_TIMING`).
+        clock: "wall", or "cpu" for the thread's CPU time (one thread on a CPU, see
+            `lowformer.measure.timing.ThreadCpuTimer`); the profiler's per-call times are wall time.
+        keep_memory: keep freed memory in the process while measuring
+            (`lowformer.measure.env.keep_freed_memory`).
+        ceilings: the device's calibration (`lowformer.measure.calibrate.calibrated`) for the roofline.
     """
     device = resolve_device(device)
     check_modes([mode])
@@ -270,6 +291,7 @@ def profile_model(
         raise ValueError(reason)
     if iters is not None and iters < 1:
         raise ValueError(f"at least one profiled call is needed, got iters={iters}")
+    check_clock(clock, device, threads)
     h, w = check_image_size(model, image_size)
     cuda = device.startswith("cuda")
     iters = iters or (20 if cuda else 5)
@@ -278,12 +300,21 @@ def profile_model(
     module = build_source(model)
     mac_report = count_macs(module, (h, w), in_chans=getattr(module, "in_chans", 3), device="cpu")
 
-    with run_context(device, precision, threads):
-        x = make_input(input_shape(module, batch, (h, w)), device, channels_last)
+    shape = input_shape(module, batch, (h, w))
+    with keep_freed_memory(keep_memory), run_context(device, precision, threads):
+        x = make_input(shape, device, channels_last)
         prepared = prepare(place(module, device, channels_last), x, "eager", precision, device, threads=threads)
-        wall = measure(prepared.step, prepared.timer, timing)
+        timer = device_timer(device, clock) if clock == "cpu" else prepared.timer
+        wall = measure(prepared.step, timer, timing)
         used_threads = torch.get_num_threads()
-        by_kind, ops = _by_kind(top_level_ops(prepared.step, iters, device))
+        memory = memory_mode()
+        calls = top_level_ops(prepared.step, iters, device)
+    by_kind, ops = _by_kind(calls)
+    roofline = None
+    if ceilings is not None:
+        from .roofline import attribute
+
+        roofline = attribute(count_op_costs(module, shape), calls, iters, ceilings, module)
 
     total_macs = mac_report.macs or 0
     macs_by_kind = {k: 0 for k in KINDS}
@@ -316,7 +347,9 @@ def profile_model(
         "channels_last": channels_last,
         "threads": used_threads,
         "iters": iters,
-        "timer": prepared.timer.name,
+        "timer": timer.name,
+        "clock": clock,
+        "memory": memory,
         "wall_timing": timing.to_dict(),
         "wall_iterations": len(wall.samples_s),
         "time_source": "cuda kernel time (device_time_total)" if cuda else "host time (cpu_time_total)",
@@ -333,6 +366,7 @@ def profile_model(
         top_ops=[
             {"op": op, "kind": kind, "time_ms": t / iters / 1e3, "calls": n // iters} for op, (t, n, kind) in top_ops
         ],
+        roofline=roofline,
     )
 
 

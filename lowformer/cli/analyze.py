@@ -1,10 +1,14 @@
 """`lowformer analyze`: counted MACs against measured time, on this device.
 
-  elements  design-element pairs (fused vs unfused MBConv, depthwise vs dense conv, Lowtention vs
-            MHSA vs none, attention stride, norms, activations, upsampling) over a channels x
-            resolution grid: heatmaps of time ratio | MAC ratio, CSV/JSON of every cell
-  model     where one model's time goes per operator kind, against its share of MACs
-  models    MACs vs measured latency and throughput across models, rank correlations
+  elements   design-element pairs (fused vs unfused MBConv, depthwise vs dense conv, Lowtention vs
+             MHSA vs none, attention stride, norms, activations, upsampling) over a channels x
+             resolution grid: heatmaps of time ratio | MAC ratio, CSV/JSON of every cell
+  calibrate  this device's measured ceilings (matmul FLOP/s, copy bandwidth, per-call overhead) and
+             the latency model's per-kind factors, fitted on single operators; cached
+  model      where one model's time goes per operator kind, against its share of MACs, and every
+             operator call on the roofline (FLOPs, bytes, intensity, achieved share, bound)
+  predict    predicted time of models from their operators and the calibration, nothing timed
+  models     MACs, parameters and the prediction vs measured latency and throughput across models
 
 Every command writes its results, figures and an updated report.md to --out (default
 analysis-results/). Method and outputs: docs/analyze.md.
@@ -21,15 +25,34 @@ import sys
 import time
 from pathlib import Path
 
+from .._io import write_json
 from ..analyze import get_pair, list_pairs, plan_elements, plan_models, profile_model, run_elements, run_models
 from ..analyze.elements import MIN_CHANNELS, MIN_RESOLUTION
+from ..analyze.latency import LatencyModel, cached_latency_model, latency_model_path
+from ..analyze.models import MODEL_SETS, model_set
+from ..analyze.predict import predict_models
 from ..analyze.profile import safe_name
 from ..analyze.sweep import MIN_ROUNDS
 from ..bench import BACKENDS, MODES, PRECISIONS
 from ..errors import LowformerRuntimeError
-from ..measure.env import resolve_device
-from ..report import format_elements, format_models, format_profile, plot_element_heatmaps, plot_models, plot_profile
-from ..report.markdown import REPORT_NAME, write_report
+from ..factory import check_model_name
+from ..measure.calibrate import calibrated, calibration_dir, calibration_path
+from ..measure.env import environment, keep_freed_memory, resolve_device
+from ..measure.timing import CLOCKS, check_clock
+from ..report import (
+    format_calibration,
+    format_elements,
+    format_models,
+    format_predictions,
+    format_profile,
+    format_roofline,
+    plot_element_heatmaps,
+    plot_models,
+    plot_predictions,
+    plot_profile,
+    plot_roofline,
+)
+from ..report.markdown import CALIBRATION_SCHEMA, REPORT_NAME, write_report
 from ._args import (
     check_outputs,
     image_size,
@@ -45,8 +68,11 @@ EXAMPLES = """examples:
   lowformer analyze elements --quick                        # every pair, small grid, < 1 min on a CPU
   lowformer analyze elements fused-mbconv depthwise-conv --channels 16 32 64 128 --resolutions 14 28 56
   lowformer analyze elements --mode throughput --batch-size 32 --budget 600 --out results
+  lowformer analyze calibrate --threads 1 --clock cpu --keep-memory   # ceilings + latency model, ~2 min, cached
   lowformer analyze model lowformer_b1 --mode throughput
+  lowformer analyze predict lowformer_b1 timm:fastvit_t8 --batch-size 16
   lowformer analyze models lowformer_b1 lowformer_e1 timm:fastvit_t8 timm:repvit_m1_1 timm:mobilenetv3_large_100
+  lowformer analyze models --set efficient24 --threads 1 --clock cpu --keep-memory
 """
 
 DEFAULT_OUT = "analysis-results"
@@ -65,6 +91,28 @@ def _common(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each step (and failures with tracebacks)")
+
+
+def _measuring(p: argparse.ArgumentParser, calibration: bool = True) -> None:
+    """How time is taken (clock, allocator) and where the device's calibration is kept."""
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=CLOCKS,
+        help="wall (default), or cpu: the thread's CPU time, which a busy machine does not inflate (needs --threads 1)",
+    )
+    p.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="keep freed memory in the process, as jemalloc/tcmalloc do: no page faults from glibc returning it",
+    )
+    if calibration:
+        p.add_argument(
+            "--calibration-dir",
+            metavar="DIR",
+            help="where calibrations are cached (default: $LOWFORMER_CALIBRATION_DIR, else "
+            "~/.cache/lowformer/calibration)",
+        )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -125,9 +173,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--batch-size", type=positive_int, metavar="N", help="throughput batch")
     m.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
     m.add_argument("--iters", type=positive_int, metavar="N", help="profiled calls (CPU 5, CUDA 20)")
-    m.add_argument("--quick", action="store_true", help="short wall-clock timing (>= 3 calls, >= 0.5 s)")
+    m.add_argument("--quick", action="store_true", help="short timing (>= 3 calls, >= 0.5 s) and a quick calibration")
+    m.add_argument("--no-roofline", action="store_true", help="no roofline (needs no calibration)")
     _common(m, backend=False)
+    _measuring(m)
     m.set_defaults(run=run)
+
+    c = analyses.add_parser(
+        "calibrate",
+        help="this device's ceilings and the latency model's factors (cached)",
+        description="Measure the ceilings of this device at this precision and thread count (dense matmul FLOP/s, "
+        "copy bandwidth by size, per-call overhead of a tiny operator) and fit the latency model's per-kind "
+        "factors on a sweep of single operators. Both are cached per device, precision, threads, clock and "
+        "allocator mode; `analyze model`, `predict` and `models` use the cache.",
+    )
+    c.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    c.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16")
+    c.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads (default: torch's)")
+    c.add_argument("--fresh", action="store_true", help="measure again, replacing the cached calibration")
+    c.add_argument(
+        "--quick", action="store_true", help="small sizes and a small operator sweep (seconds; a first look)"
+    )
+    c.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    _measuring(c)
+    c.set_defaults(run=run)
+
+    r = analyses.add_parser(
+        "predict",
+        help="predicted time of models from their operators and the calibration (nothing timed)",
+        description="Predict the time per forward call of models (ours and timm:NAME) from every operator's FLOPs "
+        "and bytes, counted on the meta device, and the device's calibration (`analyze calibrate`, run first if "
+        "none is cached). Nothing is timed.",
+    )
+    r.add_argument("models", nargs="+", metavar="MODEL", help="our model names or timm:NAME")
+    r.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="batch size (default 1)")
+    r.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
+    r.add_argument("--device", default="auto", help="the device whose calibration to use: auto, cpu, cuda, cuda:N")
+    r.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16")
+    r.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads (default: torch's)")
+    r.add_argument("--quick", action="store_true", help="use (or make) a quick calibration")
+    r.add_argument("--name", metavar="STEM", help="file stem of the results (default predict-bN)")
+    r.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/)")
+    r.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    _measuring(r)
+    r.set_defaults(run=run)
 
     s = analyses.add_parser(
         "models",
@@ -135,16 +226,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Time a model set (ours and timm:NAME) in throughput and latency mode; rank MACs against "
         "time (Spearman, Kendall) and plot them.",
     )
-    s.add_argument("models", nargs="*", metavar="MODEL", help="our names or timm:NAME (default: the bench set)")
+    s.add_argument("models", nargs="*", metavar="MODEL", help="our names or timm:NAME (default: --set bench)")
+    s.add_argument(
+        "--set",
+        dest="model_set",
+        choices=list(MODEL_SETS),
+        help="a named model set: bench (the benchmark's 9 models, the default), efficient24 (ours and timm's "
+        "efficient families, 24 models)",
+    )
+    s.add_argument("--rounds", type=positive_int, metavar="N", help="interleaved rounds per mode (default 5)")
+    s.add_argument("--no-predict", action="store_true", help="no latency-model prediction (needs no calibration)")
     s.add_argument("--batch-size", type=positive_int, metavar="N", help="throughput batch")
     s.add_argument("--image-size", type=image_size, default=(224, 224), metavar="S|HxW", help="default 224")
     s.add_argument("--reparam", action="store_true", help="reparameterise first (MobileOne, FastViT, RepViT, ours)")
-    s.add_argument("--quick", action="store_true", help="short timing per configuration (>= 3 calls, >= 0.5 s)")
+    s.add_argument("--quick", action="store_true", help="short timing (>= 3 calls, >= 0.5 s) and a quick calibration")
     s.add_argument(
         "--budget", type=non_negative_float, metavar="SECONDS", help="start no new configuration after this long"
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(s)
+    _measuring(s)
     s.set_defaults(run=run)
     p.set_defaults(run=run, parser=p)
 
@@ -243,36 +344,135 @@ def _run_elements(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_folder(args: argparse.Namespace) -> Path:
+    return Path(args.calibration_dir) if args.calibration_dir else calibration_dir()
+
+
+def _latency_model(args: argparse.Namespace, device: str, fresh: bool = False) -> tuple[LatencyModel, bool]:
+    """The cached calibration and latency model of these settings, made first when missing (said so:
+    it takes a minute or two). Call inside `keep_freed_memory(args.keep_memory)`."""
+    folder = _calibration_folder(args)
+    path = calibration_path(device, args.precision, args.threads, args.clock, args.quick, folder)
+    if fresh or not path.exists():
+        print(f"calibrating {device} (ceilings, then the operator sweep; cached in {folder}) ...", flush=True)
+    ceilings, _ = calibrated(
+        device, args.precision, args.threads, args.clock, fresh=fresh, quick=args.quick, folder=folder
+    )
+    progress = _progress_bar("operator sweep") if not getattr(args, "no_progress", False) else None
+    try:
+        return cached_latency_model(ceilings, fresh=fresh, folder=folder, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+class _progress_bar:
+    """A progress callback (done, total) drawn with tqdm on a terminal, silent otherwise."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="op", dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_measuring(args: argparse.Namespace, device: str) -> None:
+    check_clock(args.clock, device, args.threads)
+    if getattr(args, "calibration_dir", None) is not None:
+        check_outputs([], folders=[args.calibration_dir])
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    _check_measuring(args, device)
+    out = Path(args.out)
+    slug = f"{device.replace(':', '')}-{args.precision}" + ("-quick" if args.quick else "")
+    target = out / f"calibration-{slug}.json"
+    check_outputs([target, out / REPORT_NAME], folders=[out, _calibration_folder(args)])
+    start = time.perf_counter()
+    with keep_freed_memory(args.keep_memory):
+        model, cached = _latency_model(args, device, fresh=args.fresh)
+    data = model.to_dict()
+    print(format_calibration(data["ceilings"], data))
+    took = "from the cache" if cached else f"measured in {time.perf_counter() - start:.0f} s"
+    print(f"calibration {took}: {latency_model_path(model.ceilings, _calibration_folder(args))}")
+    record = {"schema": CALIBRATION_SCHEMA, "environment": environment(device), "latency_model": data}
+    _print_written(out, [write_json(target, record)])
+    return 0
+
+
 def _run_model(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stem = f"profile-{safe_name(args.model)}-{args.mode}"
-    files = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png"]
-    check_outputs([*files, out / REPORT_NAME], folders=[out])
+    files = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.png", out / f"{stem}-roofline.png"]
+    check_model_name(args.model)  # before a calibration that may take minutes
     device = resolve_device(args.device)
-    print(f"profiling {args.model} on {device} ({args.mode}) ...", flush=True)
-    warn_if_busy(device, f"CPU timings are noisy; {_USE_COMPARE}")
-    profile = profile_model(
-        args.model,
-        device=device,
-        mode=args.mode,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        threads=args.threads,
-        iters=args.iters,
-        quick=args.quick,
-    )
+    _check_measuring(args, device)
+    check_outputs([*files, out / REPORT_NAME], folders=[out])
+    with keep_freed_memory(args.keep_memory):
+        ceilings = None if args.no_roofline else _latency_model(args, device)[0].ceilings
+        print(f"profiling {args.model} on {device} ({args.mode}) ...", flush=True)
+        warn_if_busy(device, f"CPU timings are noisy; {_USE_COMPARE}")
+        profile = profile_model(
+            args.model,
+            device=device,
+            mode=args.mode,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            threads=args.threads,
+            iters=args.iters,
+            quick=args.quick,
+            clock=args.clock,
+            ceilings=ceilings,
+        )
     data = profile.to_dict()
     print(format_profile(data))
     written = [profile.write_json(files[0]), profile.write_csv(files[1]), plot_profile(data, files[2])]
+    if data.get("roofline"):
+        print()
+        print(format_roofline(data))
+        written.append(plot_roofline(data, files[3]))
     _print_written(out, written)
     return 0
 
 
+def _run_predict(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    _check_measuring(args, device)
+    out = Path(args.out)
+    stem = args.name or f"predict-b{args.batch_size}"
+    files = [out / f"{stem}.json", out / f"{stem}.csv"]
+    check_outputs([*files, out / REPORT_NAME], folders=[out])
+    for name in args.models:  # before a calibration that may take minutes
+        check_model_name(name)
+    with keep_freed_memory(args.keep_memory):
+        model, _ = _latency_model(args, device)
+    report = predict_models(args.models, model, batch_size=args.batch_size, image_size=args.image_size)
+    print(format_predictions(report.to_dict()))
+    _print_written(out, [report.write_json(files[0]), report.write_csv(files[1])])
+    return 0
+
+
 def _run_models(args: argparse.Namespace) -> int:
+    if args.model_set and args.models:
+        raise ValueError("give model names or --set, not both")
+    models = list(model_set(args.model_set)) if args.model_set else args.models or None
     models_plan = plan_models(
-        args.models or None,
+        models,
         device=args.device,
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -281,20 +481,36 @@ def _run_models(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         reparam=args.reparam,
         threads=args.threads,
+        rounds=args.rounds,
         quick=args.quick,
+        clock=args.clock,
+        keep_memory=args.keep_memory,
     )
     out = Path(args.out)
-    files = [out / "models.json", out / "models.csv", out / "models.png"]
+    files = [out / "models.json", out / "models.csv", out / "models.png", out / "models-predicted.png"]
+    device = models_plan.settings["device"]
+    _check_measuring(args, device)
     check_outputs([*files, out / REPORT_NAME], folders=[out])
     print(models_plan.describe(), flush=True)
-    device = models_plan.settings["device"]
-    warn_if_busy(device, f"CPU timings are noisy; {_USE_COMPARE}")
-    report = run_models(models_plan, budget_s=args.budget, progress=not args.no_progress and sys.stderr.isatty())
+    warn_if_busy(device, "CPU timings are noisy; the interleaved rounds keep the ranking fair, --clock cpu the times")
+    latency_model = None
+    if not args.no_predict:
+        with keep_freed_memory(args.keep_memory):
+            latency_model, _ = _latency_model(args, device)
+    report = run_models(
+        models_plan,
+        budget_s=args.budget,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        latency_model=latency_model,
+    )
+    data = report.to_dict()
     print()
-    print(format_models(report.to_dict()))
+    print(format_models(data))
     written = [report.write_json(files[0]), report.write_csv(files[1])]
     if any(r.ok and r.macs for r in report.bench.results):
         written.append(plot_models(report, files[2]))
+    if any("spearman_predicted" in j for j in data["judgement"]):
+        written.append(plot_predictions(data, files[3]))
     _print_written(out, written)
     _raise_if_failed([r.status for r in report.bench.results], "configuration(s)")
     return 0
@@ -309,4 +525,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         args.parser.print_help()
         return 0
-    return {"elements": _run_elements, "model": _run_model, "models": _run_models}[args.analysis](args)
+    commands = {
+        "elements": _run_elements,
+        "calibrate": _run_calibrate,
+        "model": _run_model,
+        "predict": _run_predict,
+        "models": _run_models,
+    }
+    return commands[args.analysis](args)

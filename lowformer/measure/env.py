@@ -151,6 +151,65 @@ def num_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' documented defaults
+_GLIBC_DEFAULT_MMAP_MAX = 65536
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_memory_kept = False
+
+
+def memory_mode() -> str:
+    """ "keep" inside `keep_freed_memory`, else "default" (what the environment record calls the allocator)."""
+    return "keep" if _memory_kept else "default"
+
+
+@contextmanager
+def keep_freed_memory(enabled: bool = True):
+    """Keep freed memory in the process while the block runs, as caching allocators (jemalloc,
+    tcmalloc) do, so that a timed call does not pay page faults for memory freed by the call before.
+
+    NOTE: glibc's malloc, PyTorch's allocator on CPU, serves large blocks with mmap and gives freed
+    heap memory back to the OS above a threshold it adjusts itself; the next call then touches
+    fresh pages, and every page is a fault (microseconds each in a virtual machine). How much of a
+    call that costs depends on what ran before in the process (a 3x3 depthwise conv measured 0.17 ms
+    in one process and 1.4 ms in a fresh one), which makes CPU timings of large activations
+    unrepeatable. This turns mmap off and the trim threshold up (`mallopt`), so nothing is returned,
+    and sets glibc's defaults back after (which also ends glibc's own adjustment of the thresholds).
+    A no-op where the C library has no `mallopt` (then `memory_mode()` stays "default").
+    """
+    global _memory_kept
+    libc = _libc() if enabled else None
+    if libc is None or _memory_kept:
+        yield
+        return
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        yield
+        return
+    _memory_kept = True
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        _memory_kept = False
+
+
 # CPU timings are distorted (threads wait on each other) when the 1-minute load average before a run
 # is above this share of the CPUs.
 BUSY_LOAD_PER_CPU = 0.5
@@ -236,6 +295,7 @@ def environment(device: str) -> dict:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
+        "memory": memory_mode(),  # "keep" when freed memory stays in the process (keep_freed_memory)
         "torch_interop_threads": torch.get_num_interop_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "device": device,

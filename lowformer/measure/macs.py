@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +114,29 @@ class MacReport:
         }
 
 
+def leaf_macs(name: str, args: tuple, out, in_linear: bool) -> tuple[str, int] | None:
+    """(kind, MACs) of one ATen call as the dispatch mode sees it (`name` without overload), or None
+    for an operator that counts no MACs. `in_linear`: the call happens inside an `nn.Linear`."""
+    if name in ("convolution", "_convolution", "convolution_overrideable"):
+        x, w = args[0], args[1]
+        transposed, groups = bool(args[6]), int(args[8])
+        kernel = math.prod(w.shape[2:])
+        if transposed:
+            # weight (C_in, C_out / groups, k...): each input element feeds C_out/groups * k outputs
+            return "transposed_conv", x.numel() * w.shape[1] * kernel
+        # weight (C_out, C_in / groups, k...): each output element sums C_in/groups * k products
+        kind = "depthwise_conv" if groups > 1 and w.shape[1] == 1 else "conv"
+        return kind, out.numel() * w.shape[1] * kernel
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
+        return ("linear" if in_linear else "attention_matmul"), math.prod(a.shape) * b.shape[-1]
+    if name in _SDPA_OPS:
+        q, k, v = args[0], args[1], args[2]
+        batch = math.prod(q.shape[:-2])
+        return "attention_matmul", batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    return None
+
+
 class _MacCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -123,31 +148,35 @@ class _MacCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in ("convolution", "_convolution", "convolution_overrideable"):
-            self._conv(args, out)
-        elif name in ("mm", "addmm", "bmm", "baddbmm"):
-            a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
-            macs = math.prod(a.shape) * b.shape[-1]
-            self.by_op["linear" if self.linear_depth else "attention_matmul"] += macs
-        elif name in _SDPA_OPS:
-            q, k, v = args[0], args[1], args[2]
-            batch = math.prod(q.shape[:-2])
-            self.by_op["attention_matmul"] += batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        counted = leaf_macs(name, args, out, self.linear_depth > 0)
+        if counted is not None:
+            self.by_op[counted[0]] += counted[1]
         elif name not in LAYOUT_OPS:
             self.uncounted[name.lstrip("_")] += 1
         return out
 
-    def _conv(self, args, out) -> None:
-        x, w = args[0], args[1]
-        transposed, groups = bool(args[6]), int(args[8])
-        kernel = math.prod(w.shape[2:])
-        if transposed:
-            # weight (C_in, C_out / groups, k...): each input element feeds C_out/groups * k outputs
-            self.by_op["transposed_conv"] += x.numel() * w.shape[1] * kernel
-        else:
-            # weight (C_out, C_in / groups, k...): each output element sums C_in/groups * k products
-            kind = "depthwise_conv" if groups > 1 and w.shape[1] == 1 else "conv"
-            self.by_op[kind] += out.numel() * w.shape[1] * kernel
+
+@contextmanager
+def linear_scope(model: nn.Module, counter) -> Iterator[None]:
+    """Keep `counter.linear_depth` above 0 while an `nn.Linear` of `model` runs, so that its matrix
+    product counts as "linear" rather than "attention_matmul"."""
+
+    def enter(module, inputs):
+        counter.linear_depth += 1
+
+    def leave(module, inputs, output):
+        counter.linear_depth -= 1
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def count_params(model: nn.Module, head_prefix: str = "head") -> tuple[int, int]:
@@ -179,27 +208,13 @@ def count_macs(
         device = first.device if first is not None else torch.device("cpu")
     x = torch.zeros(batch_size, in_chans, *image_size, device=device)
     counter = _MacCounter()
-
-    def enter(module, inputs):
-        counter.linear_depth += 1
-
-    def leave(module, inputs, output):
-        counter.linear_depth -= 1
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_pre_hook(enter))
-            handles.append(m.register_forward_hook(leave))
     was_training = model.training
     model.eval()
     try:
-        with counter:
+        with linear_scope(model, counter), counter:
             model(x)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
     params, params_head = count_params(model)
     by_op = {k: int(counter.by_op.get(k, 0)) for k in OP_KINDS}
     return MacReport(

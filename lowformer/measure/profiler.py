@@ -41,13 +41,13 @@ def top_level_ops(step: Callable[[], Any], iters: int, device: str) -> list[OpCa
         if cuda:
             torch.cuda.synchronize()
     return [
-        OpCall(event.name, event.input_shapes, _transposed_arg(event), _event_time_us(event, cuda))
+        OpCall(event.name, event.input_shapes, transposed_arg(event), _event_time_us(event, cuda))
         for event in prof.events()
-        if event.name.startswith("aten::") and _is_top_level(event)
+        if event.name.startswith("aten::") and is_top_level(event)
     ]
 
 
-def _transposed_arg(event) -> bool | None:
+def transposed_arg(event) -> bool | None:
     """`transposed` of an `aten::convolution` / `aten::_convolution` event, when recorded."""
     op = event.name.split("::", 1)[-1]
     if op not in ("convolution", "_convolution"):
@@ -57,7 +57,7 @@ def _transposed_arg(event) -> bool | None:
     return bool(value) if isinstance(value, bool) else None
 
 
-def _is_top_level(event) -> bool:
+def is_top_level(event) -> bool:
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith("aten::"):

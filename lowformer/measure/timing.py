@@ -2,8 +2,9 @@
 
 A *timer* measures one call of a step function and returns seconds, with the device synchronised:
 `PerfCounterTimer` (host clock; for CPU, and for backends that block until done, such as ONNX
-Runtime) and `CudaEventTimer` (CUDA events recorded around the call on the current stream, then
-synchronised, so the time is what the GPU took and nothing queued is left out).
+Runtime), `CudaEventTimer` (CUDA events recorded around the call on the current stream, then
+synchronised, so the time is what the GPU took and nothing queued is left out) and `ThreadCpuTimer`
+(the calling thread's CPU time: single-threaded CPU runs on a machine busy with other work).
 
 `measure` times one step: a warm-up (at least `warmup_iters` calls *and* at least `warmup_s`
 seconds), then timed calls until at least `min_iters` calls *and* `min_s` seconds are done;
@@ -138,8 +139,45 @@ class CudaEventTimer:
         return self._start.elapsed_time(self._end) / 1e3  # elapsed_time is in ms
 
 
-def device_timer(device: str) -> Timer:
-    """The timer for a step that returns before its work is done: CUDA events on a GPU, else the host clock."""
+class ThreadCpuTimer:
+    """CPU time of the calling thread around one call (`time.thread_time`): what a single-threaded CPU
+    run costs, without the time the thread waited for a core.
+
+    NOTE: on a machine shared with other work, the wall clock of a CPU run includes every moment the
+    thread was descheduled (on a 2-core machine at load 6, several times the work itself); the thread's
+    CPU time does not. It is latency only when the work runs on this thread alone, i.e. with one
+    intra-op thread (`torch.set_num_threads(1)`), which `check_clock` enforces.
+    """
+
+    name = "thread_cpu_time"
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        start = time.thread_time()
+        fn()
+        return time.thread_time() - start
+
+
+CLOCKS = ("wall", "cpu")
+
+
+def check_clock(clock: str, device: str, threads: int | None) -> None:
+    """The CPU clock (`ThreadCpuTimer`) measures latency only for one intra-op thread on a CPU."""
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; choose from {', '.join(CLOCKS)}")
+    if clock == "cpu":
+        if str(device).startswith("cuda"):
+            raise ValueError("the cpu clock times CPU runs; on CUDA use the wall clock (CUDA events)")
+        if threads != 1:
+            raise ValueError(
+                "the cpu clock measures latency only with one intra-op thread: add --threads 1 (or use --clock wall)"
+            )
+
+
+def device_timer(device: str, clock: str = "wall") -> Timer:
+    """The timer for a step that returns before its work is done: CUDA events on a GPU, else the host
+    clock; with `clock` "cpu", the calling thread's CPU time (see `ThreadCpuTimer`)."""
+    if clock == "cpu":
+        return ThreadCpuTimer()
     return CudaEventTimer() if str(device).startswith("cuda") else PerfCounterTimer()
 
 

@@ -14,26 +14,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._io import write_text
-from ..analyze import cells, models, profile
+from ..analyze import cells, models, predict, profile
 from ..analyze.cells import comparisons, summarize_comparison
 from ..analyze.sweep import ElementTiming
 from ..measure.env import is_busy
 from ..measure.timing import TimingPolicy
 from .tables import (
+    PREDICT_HEADERS,
     PROFILE_HEADERS,
+    ROOFLINE_HEADERS,
+    calibration_rows,
+    ceilings_line,
     format_number,
     format_ratio,
     models_rows,
     not_measured,
+    prediction_rows,
     profile_head,
     profile_rows,
     ratio_grid,
+    roofline_rows,
     verdict,
 )
 
 _logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.md"
+CALIBRATION_SCHEMA = "lowformer.analyze.calibration/1"  # what `lowformer analyze calibrate` writes to --out
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +136,26 @@ def _elements_md(data: dict, stem: str) -> list[str]:
     return out
 
 
-def _profile_md(data: dict, image: str) -> list[str]:
+def _roofline_md(data: dict, image: str) -> list[str]:
+    roof = data["roofline"]
+    headers = [*ROOFLINE_HEADERS, "bound (share of time)"]
+    right = [True] * 10 + [False]
+    return [
+        "",
+        f"**Roofline.** Ceilings measured on this device: {ceilings_line(roof['ceilings'])}. Bytes are compulsory "
+        "traffic: each call reads its inputs and weights and writes its outputs once, nothing is kept in caches "
+        "between calls. *Bound* is what would limit a call at the ceilings (compute above the ridge, memory below "
+        "it, overhead when both would take less than one call's overhead).",
+        "",
+        f"![{data['model']} roofline]({image})",
+        "",
+        _md_table(["kind", *headers], roofline_rows(roof["by_kind"], "kind"), [False, *right]),
+        "",
+        _md_table(["stage", *headers], roofline_rows(roof["by_stage"], "stage"), [False, *right]),
+    ]
+
+
+def _profile_md(data: dict, image: str, roofline_image: str) -> list[str]:
     s = data["settings"]
     top = [
         [o["op"], profile.KINDS.get(o["kind"], o["kind"]), str(o["calls"]), f"{o['time_ms']:.3f}"]
@@ -149,6 +175,7 @@ def _profile_md(data: dict, image: str) -> list[str]:
         "Top operators (top-level ATen calls, time including their children):",
         "",
         _md_table(["operator", "kind", "calls", "ms/call"], top, [False, False, True, True]),
+        *(_roofline_md(data, roofline_image) if data.get("roofline") else []),
     ]
 
 
@@ -161,14 +188,20 @@ def _models_md(data: dict, image: str) -> list[str]:
     out = [
         f"## Models: MACs vs latency and throughput ({h}x{w}, {s['backends'][0]} {s['precisions'][0]} {layout})",
         "",
-        _environment_md(bench["environment"], {"threads": _threads_used(bench)}),
+        _environment_md(bench["environment"], {"threads": _threads_used(bench)}) + _timing_md(s),
         "",
-        _md_table(headers, rows, [False] + [True] * 6),
+        _md_table(headers, rows, [False] + [True] * (len(headers) - 1)),
         "",
         "Rank 1 = fewest MACs / lowest latency / highest throughput. Rank correlation of MACs with measured "
         "time per call (1 = MACs order the models exactly as the clock does):",
         "",
     ]
+    if data.get("judgement"):
+        out += [_judgement_md(data)]
+        if data.get("predictions"):
+            out += ["", f"![measured against MACs and the prediction]({image.replace('.png', '-predicted.png')})"]
+        out += ["", f"![MACs vs measured speed]({image})"]
+        return out
     for c in bench["correlations"]:
         rho, tau = c["spearman_macs_latency"], c["kendall_macs_latency"]
         out.append(
@@ -178,6 +211,96 @@ def _models_md(data: dict, image: str) -> list[str]:
     if data.get("not_run"):
         out += ["", f"Time budget spent: {len(data['not_run'])} configuration(s) not run."]
     out += ["", f"![MACs vs measured speed]({image})"]
+    return out
+
+
+def _timing_md(settings: dict) -> str:
+    if not settings.get("interleaved"):
+        return ""
+    clock = "the thread's CPU time" if settings.get("clock") == "cpu" else "the wall clock"
+    memory = (
+        "; freed memory kept in the process (no page faults from the allocator)"
+        if settings.get("memory") == "keep"
+        else ""
+    )
+    return f" Timing: per mode, the models interleaved in {settings['rounds']} rounds, on {clock}{memory}."
+
+
+def _judgement_md(data: dict) -> str:
+    headers = [
+        "mode",
+        "models",
+        "Spearman rho: MACs",
+        "params",
+        "prediction",
+        "Kendall tau: MACs",
+        "prediction",
+        "median error",
+        "max error",
+    ]
+    rows = []
+    for j in data["judgement"]:
+        rows.append(
+            [
+                f"{j['mode']}, batch {j['batch_size']}",
+                str(len(j["models"])),
+                format_number(j.get("spearman_macs"), ".2f"),
+                format_number(j.get("spearman_params"), ".2f"),
+                format_number(j.get("spearman_predicted"), ".2f"),
+                format_number(j.get("kendall_macs"), ".2f"),
+                format_number(j.get("kendall_predicted"), ".2f"),
+                "-" if "median_abs_error" not in j else f"{100 * j['median_abs_error']:.0f}%",
+                "-" if "max_abs_error" not in j else f"{100 * j['max_abs_error']:.0f}%",
+            ]
+        )
+    lm = data.get("latency_model") or {}
+    text = _md_table(headers, rows, [False] + [True] * 8)
+    if lm:
+        text += (
+            "\n\nPrediction: the analytic latency model (`lowformer analyze predict`), calibrated on "
+            f"{ceilings_line(lm['ceilings'])}; its per-kind factors were fitted on single operators, never on "
+            "these models."
+        )
+    return text
+
+
+def _predict_md(data: dict) -> list[str]:
+    s = data["settings"]
+    lm = data["latency_model"]
+    return [
+        f"## Predicted time: batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}",
+        "",
+        _environment_md(data["environment"], {"threads": s.get("threads")}),
+        "",
+        f"Nothing was timed: every call's FLOPs and bytes (counted on the meta device) at the ceilings of "
+        f"{ceilings_line(lm['ceilings'])}, with the per-kind factors below.",
+        "",
+        _md_table([*PREDICT_HEADERS, "overhead"], prediction_rows(data["models"]), [False] + [True] * 9),
+        "",
+        _md_table(*calibration_rows(lm), [False] + [True] * 5),
+    ]
+
+
+def _calibration_md(data: dict) -> list[str]:
+    lm = data["latency_model"]
+    c = lm["ceilings"]
+    curve = sorted((int(k), v) for k, v in c.get("bandwidth_curve", {}).items())
+    s = lm.get("settings", {})
+    out = [
+        f"## Device calibration: {c['device_name']} ({c['device']}), {c['precision']}",
+        "",
+        f"Measured {c.get('date', '')}: {ceilings_line(c)}.",
+    ]
+    if curve:
+        points = ", ".join(f"{n / 2**20:g} MiB: {v / 1e9:.1f}" for n, v in curve)
+        out += ["", f"Copy bandwidth by bytes moved (GB/s): {points}."]
+    out += [
+        "",
+        f"Per-kind factors of the latency model, fitted on {len(lm.get('samples', []))} single-operator cases at batch "
+        f"{', '.join(map(str, s.get('batch_sizes', [])))} ({s.get('seconds', 0):.0f} s):",
+        "",
+        _md_table(*calibration_rows(lm), [False] + [True] * 5),
+    ]
     return out
 
 
@@ -204,8 +327,9 @@ def _load(path: Path, schema: str) -> dict | None:
 def write_report(out_dir: str | Path, title: str = "MACs vs measured time") -> Path:
     """(Re)write `out_dir/report.md` from every analysis result in `out_dir`.
 
-    Sections, in order: element sweeps (`elements-*.json`), operator profiles (`profile-*.json`),
-    model sets (`models*.json`); each with its figures, which are expected next to the JSON.
+    Sections, in order: element sweeps (`elements-*.json`), device calibrations (`calibration*.json`),
+    operator profiles (`profile-*.json`), predictions (`predict*.json`), model sets (`models*.json`);
+    each with its figures, which are expected next to the JSON.
     """
     out_dir = Path(out_dir)
     lines = [
@@ -221,10 +345,21 @@ def write_report(out_dir: str | Path, title: str = "MACs vs measured time") -> P
         if data is not None:
             lines += ["", *_elements_md(data, path.stem)]
             found += 1
+    for path in sorted(out_dir.glob("calibration*.json")):
+        data = _load(path, CALIBRATION_SCHEMA)
+        if data is not None:
+            lines += ["", *_calibration_md(data)]
+            found += 1
     for path in sorted(out_dir.glob("profile-*.json")):
         data = _load(path, profile.SCHEMA)
         if data is not None:
-            lines += ["", *_profile_md(data, path.with_suffix(".png").name)]
+            roofline_png = path.with_name(path.stem + "-roofline.png").name
+            lines += ["", *_profile_md(data, path.with_suffix(".png").name, roofline_png)]
+            found += 1
+    for path in sorted(out_dir.glob("predict*.json")):
+        data = _load(path, predict.SCHEMA)
+        if data is not None:
+            lines += ["", *_predict_md(data)]
             found += 1
     for path in sorted(out_dir.glob("models*.json")):
         data = _load(path, models.SCHEMA)

@@ -289,3 +289,166 @@ def plot_profile(data: dict, path: str | Path, dpi: int = 100) -> Path:
         fontsize=9,
     )
     return save_figure(fig, path, palette=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Roofline and predictions
+# --------------------------------------------------------------------------------------------
+
+_KIND_COLORS = {
+    "dense_conv": "tab:blue",
+    "depthwise_conv": "tab:orange",
+    "transposed_conv": "tab:olive",
+    "linear": "tab:cyan",
+    "attention": "tab:red",
+    "norm": "tab:purple",
+    "activation": "tab:green",
+    "reshape_copy": "tab:gray",
+    "other": "tab:brown",
+}
+
+
+def plot_roofline(data: dict, path: str | Path, dpi: int = 100) -> Path:
+    """The roofline of one profiled model (`ModelProfile.to_dict()` with its roofline): every operator
+    call at its arithmetic intensity (FLOPs per byte moved) and achieved FLOP/s, coloured by kind and
+    sized by its time, under the measured compute ceiling and the bandwidth slope. Calls without
+    FLOPs or bytes (views, copies) have no place on it and are counted in the legend."""
+    import numpy as np
+
+    from ..analyze.profile import KINDS
+
+    roof = data["roofline"]
+    c = roof["ceilings"]
+    ops = [o for o in roof["ops"] if o["flops"] and o["bytes"] and o["time_ms"]]
+    fig = figure(7.5, 5.2, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    intensities = [o["intensity"] for o in ops] or [c["flops_per_s"] / c["bytes_per_s"]]
+    lo, hi = min(intensities + [0.05]) / 2, max(intensities + [200.0]) * 2
+    x = np.logspace(math.log10(lo), math.log10(hi), 200)
+    ax.plot(x, np.minimum(c["flops_per_s"], x * c["bytes_per_s"]), color="black", linewidth=1.5, zorder=2)
+    ridge = c["flops_per_s"] / c["bytes_per_s"]
+    ax.annotate(
+        f"compute ceiling {c['flops_per_s'] / 1e9:.0f} GFLOP/s",
+        (hi, c["flops_per_s"]),
+        xytext=(-4, 4),
+        textcoords="offset points",
+        ha="right",
+        fontsize=7,
+    )
+    ax.annotate(
+        f"bandwidth {c['bytes_per_s'] / 1e9:.0f} GB/s",
+        (lo * 1.2, lo * 1.2 * c["bytes_per_s"]),
+        xytext=(2, 6),
+        textcoords="offset points",
+        fontsize=7,
+        rotation=30,
+    )
+    ax.axvline(ridge, color="black", linestyle=":", linewidth=0.8, zorder=1)
+    total = sum(o["time_ms"] for o in ops) or 1.0
+    for kind, color in _KIND_COLORS.items():
+        pts = [o for o in ops if o["kind"] == kind]
+        if not pts:
+            continue
+        share = sum(o["time_ms"] for o in pts) / total
+        ax.scatter(
+            [o["intensity"] for o in pts],
+            [o["achieved_flops_per_s"] for o in pts],
+            s=[8 + 400 * o["time_ms"] / total for o in pts],
+            color=color,
+            alpha=0.6,
+            edgecolors="none",
+            label=f"{KINDS.get(kind, kind)} ({100 * share:.0f}% of time)",
+            zorder=3,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("arithmetic intensity, FLOPs per byte moved (compulsory traffic)")
+    ax.set_ylabel("achieved FLOP/s")
+    ax.grid(alpha=0.3, which="both")
+    left_out = len(roof["ops"]) - len(ops)
+    ax.legend(
+        fontsize=7, loc="lower right", title=f"{left_out} calls without FLOPs or bytes not shown", title_fontsize=7
+    )
+    s, env = data["settings"], data["environment"]
+    ax.set_title(
+        f"{data['model']}: roofline, batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}, eager "
+        f"{s['precision']}\n{env.get('device_name')} ({s['device']}, {s['threads']} thread"
+        f"{'s' * (s['threads'] != 1)}), {env.get('date', '')[:10]}; point size: share of profiled time",
+        fontsize=9,
+    )
+    return save_figure(fig, path, palette=True)
+
+
+def plot_predictions(data: dict, path: str | Path, dpi: int = 100) -> Path:
+    """Per mode of a model set (`ModelsReport.to_dict()`), measured time against MACs (left) and against
+    the latency model's prediction (right), both log-log, each with its Spearman rho."""
+    import numpy as np
+
+    judgement = data.get("judgement") or []
+    predicted = {(p["model"], p["batch_size"]): p["predicted_ms"] for p in data.get("predictions", [])}
+    results = [r for r in data["bench"]["results"] if r["status"] == "ok" and r.get("latency_ms_p50")]
+    groups = [j for j in judgement if "spearman_predicted" in j]
+    if not groups:
+        raise ValueError("no mode with predictions to plot")
+    fig = figure(10.0, 4.2 * len(groups), dpi)
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for row, j in enumerate(groups):
+        rs = [r for r in results if r["mode"] == j["mode"] and r["batch_size"] == j["batch_size"]]
+        measured = [r["latency_ms_p50"] for r in rs]
+        for col, (xs, label, rho) in enumerate(
+            (
+                ([r["macs"] / 1e9 for r in rs], "GMACs per image (counted)", j.get("spearman_macs")),
+                (
+                    [predicted[(r["model"], r["batch_size"])] for r in rs],
+                    "predicted ms per call",
+                    j["spearman_predicted"],
+                ),
+            )
+        ):
+            ax = axes[row][col]
+            colors = ["tab:orange" if r["source"] == "lowformer" else "tab:blue" for r in rs]
+            ax.scatter(xs, measured, c=colors, zorder=3, s=18)
+            for x, y, r in zip(xs, measured, rs):
+                ax.annotate(
+                    r["model"].removeprefix("timm:"), (x, y), xytext=(3, 2), textcoords="offset points", fontsize=6
+                )
+            if col == 1:
+                lo, hi = min(xs + measured) / 1.3, max(xs + measured) * 1.3
+                line = np.array([lo, hi])
+                ax.plot(line, line, color="black", linewidth=1, zorder=2)
+                ax.fill_between(line, line / 1.25, line * 1.25, color="gray", alpha=0.15, zorder=1)
+                title = f"prediction: rho {format_number(rho, '.2f')}, median error {100 * j['median_abs_error']:.0f}%"
+            else:
+                title = f"MACs: rho {format_number(rho, '.2f')}"
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"measured ms per call ({j['mode']}, batch {j['batch_size']})")
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+    env = data["bench"]["environment"]
+    fig.suptitle(
+        f"Measured time against MACs and against the latency model: {env['device_name']} ({env['device']}), "
+        f"{env['date'][:10]} (grey band: within 25%; orange: ours, blue: timm)",
+        fontsize=9,
+    )
+    return save_figure(fig, path, palette=True)
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log axes labelled 0.5, 2, 20 rather than 5x10^-1: a model set spans a decade or two."""
+    from matplotlib.ticker import FuncFormatter
+
+    def major(v, _):
+        return f"{v:g}"
+
+    def minor(v, _):
+        lead = v / 10 ** math.floor(math.log10(v))
+        return f"{v:g}" if round(lead) in (2, 5) else ""
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(major))
+        axis.set_minor_formatter(FuncFormatter(minor))
+        axis.set_tick_params(which="minor", labelsize=6)

@@ -324,7 +324,8 @@ def profile_head(data: dict) -> str:
     return (
         f"{data['model']}: batch {s['batch_size']} ({s['mode']}), {h}x{w}, eager {s['precision']} {layout}, "
         f"{data['params'] / 1e6:.2f}M params, {data['macs'] / 1e9:.3f} GMACs per image\n"
-        f"wall time {data['wall_ms_p50']:.2f} ms per call (p10-p90 {data['wall_ms_p10']:.2f}-"
+        f"{'CPU time' if s.get('clock') == 'cpu' else 'wall time'} {data['wall_ms_p50']:.2f} ms per call (p10-p90 "
+        f"{data['wall_ms_p10']:.2f}-"
         f"{data['wall_ms_p90']:.2f}, {s['wall_iterations']} calls, no profiler); operator time "
         f"{data['profiled_ms_per_call']:.2f} ms per call over {s['iters']} profiled calls ({s['time_source']})"
     )
@@ -349,20 +350,28 @@ def format_rank(v: float | None) -> str:
 
 def models_rows(data: dict) -> tuple[list[str], list[list[str]]]:
     batch = next((r.get("throughput_batch") for r in data["ranks"] if r.get("throughput_batch")), None)
+    predicted = any(r.get("predicted_latency_ms") or r.get("predicted_throughput_ms") for r in data["ranks"])
     headers = ["model", "GMACs", "latency ms", f"img/s (batch {batch})", "rank MACs", "rank latency", "rank img/s"]
+    if predicted:
+        headers[4:4] = ["predicted latency ms", f"predicted img/s (batch {batch})"]
     rows = []
     for r in data["ranks"]:
-        rows.append(
-            [
-                r["model"],
-                "-" if r.get("macs") is None else f"{r['macs'] / 1e9:.3f}",
-                "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
-                "-" if r.get("throughput_img_s") is None else f"{r['throughput_img_s']:.1f}",
-                format_rank(r.get("rank_macs")),
-                format_rank(r.get("rank_latency")),
-                format_rank(r.get("rank_throughput")),
+        row = [
+            r["model"],
+            "-" if r.get("macs") is None else f"{r['macs'] / 1e9:.3f}",
+            "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
+            "-" if r.get("throughput_img_s") is None else f"{r['throughput_img_s']:.1f}",
+            format_rank(r.get("rank_macs")),
+            format_rank(r.get("rank_latency")),
+            format_rank(r.get("rank_throughput")),
+        ]
+        if predicted:
+            pred_ms = r.get("predicted_throughput_ms")
+            row[4:4] = [
+                "-" if r.get("predicted_latency_ms") is None else f"{r['predicted_latency_ms']:.2f}",
+                "-" if not pred_ms or not batch else f"{1e3 * batch / pred_ms:.1f}",
             ]
-        )
+        rows.append(row)
     return headers, rows
 
 
@@ -371,14 +380,193 @@ def format_models(data: dict) -> str:
     env = bench["environment"]
     head = f"{env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, {env.get('date')}"
     headers, rows = models_rows(data)
-    parts = [head, render_table(headers, rows, [False] + [True] * 6)]
+    parts = [head, render_table(headers, rows, [False] + [True] * (len(headers) - 1))]
     parts.append("(rank 1 = fewest MACs / lowest latency / highest throughput)")
-    corr = format_correlations(bench["correlations"])
+    judgement = format_judgement(data.get("judgement") or [])
+    corr = judgement or format_correlations(bench["correlations"])
     if corr:
         parts.append(corr)
+    if data.get("latency_model"):
+        parts.append("prediction: " + ceilings_line(data["latency_model"]["ceilings"]))
     failed = [r for r in bench["results"] if r["status"] != "ok"]
     for r in failed:
         parts.append(f"{r['model']} {r['mode']}: {r['status']}: {r['error']}")
     if data.get("not_run"):
         parts.append(f"time budget spent: {len(data['not_run'])} configuration(s) not run")
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration, roofline, predictions
+# --------------------------------------------------------------------------------------------
+
+
+def format_rate(value: float | None, unit: str) -> str:
+    """A rate in G<unit> with 3 significant digits ("-" when there is none)."""
+    if value is None:
+        return "-"
+    g = value / 1e9
+    return f"{g:.0f}" if g >= 100 else f"{g:.1f}" if g >= 10 else f"{g:.2f}"
+
+
+def format_share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%" if value < 10 else f"{100 * value:.0f}%"
+
+
+def ceilings_line(c: dict) -> str:
+    """One line: the measured ceilings and how they were measured."""
+    threads = f", {c['threads']} thread{'s' * (c['threads'] != 1)}" if c.get("threads") else ""
+    clock = ", CPU-time clock" if c.get("clock") == "cpu" else ""
+    memory = ", freed memory kept" if c.get("memory") == "keep" else ""
+    return (
+        f"{c['device_name']} ({c['device']}{threads}{clock}{memory}), {c['precision']}, torch {c['torch']}: "
+        f"compute {format_rate(c['flops_per_s'], 'FLOP/s')} GFLOP/s (matmul), bandwidth "
+        f"{format_rate(c['bytes_per_s'], 'B/s')} GB/s (large copy), overhead {c['overhead_s'] * 1e6:.1f} us per call "
+        f"(tiny op), ridge {c['flops_per_s'] / c['bytes_per_s']:.1f} FLOP/byte"
+    )
+
+
+def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
+    """The fitted factors of a latency model (`LatencyModel.to_dict()`), one row per kind."""
+    from ..analyze.opkinds import FIT_KINDS
+
+    overhead = model["ceilings"]["overhead_s"]
+    headers = ["kind", "compute eff.", "memory eff.", "overhead us/call", "cases", "fit error (median)"]
+    rows = []
+    order = {k: i for i, k in enumerate(FIT_KINDS)}
+    for kind, f in sorted(model["factors"].items(), key=lambda kv: order.get(kv[0], len(order))):
+        rows.append(
+            [
+                FIT_KINDS.get(kind, kind),
+                format_share(f["compute_efficiency"]),
+                format_share(f["memory_efficiency"]),
+                f"{f['overhead_calls'] * overhead * 1e6:.1f}",
+                str(f["samples"]),
+                format_share(f.get("median_abs_error")),
+            ]
+        )
+    return headers, rows
+
+
+def format_calibration(ceilings: dict, model: dict | None = None) -> str:
+    """What `lowformer analyze calibrate` prints: the ceilings, the bandwidth curve, the fitted factors."""
+    lines = [ceilings_line(ceilings)]
+    curve = sorted((int(k), v) for k, v in ceilings.get("bandwidth_curve", {}).items())
+    if curve:
+        points = ", ".join(f"{n / 2**20:g} MiB {format_rate(v, 'B/s')}" for n, v in curve)
+        lines.append(f"copy bandwidth by bytes moved (GB/s): {points}")
+    if model is not None:
+        s = model.get("settings", {})
+        lines.append(
+            f"latency model: per-kind factors fitted on {len(model.get('samples', [])) or s.get('cases', '?')} "
+            f"single-operator cases at batch {', '.join(map(str, s.get('batch_sizes', [])))}"
+        )
+        headers, rows = calibration_rows(model)
+        lines.append(render_table(headers, rows, [False] + [True] * 5))
+        lines.append(
+            "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
+            "that size)) + overhead)"
+        )
+    return "\n".join(lines)
+
+
+ROOFLINE_HEADERS = ["calls", "ms", "time %", "GFLOP", "MB moved", "FLOP/B", "GFLOP/s", "% peak", "GB/s", "% BW"]
+
+
+def roofline_rows(rows: Sequence[dict], key: str) -> list[list[str]]:
+    """Per-kind or per-stage summaries (`lowformer.analyze.roofline.summarize`) as table rows."""
+    out = []
+    for r in rows:
+        by_bound = r["time_ms_by_bound"]
+        total = sum(by_bound.values()) or 1.0
+        bound = ", ".join(f"{b} {100 * t / total:.0f}%" for b, t in by_bound.items() if t / total >= 0.005)
+        out.append(
+            [
+                r.get("label", r[key]),
+                str(r["calls"]),
+                format_ms(r["time_ms"]),
+                f"{100 * r['time_share']:.1f}%",
+                f"{r['flops'] / 1e9:.3f}",
+                f"{r['bytes'] / 1e6:.1f}",
+                format_number(r["intensity"], ".1f"),
+                format_rate(r["achieved_flops_per_s"], "FLOP/s"),
+                format_share(r["compute_share"]),
+                format_rate(r["achieved_bytes_per_s"], "B/s"),
+                format_share(r["bandwidth_share"]),
+                bound or "-",
+            ]
+        )
+    return out
+
+
+def format_roofline(data: dict) -> str:
+    """The roofline section of `lowformer analyze model`: ceilings, per kind, per stage."""
+    roof = data["roofline"]
+    headers = ["kind", *ROOFLINE_HEADERS, "bound (share of time)"]
+    right = [False] + [True] * 10 + [False]
+    parts = [
+        "roofline: " + ceilings_line(roof["ceilings"]),
+        render_table(headers, roofline_rows(roof["by_kind"], "kind"), right),
+        "",
+        render_table(["stage", *headers[1:]], roofline_rows(roof["by_stage"], "stage"), right),
+        "(bytes: each call reads its inputs and weights and writes its outputs once, nothing kept in caches between "
+        "calls; % peak / % BW: achieved FLOP/s and bytes/s as a share of the measured ceilings; bound: what would "
+        "limit a call at the ceilings)",
+    ]
+    if roof.get("unmatched_calls"):
+        parts.append(f"{roof['unmatched_calls']} call(s) could not be matched to a profiled call and have no time")
+    return "\n".join(parts)
+
+
+PREDICT_HEADERS = ["model", "batch", "GMACs", "GFLOP", "MB moved", "calls", "predicted ms", "compute", "memory"]
+
+
+def prediction_rows(models: Sequence[dict]) -> list[list[str]]:
+    rows = []
+    for m in models:
+        total = m["predicted_ms"] or 1.0
+        rows.append(
+            [
+                m["model"],
+                str(m["batch_size"]),
+                f"{m['macs'] / 1e9:.3f}",
+                f"{m['flops'] / 1e9:.2f}",
+                f"{m['bytes'] / 1e6:.0f}",
+                str(m["calls"]),
+                format_ms(m["predicted_ms"]),
+                f"{100 * m['compute_ms'] / total:.0f}%",
+                f"{100 * m['memory_ms'] / total:.0f}%",
+                f"{100 * m['overhead_ms'] / total:.0f}%",
+            ]
+        )
+    return rows
+
+
+def format_predictions(data: dict) -> str:
+    """What `lowformer analyze predict` prints: per model, the predicted time and what it is made of."""
+    s = data["settings"]
+    head = (
+        f"predicted on {ceilings_line(data['latency_model']['ceilings'])}\n"
+        f"batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}, eager {s['precision']}; nothing timed"
+    )
+    table = render_table([*PREDICT_HEADERS, "overhead"], prediction_rows(data["models"]), [False] + [True] * 9)
+    legend = (
+        "(compute / memory / overhead: share of the predicted time in calls bound by each, and the per-call overhead)"
+    )
+    return "\n".join([head, table, legend])
+
+
+def format_judgement(judgement: Sequence[dict]) -> str:
+    """How MACs, parameters and the prediction order the models by measured time, per mode."""
+    lines = []
+    for j in judgement:
+        parts = [f"MACs {format_number(j.get('spearman_macs'), '.2f')}"]
+        parts.append(f"params {format_number(j.get('spearman_params'), '.2f')}")
+        if "spearman_predicted" in j:
+            parts.append(f"prediction {format_number(j['spearman_predicted'], '.2f')}")
+        text = f"{j['mode']}, batch {j['batch_size']}, {len(j['models'])} models: Spearman rho with measured time: "
+        text += ", ".join(parts)
+        if "median_abs_error" in j:
+            text += f"; prediction error median {100 * j['median_abs_error']:.0f}%, max {100 * j['max_abs_error']:.0f}%"
+        lines.append(text)
+    return "\n".join(lines)

@@ -1,0 +1,513 @@
+"""An analytic latency model: a model's time from its operators' FLOPs and bytes, the device's measured
+ceilings, and per-kind efficiency factors fitted on single operators, never on whole models.
+
+For one top-level operator call of kind k (`lowformer.analyze.opkinds.fit_kind`) with F FLOPs and B
+bytes moved (`lowformer.measure.opcost`), on a device with compute ceiling C, bandwidth M and
+per-call overhead O (`lowformer.measure.calibrate`):
+
+    t = max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O
+
+and a model's predicted time is the sum over its calls. M(B) is the copy bandwidth the calibration
+measured at B bytes (`Ceilings.bandwidth_at`: caches make small copies faster); e_c and e_m are the
+shares of the ceilings the kind reaches; o is its overhead per call in units of O (a convolution's
+primitive set-up costs more than a tiny add's dispatch).
+
+The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
+3x3 convs, depthwise convs of 1-7 px kernels, linears on tokens, attention products, norms,
+activations, elementwise ops, pools, copies, views) built alone at a range of channels, resolutions
+and batch sizes, timed with the measuring core interleaved with each other (as operators run in a
+network), and fitted in log space (relative errors), so no model that the prediction is judged on
+ever informs it. The fit is cached next to the calibration.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._io import write_json
+from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
+from ..measure.opcost import COST_CONVENTION, OpCost, count_op_costs
+from ..measure.session import make_input, run_context
+from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
+from .opkinds import fit_kind
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA = "lowformer.analyze.latency-model/1"
+SWEEP_VERSION = 1  # bump when the cases, their grid or the fit change
+
+# the grid every case is built at: (channels, resolution), stage-like pairs and their neighbours
+CELLS = (
+    (16, 112),
+    (32, 56),
+    (64, 56),
+    (64, 28),
+    (128, 28),
+    (128, 14),
+    (256, 14),
+    (256, 7),
+    (512, 7),
+    (32, 7),
+    (256, 1),
+)
+QUICK_CELLS = ((16, 28), (64, 14), (128, 7))
+HEAD_DIM = 32
+
+
+class _Op(nn.Module):
+    """One functional operator on the input, with any second operands held as buffers (so they are
+    separate tensors, as in a network)."""
+
+    def __init__(self, fn: Callable, *operands: torch.Tensor) -> None:
+        super().__init__()
+        self.fn = fn
+        for i, t in enumerate(operands):
+            self.register_buffer(f"operand{i}", t)
+        self.count = len(operands)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, *(getattr(self, f"operand{i}") for i in range(self.count)))
+
+
+Built = tuple[nn.Module, tuple[int, ...]]  # (module, input shape with batch)
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One operator of the micro-sweep: `build(channels, resolution, batch)` gives the module and its
+    input shape. The module runs exactly one top-level ATen call of kind `kind`."""
+
+    kind: str
+    label: str
+    build: Callable[[int, int, int], Built]
+
+
+def _image(c: int, r: int, b: int) -> tuple[int, ...]:
+    return (b, c, r, r)
+
+
+def _heads(c: int) -> int:
+    return max(1, c // HEAD_DIM)
+
+
+def _conv(cin: Callable[[int], int], cout: Callable[[int], int], k: int, stride: int = 1, groups=None):
+    """A conv C_in -> C_out at the cell; `groups`: None (dense), "depthwise" (groups = C_in) or a
+    function of the channels."""
+
+    def build(c: int, r: int, b: int) -> Built:
+        i, o = cin(c), cout(c)
+        g = 1 if groups is None else i if groups == "depthwise" else groups(c)
+        conv = nn.Conv2d(i, o, k, stride, k // 2, groups=g)
+        return conv, (b, i, r * stride, r * stride)
+
+    return build
+
+
+def _module(make: Callable[[int], nn.Module]):
+    return lambda c, r, b: (make(c), _image(c, r, b))
+
+
+def _tokens(make: Callable[[int], nn.Module]):
+    return lambda c, r, b: (make(c), (b, r * r, c))
+
+
+def _attention(fn: Callable, operands: Callable[[int, int, int], list], input_shape):
+    def build(c: int, r: int, b: int) -> Built:
+        tensors = [o if isinstance(o, torch.Tensor) else torch.randn(o) for o in operands(c, r, b)]
+        return _Op(fn, *tensors), input_shape(c, r, b)
+
+    return build
+
+
+def _qkv(c: int, r: int, b: int) -> tuple[int, ...]:
+    return (b, _heads(c), r * r, HEAD_DIM)
+
+
+def _keys_t(c: int, r: int, b: int) -> torch.Tensor:
+    """Keys transposed as attention uses them: a (batch, heads, head_dim, tokens) view."""
+    return torch.randn(_qkv(c, r, b)).transpose(-2, -1)
+
+
+def _scores(c: int, r: int, b: int) -> tuple[int, ...]:
+    return (b, _heads(c), r * r, r * r)
+
+
+def _with_operand(fn: Callable, operand_shape: Callable[[int, int, int], tuple[int, ...]]):
+    def build(c: int, r: int, b: int) -> Built:
+        return _Op(fn, torch.randn(operand_shape(c, r, b))), _image(c, r, b)
+
+    return build
+
+
+def _fn(fn: Callable):
+    return lambda c, r, b: (_Op(fn), _image(c, r, b))
+
+
+CASES: tuple[OpCase, ...] = (
+    OpCase("conv_1x1", "1x1 C->C", _conv(lambda c: c, lambda c: c, 1)),
+    OpCase("conv_1x1", "1x1 C->4C", _conv(lambda c: c, lambda c: 4 * c, 1)),
+    OpCase("conv_1x1", "1x1 4C->C", _conv(lambda c: 4 * c, lambda c: c, 1)),
+    OpCase("conv_kxk", "3x3 C->C", _conv(lambda c: c, lambda c: c, 3)),
+    OpCase("conv_kxk", "3x3 s2 C->2C", _conv(lambda c: c, lambda c: 2 * c, 3, stride=2)),
+    OpCase("conv_kxk", "3x3 s2 3->C (stem)", _conv(lambda c: 3, lambda c: c, 3, stride=2)),
+    OpCase("grouped_conv", "3x3 groups C/16", _conv(lambda c: c, lambda c: c, 3, groups=lambda c: max(1, c // 16))),
+    OpCase("depthwise_conv", "dw 3x3", _conv(lambda c: c, lambda c: c, 3, groups="depthwise")),
+    OpCase("depthwise_conv_large", "dw 5x5", _conv(lambda c: c, lambda c: c, 5, groups="depthwise")),
+    OpCase("depthwise_conv_large", "dw 7x7", _conv(lambda c: c, lambda c: c, 7, groups="depthwise")),
+    OpCase("depthwise_conv", "dw 3x3 s2", _conv(lambda c: c, lambda c: c, 3, stride=2, groups="depthwise")),
+    OpCase("depthwise_multiplier", "dw 7x7 C->2C", _conv(lambda c: c, lambda c: 2 * c, 7, groups="depthwise")),
+    OpCase("depthwise_multiplier", "dw 3x3 C->2C", _conv(lambda c: c, lambda c: 2 * c, 3, groups="depthwise")),
+    OpCase("depthwise_conv_1x1", "dw 1x1 (channel scale)", _conv(lambda c: c, lambda c: c, 1, groups="depthwise")),
+    OpCase("transposed_conv", "convT 2x2 s2", _module(lambda c: nn.ConvTranspose2d(c, c, 2, 2))),
+    OpCase("transposed_conv", "convT 4x4 s2", _module(lambda c: nn.ConvTranspose2d(c, c, 4, 2, 1))),
+    OpCase("linear", "linear C->C", _tokens(lambda c: nn.Linear(c, c))),
+    OpCase("linear", "linear C->4C", _tokens(lambda c: nn.Linear(c, 4 * c))),
+    OpCase("matmul", "q @ k^T", _attention(torch.matmul, lambda c, r, b: [_keys_t(c, r, b)], _qkv)),
+    OpCase("matmul", "attn @ v", _attention(lambda a, v: a @ v, lambda c, r, b: [_qkv(c, r, b)], _scores)),
+    OpCase(
+        "sdpa",
+        "SDPA",
+        _attention(F.scaled_dot_product_attention, lambda c, r, b: [_qkv(c, r, b), _qkv(c, r, b)], _qkv),
+    ),
+    OpCase("softmax", "softmax", _attention(lambda a: a.softmax(-1), lambda c, r, b: [], _scores)),
+    OpCase("batch_norm", "BatchNorm", _module(lambda c: nn.BatchNorm2d(c).eval())),
+    OpCase("group_norm", "GroupNorm(1)", _module(lambda c: nn.GroupNorm(1, c))),
+    OpCase("layer_norm", "LayerNorm (tokens)", _tokens(lambda c: nn.LayerNorm(c))),
+    OpCase("activation", "ReLU", _module(lambda c: nn.ReLU())),
+    OpCase("activation", "Hardswish", _module(lambda c: nn.Hardswish())),
+    OpCase("activation_exp", "GELU", _module(lambda c: nn.GELU())),
+    OpCase("activation_exp", "SiLU", _module(lambda c: nn.SiLU())),
+    OpCase("activation_exp", "Sigmoid", _module(lambda c: nn.Sigmoid())),
+    OpCase("elementwise", "add", _with_operand(torch.add, _image)),
+    OpCase("elementwise", "mul (channel scale)", _with_operand(torch.mul, lambda c, r, b: (b, c, 1, 1))),
+    OpCase("reduce", "mean over HxW", _fn(lambda x: x.mean((2, 3), keepdim=True))),
+    OpCase("reduce", "adaptive avg pool 1", _fn(lambda x: F.adaptive_avg_pool2d(x, 1))),
+    OpCase("pool", "max pool 3x3 s2", _fn(lambda x: F.max_pool2d(x, 3, 2, 1))),
+    OpCase("pool", "avg pool 3x3", _fn(lambda x: F.avg_pool2d(x, 3, 1, 1))),
+    OpCase("resample", "bilinear x2", _fn(lambda x: F.interpolate(x, scale_factor=2.0, mode="bilinear"))),
+    OpCase("concat", "cat", _with_operand(lambda x, y: torch.cat([x, y], 1), _image)),
+    OpCase("copy", "pad", _fn(lambda x: F.pad(x, (1, 1, 1, 1)))),
+    OpCase("copy", "to channels_last", _fn(lambda x: x.contiguous(memory_format=torch.channels_last))),
+    OpCase("view", "flatten", _fn(lambda x: x.flatten(2))),
+    OpCase("view", "transpose", _fn(lambda x: x.transpose(1, 2))),
+    OpCase("view", "dropout (eval)", _fn(lambda x: F.dropout(x, 0.1, training=False))),
+)
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    """Cells a case is not built at: more FLOPs or bytes per call than these (a CPU would take seconds)."""
+
+    max_flops: float = 4e9
+    max_bytes: float = 256e6
+
+
+def default_limits(device: str) -> SweepLimits:
+    return SweepLimits(4e11, 8e9) if str(device).startswith("cuda") else SweepLimits()
+
+
+def sweep_rounds(device: str, quick: bool = False) -> Rounds:
+    """How the cases of one cell are timed: a short warm-up each, then rounds in which every case runs
+    once, interleaved with the others (see `run_op_sweep`)."""
+    cuda = str(device).startswith("cuda")
+    warmup = TimingPolicy(warmup_iters=5 if cuda else 2, warmup_s=0.0, min_iters=1, min_s=0.0)
+    burst = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=1, min_s=0.0)
+    return Rounds(3 if quick else 7, burst=burst, warmup=warmup)
+
+
+@dataclass
+class Sample:
+    """One operator case at one cell and batch size: its cost and its measured time per call."""
+
+    kind: str
+    label: str
+    channels: int
+    resolution: int
+    batch_size: int
+    flops: int
+    bytes: int
+    time_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _case_cost(module: nn.Module, shape: tuple[int, ...]) -> OpCost | None:
+    """The one top-level call of a case, counted on the meta device; None when the case has nothing
+    to do at this shape (a layout change of a tensor that already has it)."""
+    costs = count_op_costs(module, shape)
+    if len(costs) > 1:
+        raise RuntimeError(f"an operator case must run one top-level call, got {[c.name for c in costs]}")
+    return costs[0] if costs else None
+
+
+def run_op_sweep(
+    device: str = "cpu",
+    *,
+    threads: int | None = None,
+    clock: str = "wall",
+    precision: str = "fp32",
+    batch_sizes: Sequence[int] = (1, 16),
+    cells: Sequence[tuple[int, int]] = CELLS,
+    cases: Sequence[OpCase] = CASES,
+    limits: SweepLimits | None = None,
+    rounds: Rounds | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Sample]:
+    """Build and time every case at every cell and batch size (within `limits`); one `Sample` each.
+
+    The cases of one cell and batch size are timed together, interleaved round by round, each once
+    per round: as in a network, every operator then runs after others that used the caches, the
+    branch predictors and the allocator, not after itself (timed alone in a loop, an operator finds
+    its weights and code hot and runs up to twice as fast as inside a model at batch 1). A case's
+    time is the median of its rounds.
+    """
+    limits = limits or default_limits(device)
+    rounds = rounds or sweep_rounds(device)
+    groups = [(c, r, b) for b in batch_sizes for c, r in cells]
+    samples = []
+    with run_context(device, precision, threads):
+        timer = device_timer(device, clock)
+        for i, (c, r, b) in enumerate(groups):
+            if progress is not None:
+                progress(i, len(groups))
+            ready = []
+            for case in cases:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    module, shape = case.build(c, r, b)
+                    cost = _case_cost(module, shape)
+                    if cost is None or cost.flops > limits.max_flops or cost.bytes > limits.max_bytes:
+                        continue
+                    torch.manual_seed(0)
+                    module, shape = case.build(c, r, b)
+                module = module.to(device).eval()
+                x = make_input(shape, device)
+                ready.append((case, cost, Candidate(case.label, functools.partial(module, x), timer)))
+            times = interleave([candidate for _, _, candidate in ready], rounds)
+            for (case, cost, _), t in zip(ready, times):
+                samples.append(Sample(case.kind, case.label, c, r, b, cost.flops, cost.bytes, t.median_s))
+        if progress is not None:
+            progress(len(groups), len(groups))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# The fit
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KindFactors:
+    """The fitted factors of one kind (see the module's docstring) and how well they fit."""
+
+    compute_efficiency: float  # e_c: share of the compute ceiling
+    memory_efficiency: float  # e_m: share of the bandwidth ceiling
+    overhead_calls: float  # o: overhead per call in units of the calibrated overhead
+    samples: int = 0
+    median_abs_error: float | None = None  # of the fit on its own samples
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_FACTORS = KindFactors(1.0, 1.0, 1.0)
+
+# a weak pull of log(e_c), log(e_m) towards 0 (the ceilings), so that a factor the samples cannot
+# tell (the compute share of an operator that is always memory-bound) stays at the ceiling
+_PRIOR = 1e-3
+
+
+def _bandwidths(nbytes, ceilings: Ceilings) -> np.ndarray:
+    return np.array([ceilings.bandwidth_at(float(n)) for n in np.atleast_1d(nbytes)])
+
+
+def _predict_s(flops, nbytes, f: KindFactors, ceilings: Ceilings):
+    compute = flops / (f.compute_efficiency * ceilings.flops_per_s)
+    memory = nbytes / (f.memory_efficiency * _bandwidths(nbytes, ceilings))
+    return np.maximum(compute, memory) + f.overhead_calls * ceilings.overhead_s
+
+
+def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings) -> KindFactors:
+    """Least squares in log time over a grid of (e_c, e_m, o), refined around the best point."""
+    flops = np.array([s.flops for s in samples], dtype=float)
+    nbytes = np.array([s.bytes for s in samples], dtype=float)
+    log_t = np.log(np.array([s.time_s for s in samples], dtype=float))
+    bandwidth = _bandwidths(nbytes, ceilings)
+    lc, lm = np.linspace(-3.5, 0.5, 41), np.linspace(-2.5, 2.0, 46)
+    lo = np.linspace(-1.0, 3.5, 46)  # log10 of o; o = 0 is tried too
+    best = None
+    for _ in range(4):
+        c = 10.0 ** lc[:, None, None, None]
+        m = 10.0 ** lm[None, :, None, None]
+        o = np.concatenate([[0.0], 10.0**lo])[None, None, :, None]
+        pred = np.maximum(flops / (c * ceilings.flops_per_s), nbytes / (m * bandwidth))
+        pred = pred + o * ceilings.overhead_s
+        loss = ((np.log(np.maximum(pred, 1e-12)) - log_t) ** 2).mean(-1)
+        loss = loss + _PRIOR * (np.log(c[..., 0]) ** 2 + np.log(m[..., 0]) ** 2)
+        i, j, k = np.unravel_index(np.argmin(loss), loss.shape)
+        best = (10.0 ** lc[i], 10.0 ** lm[j], 0.0 if k == 0 else 10.0 ** lo[k - 1])
+        # refine: a finer grid around the best point
+        step_c, step_m, step_o = (lc[1] - lc[0]), (lm[1] - lm[0]), (lo[1] - lo[0])
+        lc = np.linspace(lc[i] - 2 * step_c, lc[i] + 2 * step_c, 21)
+        lm = np.linspace(lm[j] - 2 * step_m, lm[j] + 2 * step_m, 21)
+        centre = lo[max(k - 1, 0)] if k else lo[0] - 2 * step_o
+        lo = np.linspace(centre - 2 * step_o, centre + 2 * step_o, 21)
+    factors = KindFactors(*best, samples=len(samples))
+    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings) / np.exp(log_t) - 1)
+    factors.median_abs_error = float(np.median(errors))
+    return factors
+
+
+@dataclass
+class LatencyModel:
+    """Ceilings and per-kind factors: everything a prediction needs (see the module's docstring)."""
+
+    ceilings: Ceilings
+    factors: dict[str, KindFactors]
+    settings: dict = field(default_factory=dict)  # how the sweep ran: batch sizes, cells, timing, clock
+    samples: list[Sample] = field(default_factory=list)
+
+    def factors_of(self, kind: str) -> KindFactors:
+        return self.factors.get(kind) or self.factors.get("elementwise") or DEFAULT_FACTORS
+
+    def op_time_s(self, kind: str, flops: float, nbytes: float) -> tuple[float, float, float]:
+        """(compute, memory, overhead) seconds of one call at this kind's factors."""
+        f = self.factors_of(kind)
+        c = self.ceilings
+        return (
+            flops / (f.compute_efficiency * c.flops_per_s),
+            nbytes / (f.memory_efficiency * c.bandwidth_at(nbytes)),
+            f.overhead_calls * c.overhead_s,
+        )
+
+    def predict(self, costs: Sequence[OpCost]) -> list[dict]:
+        """Per top-level call: its kind, cost, predicted time and what dominates it."""
+        out = []
+        for cost in costs:
+            kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
+            compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes)
+            dominant = "overhead" if overhead >= max(compute, memory) else "compute" if compute >= memory else "memory"
+            out.append(
+                {
+                    "index": cost.index,
+                    "op": cost.name,
+                    "module": cost.module,
+                    "fit_kind": kind,
+                    "flops": cost.flops,
+                    "bytes": cost.bytes,
+                    "predicted_s": max(compute, memory) + overhead,
+                    "compute_s": compute,
+                    "memory_s": memory,
+                    "overhead_s": overhead,
+                    "dominant": dominant,
+                }
+            )
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "sweep_version": SWEEP_VERSION,
+            "ceilings": self.ceilings.to_dict(),
+            "factors": {k: f.to_dict() for k, f in self.factors.items()},
+            "settings": self.settings,
+            "cost_convention": COST_CONVENTION,
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyModel:
+        if d.get("schema") != SCHEMA or d.get("sweep_version") != SWEEP_VERSION:
+            raise ValueError(f"not a latency model of this version (schema {d.get('schema')!r})")
+        return cls(
+            ceilings=Ceilings.from_dict(d["ceilings"]),
+            factors={k: KindFactors(**f) for k, f in d["factors"].items()},
+            settings=d.get("settings", {}),
+            samples=[Sample(**s) for s in d.get("samples", [])],
+        )
+
+
+def fit_latency_model(samples: Sequence[Sample], ceilings: Ceilings, settings: dict | None = None) -> LatencyModel:
+    """Fit every kind that has samples; kinds without any use the elementwise factors."""
+    by_kind: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_kind.setdefault(s.kind, []).append(s)
+    factors = {kind: fit_kind_factors(group, ceilings) for kind, group in by_kind.items()}
+    return LatencyModel(ceilings, factors, settings or {}, list(samples))
+
+
+def build_latency_model(
+    ceilings: Ceilings,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    quick: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatencyModel:
+    """Run the operator micro-sweep under the ceilings' settings (device, precision, threads, clock) and fit."""
+    device = ceilings.device
+    cuda = str(device).startswith("cuda")
+    batch_sizes = tuple(batch_sizes or ((1, 256) if cuda else (1, 16)))
+    cells = QUICK_CELLS if quick else CELLS
+    rounds = sweep_rounds(device, quick)
+    start = time.perf_counter()
+    samples = run_op_sweep(
+        device,
+        threads=ceilings.threads,
+        clock=ceilings.clock,
+        precision=ceilings.precision,
+        batch_sizes=batch_sizes,
+        cells=cells,
+        rounds=rounds,
+        progress=progress,
+    )
+    settings = {
+        "batch_sizes": list(batch_sizes),
+        "cells": [list(c) for c in cells],
+        "cases": len(CASES),
+        "rounds": rounds.count,
+        "quick": quick,
+        "seconds": time.perf_counter() - start,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return fit_latency_model(samples, ceilings, settings)
+
+
+def latency_model_path(ceilings: Ceilings, folder: str | Path | None = None) -> Path:
+    """Where the latency model fitted under these ceilings is cached: beside them, keyed alike."""
+    key = cache_key(ceilings.device, ceilings.precision, ceilings.threads, ceilings.clock)
+    key = {**key, "memory": ceilings.memory, "quick": bool(ceilings.details.get("quick")), "sweep": SWEEP_VERSION}
+    return cache_path(key, kind="latency-model", folder=folder)
+
+
+def cached_latency_model(
+    ceilings: Ceilings,
+    *,
+    fresh: bool = False,
+    folder: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[LatencyModel, bool]:
+    """(model, whether it came from the cache) for these ceilings; a quick calibration gets a quick
+    sweep. Measured again (and cached) when absent, unreadable or `fresh`."""
+    path = latency_model_path(ceilings, folder)
+    if not fresh:
+        data = read_cached(path)
+        if data is not None:
+            try:
+                return LatencyModel.from_dict(data), True
+            except (KeyError, TypeError, ValueError) as e:
+                _logger.warning("ignoring latency model file %s: %s", path, e)
+    model = build_latency_model(ceilings, quick=bool(ceilings.details.get("quick")), progress=progress)
+    write_json(path, model.to_dict())
+    return model, False

@@ -1,0 +1,117 @@
+"""The operator kinds of the latency model: finer than the profile's kinds where operators of one
+profile kind behave differently on the same hardware (a 1x1 conv is a matrix product, a 3x3 conv is
+not; GELU's transcendental math costs more than ReLU's compare; a view moves nothing).
+
+`fit_kind` names the kind of one top-level ATen call from the profile's classification
+(`lowformer.analyze.profile.classify_op`) and the call's own name and shapes; every operator of a
+model gets one, and every operator case of the micro-sweep (`lowformer.analyze.latency`) is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .profile import classify_op
+
+FIT_KINDS: dict[str, str] = {
+    "conv_1x1": "1x1 conv",
+    "conv_kxk": "kxk conv",
+    "depthwise_conv": "3x3 depthwise conv",
+    "depthwise_conv_large": "5x5+ depthwise conv",
+    "depthwise_conv_1x1": "1x1 depthwise conv",
+    "depthwise_multiplier": "depthwise conv, C_out > C_in",
+    "grouped_conv": "grouped conv",
+    "transposed_conv": "transposed conv",
+    "linear": "linear",
+    "matmul": "matmul",
+    "sdpa": "SDPA",
+    "softmax": "softmax",
+    "batch_norm": "batch norm",
+    "group_norm": "group norm",
+    "layer_norm": "layer norm",
+    "activation": "activation (cheap)",
+    "activation_exp": "activation (transcendental)",
+    "elementwise": "elementwise",
+    "pool": "window pool",
+    "reduce": "reduce (mean, sum)",
+    "resample": "resample",
+    "concat": "concat",
+    "copy": "copy (strided)",
+    "view": "view/no-op",
+}
+
+_TRANSCENDENTAL = {"gelu", "silu", "sigmoid", "tanh", "mish", "softplus", "elu", "erf", "exp", "log", "sin", "cos"}
+_SDPA = {
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+}
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"}
+_BATCH_NORM = {
+    "batch_norm",
+    "_batch_norm_impl_index",
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "cudnn_batch_norm",
+}
+_POOL = {"avg_pool2d", "max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "max_pool1d"}
+_REDUCE = {
+    "mean",
+    "sum",
+    "amax",
+    "max",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "linalg_vector_norm",
+    "norm",
+    "std",
+    "var",
+    "var_mean",
+    "cumsum",
+}
+_RESAMPLE = {"upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d", "interpolate", "grid_sampler"}
+# calls that are no-ops in an eval-mode forward pass, or views under another name
+_NO_OP = {"dropout", "dropout_", "feature_dropout", "alpha_dropout", "identity", "expand_as", "reshape_as", "view_as"}
+
+
+def fit_kind(name: str, input_shapes: Sequence | None = None, transposed: bool | None = None, nbytes: int = 0) -> str:
+    """The latency model's kind of one top-level ATen call (see `FIT_KINDS`); `nbytes` is the traffic the
+    cost walk found (a "copy" that moved nothing is a view)."""
+    op = name.split("::", 1)[-1].split(".", 1)[0]
+    kind = classify_op(name, input_shapes, transposed)
+    shapes = list(input_shapes or [])
+    x, weight = (shapes[0], shapes[1]) if len(shapes) > 1 else ([], [])
+    pointwise = len(weight) > 2 and all(k == 1 for k in weight[2:])
+    if kind == "dense_conv":
+        if len(x) > 1 and len(weight) > 1 and 1 < x[1] != weight[1]:  # C_in / groups < C_in: grouped
+            return "grouped_conv"
+        return "conv_1x1" if pointwise else "conv_kxk"
+    if kind == "depthwise_conv":
+        if len(x) > 1 and weight[0] != x[1]:  # a channel multiplier: C_out = k * C_in, another kernel
+            return "depthwise_multiplier"
+        if pointwise:
+            return "depthwise_conv_1x1"
+        return "depthwise_conv" if max(weight[2:], default=1) <= 3 else "depthwise_conv_large"
+    if kind in ("transposed_conv", "linear"):
+        return kind
+    if kind == "attention":
+        return "sdpa" if op in _SDPA else "softmax" if op in _SOFTMAX else "matmul"
+    if kind == "norm":
+        return "batch_norm" if op in _BATCH_NORM else "layer_norm" if "layer_norm" in op else "group_norm"
+    if kind == "activation":
+        return "activation_exp" if op.rstrip("_") in _TRANSCENDENTAL else "activation"
+    if kind == "reshape_copy":
+        return ("concat" if op in ("cat", "stack") else "copy") if nbytes else "view"
+    if op in _NO_OP:
+        return "view"
+    if op in _POOL:
+        return "pool"
+    if op in _REDUCE:
+        return "reduce"
+    if op in _RESAMPLE:
+        return "resample"
+    if op.rstrip("_") in _TRANSCENDENTAL:
+        return "activation_exp"
+    return "elementwise"

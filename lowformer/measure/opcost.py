@@ -1,0 +1,384 @@
+"""What each operator of a forward pass costs in work and memory traffic: FLOPs and bytes moved per
+*top-level* ATen call, the unit `torch.profiler` times (`lowformer.measure.profiler.top_level_ops`).
+
+The walk is the MAC counter's (`macs.py`): a dispatch mode that sees every ATen call the model really
+makes. Under the profiler, each of those calls is tagged, so that it can be attributed to the
+top-level call it runs inside (`aten::linear` runs `t` and `addmm`; `aten::batch_norm` runs
+`native_batch_norm`); the costs of one top-level call are the sum over what it runs.
+
+Conventions (stated with every result, `COST_CONVENTION`):
+
+- **FLOPs**: 2 per MAC for convolutions, linear layers and matrix products (attention included);
+  one per element of the largest tensor read or written for every other arithmetic operator (norms,
+  activations, elementwise, pooling, softmax); none for operators that only view, allocate or move
+  data.
+- **Bytes**: compulsory traffic. A top-level call reads each of its inputs and weights once and
+  writes each of its outputs once; nothing is assumed to stay in a cache between calls, and nothing
+  a call computes and uses internally (the scaled query of an unfused attention, a composite's
+  intermediates) counts. Views move nothing; copies (`contiguous`, `cat`, `pad`, ...) read and
+  write. Weights are the tensors that belong to the model's parameters and buffers (and views of
+  them).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .macs import leaf_macs, linear_scope
+
+LEAF_TAG = "lowformer.op#"  # profiler range of one ATen call seen by the walk
+MODULE_TAG = "lowformer.module#"  # profiler range of one module's forward
+
+COST_CONVENTION = (
+    "FLOPs: 2 per MAC (convs, linears, matmuls, attention), 1 per element of the largest tensor for other "
+    "arithmetic, 0 for views and copies; bytes: compulsory traffic per top-level call (inputs and weights read "
+    "once, outputs written once, no reuse through caches between calls, intermediates inside a call not counted)"
+)
+
+# ATen calls that create a view of their input: no traffic
+VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "_reshape_alias",
+    "permute",
+    "transpose",
+    "t",
+    "expand",
+    "slice",
+    "select",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "squeeze",
+    "unsqueeze",
+    "flatten",
+    "alias",
+    "detach",
+    "as_strided",
+    "lift_fresh",
+    "unfold",
+    "view_as_real",
+    "view_as_complex",
+    "narrow",
+    "diagonal",
+    "expand_as",
+    "view_as",
+}
+# ATen calls that allocate without writing, or only ask about shapes
+ALLOC_OPS = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_same_size",
+    "_local_scalar_dense",
+}
+# ATen calls that move data without arithmetic: read + write, no FLOPs
+COPY_OPS = {
+    "clone",
+    "contiguous",
+    "_to_copy",
+    "copy_",
+    "cat",
+    "stack",
+    "constant_pad_nd",
+    "pad",
+    "reflection_pad2d",
+    "replication_pad2d",
+    "index",
+    "index_select",
+    "gather",
+    "flip",
+    "roll",
+    "repeat",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "channel_shuffle",
+    "im2col",
+    "col2im",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "full",
+    "full_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "fill_",
+    "zero_",
+    "arange",
+    "scalar_tensor",
+}
+
+
+@dataclass
+class OpCost:
+    """One top-level ATen call of a forward pass and what it costs (whole batch)."""
+
+    index: int  # position among the top-level calls of the pass
+    name: str  # "aten::conv2d"
+    input_shapes: list  # as the profiler records them (dense vs depthwise is decided from them)
+    transposed: bool | None  # the `transposed` argument of aten::convolution, when recorded
+    module: str  # path of the innermost module running when the call started ("" = the model itself)
+    macs: dict[str, int] = field(default_factory=dict)  # by the MAC counter's kinds
+    flops: int = 0
+    bytes_read: int = 0  # activations read
+    bytes_weights: int = 0  # parameters and buffers read
+    bytes_written: int = 0
+    leaf_ops: list[str] = field(default_factory=list)  # the ATen calls it ran, as the dispatch mode saw them
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_weights + self.bytes_written
+
+    @property
+    def intensity(self) -> float | None:
+        """FLOPs per byte moved; None when nothing moves."""
+        return self.flops / self.bytes if self.bytes else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bytes": self.bytes, "intensity": self.intensity}
+
+
+@dataclass
+class _Leaf:
+    """One ATen call seen by the dispatch mode."""
+
+    name: str
+    macs: tuple[str, int] | None
+    flops: int
+    reads: list[tuple[int, int, int, bool]]  # (storage, first byte, end byte, is weight)
+    writes: list[tuple[int, int]]  # (storage, bytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage a view spans: from its first element to past its last (a transposed
+    view spans what its source does; an expanded one, only what it repeats)."""
+    if t.numel() == 0:
+        return 0, 0
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    first = t.storage_offset() * t.element_size()
+    return first, first + span * t.element_size()
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+class _CostWalk(TorchDispatchMode):
+    """Records every ATen call with its MACs, FLOPs, the tensors it reads and writes, and the module it
+    runs in; tags each call for the profiler (`lowformer.op#N`) so that it can be grouped under its
+    top-level call."""
+
+    def __init__(self, weights: set[int]) -> None:
+        super().__init__()
+        self.weights = weights  # storages of parameters and buffers
+        self.leaves: list[_Leaf] = []
+        self.linear_depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "profiler":  # the module ranges' own markers
+            return func(*args, **kwargs)
+        with torch.profiler.record_function(f"{LEAF_TAG}{len(self.leaves)}"):
+            out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        self.leaves.append(self._leaf(name, args, kwargs, out))
+        return out
+
+    def _leaf(self, name: str, args: tuple, kwargs: dict, out) -> _Leaf:
+        if name in VIEW_OPS or name in ALLOC_OPS:
+            return _Leaf(name, None, 0, [], [])
+        inputs = [t for t in _tensors(list(args) + list(kwargs.values()))]
+        outputs = list(_tensors(out))
+        if name == "copy_":  # copy_(dst, src): reads src, writes dst
+            inputs = inputs[1:2]
+        elif name in ("fill_", "zero_"):
+            inputs = []
+        elif name.endswith("_"):  # in place: reads and writes its first argument
+            outputs = inputs[:1]
+        if "out" in kwargs:  # an out= variant writes its out argument, it does not read it
+            outs = list(_tensors(kwargs["out"]))
+            inputs = [t for t in inputs if not any(t is o for o in outs)]
+            outputs = outs
+        macs = leaf_macs(name, args, out, self.linear_depth > 0)
+        if macs is not None:
+            flops = 2 * macs[1]
+        elif name in COPY_OPS:
+            flops = 0
+        else:
+            flops = max((t.numel() for t in inputs + outputs), default=0)
+        reads = [(_storage(t), *_byte_range(t), _storage(t) in self.weights) for t in inputs]
+        writes = [(_storage(t), _nbytes(t)) for t in outputs]
+        return _Leaf(name, macs, flops, reads, writes)
+
+
+@contextmanager
+def _module_ranges(model: nn.Module) -> Iterator[None]:
+    """Mark each module's forward as a profiler range (`lowformer.module#PATH`), so that every top-level
+    call can be attributed to the innermost module it ran in, calls without ATen work included."""
+    open_ranges: list = []
+    handles = []
+    for path, m in model.named_modules():
+
+        def enter(module, inputs, path=path):
+            rf = torch.profiler.record_function(f"{MODULE_TAG}{path}")
+            rf.__enter__()
+            open_ranges.append(rf)
+
+        def leave(module, inputs, output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def op_costs(model: nn.Module, x: torch.Tensor) -> list[OpCost]:
+    """FLOPs and bytes of every top-level ATen call of `model(x)`, in call order (see the module's docstring).
+
+    `model` and `x` may live on the meta device (shapes only, instant) or a real one. The model is
+    run once before the counted pass, in eval mode (its train/eval state is restored after), so
+    that lazily built caches (attention biases) are not counted as part of every call.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from .profiler import is_top_level, transposed_arg
+
+    weights = {_storage(t) for t in list(model.parameters()) + list(model.buffers())}
+    walk = _CostWalk(weights)
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with _module_ranges(model), linear_scope(model, walk), walk:
+                model(x)
+    finally:
+        model.train(was_training)
+    return _group(prof.events(), walk.leaves, is_top_level, transposed_arg)
+
+
+def _group(events, leaves: list[_Leaf], is_top_level, transposed_arg) -> list[OpCost]:
+    """One `OpCost` per top-level ATen event, summing the leaves tagged inside it; its module is the
+    innermost module range around it."""
+    tops = [e for e in events if e.name.startswith("aten::") and is_top_level(e)]
+    position = {e.id: i for i, e in enumerate(tops)}
+    members: list[list[_Leaf]] = [[] for _ in tops]
+    for e in events:
+        if not e.name.startswith(LEAF_TAG):
+            continue
+        parent, top = e.cpu_parent, None
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                top = parent
+            parent = parent.cpu_parent
+        if top is not None and top.id in position:
+            members[position[top.id]].append(leaves[int(e.name[len(LEAF_TAG) :])])
+    costs = []
+    for i, (event, group) in enumerate(zip(tops, members)):
+        cost = OpCost(i, event.name, event.input_shapes, transposed_arg(event), _module_of(event))
+        _add_traffic(cost, group)
+        costs.append(cost)
+    return costs
+
+
+def _module_of(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(MODULE_TAG):
+            return parent.name[len(MODULE_TAG) :]
+        parent = parent.cpu_parent
+    return ""
+
+
+def _add_traffic(cost: OpCost, group: list[_Leaf]) -> None:
+    """FLOPs, MACs and compulsory bytes of one top-level call from the ATen calls it ran."""
+    produced: dict[int, int] = {}  # storages written inside this call -> bytes
+    consumed: set[int] = set()  # ... and read again inside it (intermediates)
+    read: dict[int, list[tuple[int, int]]] = {}  # storages read from outside -> byte ranges
+    weights: set[int] = set()
+    for leaf in group:
+        cost.leaf_ops.append(leaf.name)
+        cost.flops += leaf.flops
+        if leaf.macs is not None:
+            kind, n = leaf.macs
+            cost.macs[kind] = cost.macs.get(kind, 0) + n
+        for storage, first, end, is_weight in leaf.reads:
+            if storage in produced:
+                consumed.add(storage)
+                continue
+            read.setdefault(storage, []).append((first, end))
+            if is_weight:
+                weights.add(storage)
+        for storage, nbytes in leaf.writes:
+            produced[storage] = max(produced.get(storage, 0), nbytes)
+    # a storage read through several views (q, k and v of one tensor, a view and its transpose) counts
+    # the bytes the views span together, once
+    spans = {storage: _union_length(ranges) for storage, ranges in read.items()}
+    cost.bytes_read = sum(n for storage, n in spans.items() if storage not in weights)
+    cost.bytes_weights = sum(n for storage, n in spans.items() if storage in weights)
+    cost.bytes_written = sum(n for s, n in produced.items() if s not in consumed)
+
+
+def _union_length(ranges: list[tuple[int, int]]) -> int:
+    total, reach = 0, None
+    for first, end in sorted(ranges):
+        if reach is None or first >= reach:
+            total += end - first
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def total_flops(costs: list[OpCost]) -> int:
+    return sum(c.flops for c in costs)
+
+
+def total_bytes(costs: list[OpCost]) -> int:
+    return sum(c.bytes for c in costs)
+
+
+def count_op_costs(model: nn.Module, input_shape: Sequence[int], device: str = "meta") -> list[OpCost]:
+    """`op_costs` of `model` on a zeros input of `input_shape` (batch first) on `device`.
+
+    "meta" (the default) walks a shape-only copy of the model: instant at any batch size, and the
+    model itself is not touched. Any other device runs the model where it is.
+    """
+    if str(device) == "meta":
+        model = copy.deepcopy(model).to("meta")
+    return op_costs(model, torch.zeros(*input_shape, device=device))

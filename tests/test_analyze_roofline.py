@@ -1,0 +1,509 @@
+"""Operator costs, device calibration, roofline attribution and the analytic latency model.
+
+FLOPs and bytes are checked against hand-computed values; the calibration against itself on a repeat
+(it is a measurement: the numbers must be positive and agree within a stated spread); the bound of an
+operator against its arithmetic intensity; the latency model's fit against factors it must recover;
+and the prediction, `analyze models` and the command line end to end on tiny models. Timings use
+small sizes and short policies: nothing here depends on how fast this machine is.
+"""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lowformer.analyze import latency, opkinds, predict, roofline
+from lowformer.analyze.latency import CASES, KindFactors, LatencyModel, Sample, fit_kind_factors, run_op_sweep
+from lowformer.analyze.models import analyze_models
+from lowformer.analyze.profile import profile_model
+from lowformer.bench import TimingPolicy
+from lowformer.cli import main
+from lowformer.measure import calibrate as cal
+from lowformer.measure.calibrate import CalibrationSizes, Ceilings
+from lowformer.measure.env import keep_freed_memory, memory_mode
+from lowformer.measure.opcost import count_op_costs, op_costs
+from lowformer.measure.profiler import OpCall
+from lowformer.measure.timing import ThreadCpuTimer, check_clock
+from lowformer.report import format_calibration, format_predictions, format_roofline, plot_roofline, write_report
+
+F32 = 4  # bytes per element
+
+TINY_SIZES = CalibrationSizes(matmul=(64, 128), copy_bytes=1 << 20, tiny_calls=50, repeats=3, small_copies=(1 << 16,))
+
+# The spread two calibrations of this shared 2-core machine may differ by: other jobs come and go
+# between the two, and a tiny copy or matmul sees them fully. A quiet machine agrees within ~10%.
+CALIBRATION_SPREAD = 4.0
+
+
+@pytest.fixture(autouse=True)
+def _calibration_dir(tmp_path, monkeypatch):
+    """No test writes a calibration into the user's cache."""
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(tmp_path / "user-cache"))
+
+
+@pytest.fixture(scope="module")
+def ceilings() -> Ceilings:
+    return cal.calibrate("cpu", "fp32", threads=1, clock="cpu", sizes=TINY_SIZES)
+
+
+def synthetic_ceilings(**overrides) -> Ceilings:
+    """Round numbers, so that expected times can be written down."""
+    fields = dict(
+        device="cpu",
+        device_name="test cpu",
+        precision="fp32",
+        threads=1,
+        clock="wall",
+        torch=torch.__version__,
+        flops_per_s=100e9,
+        bytes_per_s=10e9,
+        overhead_s=2e-6,
+    )
+    return Ceilings(**{**fields, **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Operator costs: FLOPs and bytes of simple operators, by hand
+# --------------------------------------------------------------------------------------------
+
+
+def _one(module: nn.Module, shape) -> "object":
+    (cost,) = count_op_costs(module, shape)
+    return cost
+
+
+def test_linear_costs():
+    cost = _one(nn.Linear(8, 7), (2, 5, 8))  # (batch, tokens, features)
+    assert cost.name == "aten::linear" and cost.macs == {"linear": 2 * 5 * 8 * 7}
+    assert cost.flops == 2 * (2 * 5 * 8 * 7)
+    assert cost.bytes_read == 2 * 5 * 8 * F32
+    assert cost.bytes_weights == (7 * 8 + 7) * F32
+    assert cost.bytes_written == 2 * 5 * 7 * F32
+    assert cost.intensity == pytest.approx(cost.flops / (cost.bytes_read + cost.bytes_weights + cost.bytes_written))
+
+
+def test_pointwise_conv_costs():
+    cost = _one(nn.Conv2d(8, 16, 1), (1, 8, 10, 12))
+    assert cost.flops == 2 * 16 * 10 * 12 * 8
+    assert (cost.bytes_read, cost.bytes_weights, cost.bytes_written) == (
+        8 * 120 * F32,
+        (16 * 8 + 16) * F32,
+        16 * 120 * F32,
+    )
+
+
+def test_depthwise_conv_costs():
+    cost = _one(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), (3, 8, 10, 12))
+    assert cost.macs == {"depthwise_conv": 3 * 8 * 120 * 9}
+    assert cost.flops == 2 * 3 * 8 * 120 * 9
+    assert (cost.bytes_read, cost.bytes_weights, cost.bytes_written) == (3 * 960 * F32, 8 * 9 * F32, 3 * 960 * F32)
+
+
+class _Add(nn.Module):
+    def forward(self, x):
+        return x + x.flip(0)  # two different tensors; flip is a copy of its own
+
+
+def test_add_costs_and_copies():
+    flip, add = count_op_costs(_Add(), (2, 8, 10, 12))
+    n = 2 * 960
+    assert (flip.name, flip.flops, flip.bytes_read, flip.bytes_written) == ("aten::flip", 0, n * F32, n * F32)
+    assert add.name == "aten::add" and add.flops == n  # one FLOP per element
+    assert (add.bytes_read, add.bytes_weights, add.bytes_written) == (2 * n * F32, 0, n * F32)
+
+
+class _Block(nn.Module):
+    """A view (no traffic), an in-place activation, an unfused attention (intermediates are internal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        t = self.act(x).flatten(2).transpose(1, 2)  # (B, 120 tokens, 8)
+        return torch.nn.functional.scaled_dot_product_attention(t, t, t)
+
+
+def test_views_in_place_ops_and_composite_intermediates():
+    relu, flatten, transpose, sdpa = count_op_costs(_Block(), (1, 8, 10, 12))
+    n = 960
+    assert relu.module == "act" and (relu.bytes_read, relu.bytes_written) == (n * F32, n * F32)
+    assert flatten.bytes == transpose.bytes == 0 and flatten.flops == 0
+    # attention over 120 tokens: q k^T and attn v, 2 FLOPs per MAC, plus the softmax's elementwise work
+    assert sdpa.macs == {"attention_matmul": 2 * 120 * 120 * 8}
+    assert sdpa.flops >= 2 * 2 * 120 * 120 * 8
+    # q = k = v are one tensor, read once; the 120 x 120 scores are computed and used inside the call
+    assert sdpa.bytes_read == n * F32 and sdpa.bytes_written == n * F32
+
+
+def test_meta_costs_equal_real_costs_and_macs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.Hardswish())
+    meta = count_op_costs(model, (2, 3, 16, 16))
+    real = op_costs(model.eval(), torch.zeros(2, 3, 16, 16))
+    assert [(c.name, c.flops, c.bytes_read, c.bytes_weights) for c in meta] == [
+        (c.name, c.flops, c.bytes_read, c.bytes_weights) for c in real
+    ]
+    # batch norm's saved statistics are empty on the CPU in eval mode, C floats each on meta
+    assert [m.bytes_written - r.bytes_written for m, r in zip(meta, real)] == [0, 2 * 8 * F32, 0]
+    assert [c.module for c in meta] == ["0", "1", "2"]
+    assert next(model.parameters()).device.type == "cpu"  # the meta walk used a copy
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+
+def test_calibration_is_positive_and_repeatable(ceilings):
+    again = cal.calibrate("cpu", "fp32", threads=1, clock="cpu", sizes=TINY_SIZES)
+    for c in (ceilings, again):
+        assert c.flops_per_s > 1e8 and c.bytes_per_s > 1e8 and 0 < c.overhead_s < 1e-3
+        assert c.threads == 1 and c.clock == "cpu" and set(c.spread) == {"flops_per_s", "bytes_per_s", "overhead_s"}
+        assert all(v >= 1 for v in c.spread.values())
+        assert list(c.bandwidth_curve) == [str(2 << 16)] and c.bandwidth_curve[str(2 << 16)] > 0
+    for name in ("flops_per_s", "bytes_per_s", "overhead_s"):
+        a, b = getattr(ceilings, name), getattr(again, name)
+        assert max(a, b) / min(a, b) < CALIBRATION_SPREAD, (name, a, b)
+
+
+def test_calibration_cache(tmp_path, monkeypatch):
+    measured = []
+
+    def tiny(device, precision, threads, clock, sizes):
+        measured.append(1)
+        return synthetic_ceilings(threads=threads, clock=clock)
+
+    monkeypatch.setattr(cal, "calibrate", tiny)
+    first, cached = cal.calibrated("cpu", threads=1, folder=tmp_path)
+    assert not cached and measured == [1]
+    second, cached = cal.calibrated("cpu", threads=1, folder=tmp_path)
+    assert cached and measured == [1] and second.to_dict() == json.loads(json.dumps(first.to_dict()))
+    cal.calibrated("cpu", threads=1, folder=tmp_path, fresh=True)
+    cal.calibrated("cpu", threads=1, clock="cpu", folder=tmp_path)  # another clock: another calibration
+    assert measured == [1, 1, 1] and len(list(tmp_path.glob("ceilings-*.json"))) == 2
+    monkeypatch.setenv(cal.CALIBRATION_ENV, str(tmp_path / "env"))
+    assert cal.calibration_dir() == tmp_path / "env"
+
+
+def test_bandwidth_curve_interpolates_in_log_size():
+    c = synthetic_ceilings(bandwidth_curve={"1000": 40e9, "100000": 20e9}, details={"sizes": {"copy_bytes": 10**7}})
+    assert c.bandwidth_at(10) == 40e9 and c.bandwidth_at(1000) == 40e9
+    assert c.bandwidth_at(10_000) == pytest.approx(math.sqrt(40e9 * 20e9))
+    assert c.bandwidth_at(10**9) == c.bytes_per_s
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds and roofline attribution
+# --------------------------------------------------------------------------------------------
+
+
+class _Matmul(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("b", torch.randn(n, n))
+
+    def forward(self, x):
+        return x @ self.b
+
+
+def test_memory_bound_and_compute_bound(ceilings):
+    big_add = count_op_costs(_Add(), (64, 64, 32, 32))[1]  # 2M elements: 1/12 FLOP per byte
+    matmul = _one(_Matmul(1024), (1024, 1024))  # 2 n^3 FLOPs over 3 n^2 floats: ~170 FLOP per byte
+    tiny_add = count_op_costs(_Add(), (1, 2))[1]
+    assert big_add.intensity < ceilings.ridge < matmul.intensity
+    assert ceilings.bound(big_add.flops, big_add.bytes) == "memory"
+    assert ceilings.bound(matmul.flops, matmul.bytes) == "compute"
+    assert ceilings.bound(tiny_add.flops, tiny_add.bytes) == "overhead"
+
+
+def test_stages():
+    assert roofline.block_sequences(_Tiny()) == {"stages"}  # the stem is a sequence of layers, not blocks
+    assert roofline.stage_of("stages.1.2", {"stages"}) == "stages.1"
+    assert roofline.stage_of("stem.0", {"stages"}) == "stem" and roofline.stage_of("") == "(model)"
+
+
+def test_match_calls_aligns_a_pass_that_differs():
+    costs = count_op_costs(_Block(), (1, 8, 4, 4))
+    names = [c.name for c in costs]
+    calls = [OpCall(n, [], None, 10.0 * (i + 1)) for i, n in enumerate(names)] * 2
+    assert roofline.match_calls(costs, calls, 2) == [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]]
+    extra = [OpCall("aten::empty", [], None, 1.0)]
+    skewed = extra + calls[:2] + calls[3:4]  # one pass: an extra call first, the transpose missing
+    times = roofline.match_calls(costs, skewed, 1)
+    assert times == [[10.0], [20.0], [], [40.0]]
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stages = nn.Sequential(
+            nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 32, 1), nn.GELU()),
+            nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 64, 1), nn.GELU()),
+        )
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def test_profile_places_every_call_on_the_roofline(ceilings, tmp_path):
+    profile = profile_model(
+        _Tiny(), device="cpu", image_size=32, iters=2, timing=TimingPolicy(1, 0.0, 2, 0.0), threads=1, clock="cpu",
+        ceilings=ceilings, label="tiny",
+    )  # fmt: skip
+    data = profile.to_dict()
+    roof = data["roofline"]
+    assert data["settings"]["clock"] == "cpu" and roof["unmatched_calls"] == 0
+    assert len(roof["ops"]) == 11 and all(o["time_ms"] > 0 for o in roof["ops"])
+    assert {o["stage"] for o in roof["ops"]} == {"stem", "stages.0", "stages.1", "head", "(model)"}
+    conv = roof["ops"][0]
+    assert conv["op"] == "aten::conv2d" and conv["kind"] == "dense_conv"
+    assert conv["flops"] == 2 * 16 * 16 * 16 * 3 * 9 and conv["bound"] in ("compute", "memory", "overhead")
+    assert conv["achieved_flops_per_s"] == pytest.approx(conv["flops"] / (conv["time_ms"] / 1e3))
+    assert conv["compute_share"] == pytest.approx(conv["achieved_flops_per_s"] / ceilings.flops_per_s)
+    by_kind = {k["kind"]: k for k in roof["by_kind"]}
+    assert by_kind["depthwise_conv"]["calls"] == 2 and by_kind["linear"]["calls"] == 1
+    assert sum(k["time_ms"] for k in roof["by_kind"]) == pytest.approx(sum(o["time_ms"] for o in roof["ops"]))
+    assert sum(s["time_share"] for s in roof["by_stage"]) == pytest.approx(1.0)
+    text = format_roofline(data)
+    assert "depthwise conv" in text and "stages.1" in text and "bound" in text
+    profile.write_json(tmp_path / "profile-tiny-latency.json")
+    png = plot_roofline(data, tmp_path / "profile-tiny-latency-roofline.png")
+    assert png.stat().st_size > 5000
+    md = write_report(tmp_path).read_text()
+    assert "**Roofline.**" in md and "(profile-tiny-latency-roofline.png)" in md
+
+
+# --------------------------------------------------------------------------------------------
+# The latency model
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_recovers_known_factors():
+    c = synthetic_ceilings()
+    truth = KindFactors(0.4, 0.8, 5.0)
+    samples = []
+    for flops, nbytes in [(1e5, 1e5), (1e7, 1e5), (1e9, 1e6), (1e6, 1e7), (1e8, 1e8), (1e4, 1e3), (3e9, 1e7)]:
+        t = float(latency._predict_s(flops, nbytes, truth, c)[0])
+        samples.append(Sample("conv_1x1", "x", 8, 8, 1, int(flops), int(nbytes), t))
+    fitted = fit_kind_factors(samples, c)
+    assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
+    assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
+    assert fitted.overhead_calls == pytest.approx(5.0, rel=0.1)
+    assert fitted.median_abs_error < 0.02 and fitted.samples == len(samples)
+
+
+def test_every_case_runs_one_call_of_its_kind():
+    for case in CASES:
+        module, shape = case.build(32, 8, 2)
+        (cost,) = count_op_costs(module, shape)
+        assert opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes) == case.kind, case.label
+    assert {case.kind for case in CASES} == set(opkinds.FIT_KINDS)
+
+
+@pytest.mark.parametrize(
+    "name, shapes, kind",
+    [
+        ("aten::conv2d", [[1, 16, 8, 8], [32, 16, 1, 1]], "conv_1x1"),
+        ("aten::conv2d", [[1, 16, 8, 8], [32, 16, 3, 3]], "conv_kxk"),
+        ("aten::conv2d", [[1, 16, 8, 8], [16, 4, 3, 3]], "grouped_conv"),
+        ("aten::conv2d", [[1, 16, 8, 8], [16, 1, 3, 3]], "depthwise_conv"),
+        ("aten::conv2d", [[1, 16, 8, 8], [16, 1, 7, 7]], "depthwise_conv_large"),
+        ("aten::conv2d", [[1, 16, 8, 8], [16, 1, 1, 1]], "depthwise_conv_1x1"),
+        ("aten::conv2d", [[1, 16, 8, 8], [32, 1, 3, 3]], "depthwise_multiplier"),
+        ("aten::layer_norm", [], "layer_norm"),
+        ("aten::gelu", [], "activation_exp"),
+        ("aten::hardswish_", [], "activation"),
+        ("aten::adaptive_avg_pool2d", [], "reduce"),
+        ("aten::dropout", [], "view"),
+        ("aten::cumsum", [], "reduce"),
+        ("aten::sin", [], "activation_exp"),
+        ("aten::bitwise_not", [], "elementwise"),
+    ],
+)
+def test_fit_kinds(name, shapes, kind):
+    assert opkinds.fit_kind(name, shapes) == kind
+
+
+@pytest.fixture(scope="module")
+def latency_model(ceilings) -> LatencyModel:
+    rounds = latency.sweep_rounds("cpu", quick=True)
+    samples = run_op_sweep("cpu", threads=1, clock="cpu", batch_sizes=(1,), cells=((16, 8),), rounds=rounds)
+    return latency.fit_latency_model(samples, ceilings, {"batch_sizes": [1]})
+
+
+def test_prediction_end_to_end(latency_model, tmp_path):
+    assert set(latency_model.factors) == set(opkinds.FIT_KINDS)
+    report = predict.predict_models([_Tiny(), "timm:test_resnet"], latency_model, batch_size=2, image_size=32)
+    data = report.to_dict()
+    tiny, resnet = data["models"]
+    assert tiny["calls"] == 11 and tiny["batch_size"] == 2 and tiny["macs"] > 0
+    assert tiny["predicted_ms"] > 0
+    assert tiny["compute_ms"] + tiny["memory_ms"] + tiny["overhead_ms"] == pytest.approx(tiny["predicted_ms"])
+    assert sum(k["predicted_ms"] for k in tiny["by_kind"].values()) == pytest.approx(tiny["predicted_ms"])
+    # the sum over calls, each at its kind's factors
+    costs = count_op_costs(_Tiny(), (2, 3, 32, 32))
+    by_hand = sum(max(c, m) + o for c, m, o in (latency_model.op_time_s(
+        opkinds.fit_kind(x.name, x.input_shapes, x.transposed, x.bytes), x.flops, x.bytes) for x in costs))  # fmt: skip
+    assert tiny["predicted_ms"] == pytest.approx(1e3 * by_hand)
+    assert resnet["source"] == "timm" and resnet["predicted_ms"] > 0
+    assert "test_resnet" in format_predictions(data)
+    report.write_json(tmp_path / "predict-b2.json")
+    report.write_csv(tmp_path / "predict-b2.csv")
+    assert "## Predicted time: batch 2" in write_report(tmp_path).read_text()
+    again = LatencyModel.from_dict(json.loads(json.dumps(latency_model.to_dict())))
+    assert again.factors == latency_model.factors
+    assert "1x1 conv" in format_calibration(latency_model.ceilings.to_dict(), latency_model.to_dict())
+
+
+def _net(width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+
+
+def test_models_judge_macs_params_and_the_prediction(latency_model):
+    models = [(f"net{w}", _net(w)) for w in (4, 8, 16, 32)]
+    timing = TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=2, min_s=0.0)
+    report = analyze_models(
+        models, device="cpu", batch_size=2, image_size=32, timing=timing, rounds=2, threads=1, clock="cpu",
+        keep_memory=True, latency_model=latency_model,
+    )  # fmt: skip
+    data = report.to_dict()
+    assert data["bench"]["settings"]["clock"] == "cpu" and data["bench"]["environment"]["memory"] == "keep"
+    assert {(p["model"], p["batch_size"]) for p in data["predictions"]} == {
+        (f"net{w}", b) for w in (4, 8, 16, 32) for b in (1, 2)
+    }
+    assert [(j["mode"], j["batch_size"]) for j in data["judgement"]] == [("throughput", 2), ("latency", 1)]
+    for j in data["judgement"]:
+        for key in ("spearman_macs", "spearman_params", "spearman_predicted", "kendall_predicted"):
+            assert -1 <= j[key] <= 1, key
+        errors = sorted(abs(e) for e in j["errors"].values())
+        assert j["median_abs_error"] == pytest.approx((errors[1] + errors[2]) / 2)
+        assert j["max_abs_error"] == pytest.approx(errors[-1])
+    assert all(r["iterations"] >= 2 and r["timer"] == "thread_cpu_time" for r in data["bench"]["results"])
+    assert data["ranks"][0]["predicted_latency_ms"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Clock and allocator
+# --------------------------------------------------------------------------------------------
+
+
+def test_thread_cpu_timer_counts_work_not_waiting():
+    timer = ThreadCpuTimer()
+    assert timer.time(lambda: time.sleep(0.02)) < 0.01
+
+    def spin():
+        end = time.thread_time() + 0.01
+        while time.thread_time() < end:
+            pass
+
+    assert timer.time(spin) >= 0.01
+    with pytest.raises(ValueError, match="--threads 1"):
+        check_clock("cpu", "cpu", None)
+    with pytest.raises(ValueError, match="CUDA events"):
+        check_clock("cpu", "cuda", 1)
+    check_clock("cpu", "cpu", 1)
+
+
+def test_keep_freed_memory_is_scoped():
+    assert memory_mode() == "default"
+    with keep_freed_memory():
+        assert memory_mode() == "keep"
+        with keep_freed_memory():  # nested: the outer one restores
+            assert memory_mode() == "keep"
+        assert memory_mode() == "keep"
+    assert memory_mode() == "default"
+    with keep_freed_memory(False):
+        assert memory_mode() == "default"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def calibration_dir(tmp_path, latency_model):
+    """A calibration cache holding the tiny latency model for the settings the CLI tests use."""
+    folder = tmp_path / "calibration"
+    c = latency_model.ceilings
+    ceilings = Ceilings.from_dict({**c.to_dict(), "details": {**c.details, "quick": True}})
+    cal.write_json(cal.calibration_path("cpu", "fp32", 1, "cpu", True, folder), ceilings.to_dict())
+    model = LatencyModel(ceilings, latency_model.factors, latency_model.settings, latency_model.samples)
+    cal.write_json(latency.latency_model_path(ceilings, folder), model.to_dict())
+    return folder
+
+
+def _cli(*args, folder):
+    base = ["--quick", "--threads", "1", "--clock", "cpu", "--calibration-dir", str(folder)]
+    return main(["analyze", *args, *base])
+
+
+def test_cli_calibrate_predict_and_model(calibration_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("the cached calibration must be used"))
+    out = tmp_path / "out"
+    assert _cli("calibrate", "--out", str(out), folder=calibration_dir) == 0
+    assert "calibration from the cache" in capsys.readouterr().out
+    assert (out / "calibration-cpu-fp32-quick.json").exists()
+    assert _cli("predict", "timm:test_resnet", "--batch-size", "2", "--image-size", "32", "--out", str(out),
+                folder=calibration_dir) == 0  # fmt: skip
+    assert "test_resnet" in capsys.readouterr().out and (out / "predict-b2.json").exists()
+    args = ["model", "timm:test_resnet", "--image-size", "32", "--iters", "1", "--out", str(out)]
+    assert _cli(*args, folder=calibration_dir) == 0
+    assert "bound (share of time)" in capsys.readouterr().out
+    assert (out / "profile-timm_test_resnet-latency-roofline.png").exists()
+    md = (out / "report.md").read_text()
+    assert "## Device calibration" in md and "## Predicted time" in md and "**Roofline.**" in md
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "lowformr_b1"], "Did you mean lowformer_b1"),
+        (["predict", "lowformer_b1", "--clock", "cpu"], "--threads 1"),
+        (["model", "lowformer_b1", "--clock", "cpu", "--threads", "2"], "--threads 1"),
+        (["calibrate", "--clock", "sundial"], "invalid choice"),
+        (["models", "--set", "nope"], "invalid choice"),
+        (["models", "lowformer_b0", "--set", "bench"], "not both"),
+        (["predict"], "the following arguments are required: MODEL"),
+    ],
+)
+def test_cli_usage_errors_exit_2(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("nothing may be measured"))
+    try:
+        code = main(["analyze", *args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["calibrate", "predict", "model", "models"])
+def test_cli_unwritable_output_exits_1_before_any_work(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("nothing may be measured"))
+    out = tmp_path / "afile"
+    out.write_text("not a folder")
+    args = {"calibrate": [], "predict": ["lowformer_b0"], "model": ["lowformer_b0"], "models": ["--set", "bench"]}
+    assert main(["analyze", command, *args[command], "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"lowformer analyze: error: cannot write {out}: it is a file, not a folder\n"
+
+
+def test_cli_unwritable_calibration_dir_exits_1(tmp_path, capsys):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file")
+    assert main(["analyze", "predict", "lowformer_b0", "--calibration-dir", str(blocked), "--out", str(tmp_path)]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_exits_130(calibration_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lowformer.cli.analyze.predict_models", interrupted)
+    code = _cli("predict", "timm:test_resnet", "--image-size", "32", "--out", str(tmp_path), folder=calibration_dir)
+    assert code == 130 and capsys.readouterr().err == "lowformer analyze: interrupted\n"
