@@ -23,7 +23,7 @@ from lowformer.train import DataLayoutError, NonFiniteLossError, Recipe, RecipeE
 from lowformer.train import checkpoint as ckpt_io
 from lowformer.train import trainer as trainer_mod
 from lowformer.train.augment import PermutedMixup
-from lowformer.train.data import StepBatchSampler, digits_split, eval_batches, load_sources
+from lowformer.train.data import StepBatchSampler, digits_arrays, digits_split, eval_batches, load_sources
 from lowformer.train.distributed import DistInfo
 from lowformer.train.recipe import from_dict, list_recipes, merge_for_resume, parse_override
 from lowformer.train.techniques import DropPathSchedule, OfficialEma, apply_drop_path, official_init, reset_bn_stats
@@ -34,16 +34,14 @@ from lowformer.train.techniques import DropPathSchedule, OfficialEma, apply_drop
 
 
 def make_image_folder(root: Path, classes=(0, 1, 2, 3), per_class_train: int = 16, per_class_val: int = 4) -> Path:
-    """root/train/class_<d>/*.png and root/val/class_<d>/*.png from scikit-learn's digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    """root/train/class_<d>/*.png and root/val/class_<d>/*.png from the built-in digits."""
+    digits = digits_arrays()
     for split, count, offset in (("train", per_class_train, 0), ("val", per_class_val, per_class_train)):
         for c in classes:
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in np.flatnonzero(digits.target == c)[offset : offset + count]:
-                pixels = np.clip(digits.images[i] * (255 / 16), 0, 255).astype(np.uint8)
+            for i in np.flatnonzero(digits["labels"] == c)[offset : offset + count]:
+                pixels = np.clip(digits["images"][i] * (255 / 16), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels, mode="L").convert("RGB").save(folder / f"{i}.png")
     return root
 
@@ -190,6 +188,21 @@ def test_digits_split_is_fixed_and_stratified():
     assert np.bincount(val_a.labels).min() >= 35  # every digit held out
     image, label = val_a.load(0)
     assert image.mode == "RGB" and image.size == (8, 8) and 0 <= label < 10
+
+
+def test_the_shipped_digits_are_scikit_learns_with_its_split():
+    """digits.npz replaces `sklearn.datasets.load_digits` (no dependency for the demo): same images,
+    labels and order, and the split `train_test_split` makes."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.model_selection import train_test_split
+
+    ref, shipped = datasets.load_digits(), digits_arrays()
+    assert shipped["images"].dtype == np.uint8 and np.array_equal(shipped["images"], ref.images)
+    assert np.array_equal(shipped["labels"], ref.target)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(ref.target)), test_size=0.2, random_state=0, stratify=ref.target
+    )
+    assert np.array_equal(shipped["train_index"], train_idx) and np.array_equal(shipped["test_index"], test_idx)
 
 
 def test_sampler_is_the_same_for_processes_and_accumulation():

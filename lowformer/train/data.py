@@ -1,8 +1,8 @@
 """Datasets and the order they are read in.
 
 - Sources: an ImageFolder tree (`DIR/train/<class>/<image>`, `DIR/val/<class>/<image>`) read
-  through torchvision, or the built-in digits (scikit-learn's 8x8 handwritten digits, a fixed
-  stratified 80/20 split).
+  through torchvision, or the built-in digits (`digits.npz` next to this file, a fixed stratified
+  80/20 split; see `digits_split`).
 - An unreadable image never stops a run. In training it is replaced by the next readable image (a
   batch keeps its size, which DDP and mixing need); in evaluation it is left out. Either way its
   path is returned with the batch so the trainer counts and reports it.
@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
@@ -38,13 +39,14 @@ __all__ = [
     "SubsetSource",
     "TrainDataset",
     "collate",
+    "digits_arrays",
+    "digits_split",
     "eval_batches",
     "load_sources",
     "sample_seed",
 ]
 
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0
+DIGITS_FILE = "digits.npz"
 
 
 class DataLayoutError(ValueError):
@@ -87,7 +89,7 @@ class FolderSource:
 
 
 class DigitsSource:
-    """scikit-learn's handwritten digits as 8x8 RGB images (upsampled later by the transforms)."""
+    """The built-in handwritten digits as 8x8 RGB images (upsampled later by the transforms)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images = images  # (N, 8, 8) uint8
@@ -120,22 +122,28 @@ class SubsetSource:
         return self.source.describe(self.indices[index])
 
 
+def digits_arrays() -> dict[str, np.ndarray]:
+    """The built-in digits as shipped: `images` (1797, 8, 8) uint8 with values 0..16, `labels`, and
+    the held-out split as `train_index` and `test_index`.
+
+    `digits.npz` ships with the package so that the demo needs nothing else: the 1,797 images of
+    the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin, C. Kaynak, 1998) as
+    scikit-learn distributes them (`sklearn.datasets.load_digits`, BSD-3-Clause), in its order; the
+    split is `sklearn.model_selection.train_test_split(test_size=0.2, random_state=0, stratify=labels)`.
+    tests/test_train.py checks both against scikit-learn.
+    """
+    with resources.files(__package__).joinpath(DIGITS_FILE).open("rb") as f, np.load(f) as z:
+        return {k: z[k] for k in ("images", "labels", "train_index", "test_index")}
+
+
 def digits_split() -> tuple[DigitsSource, DigitsSource]:
     """(train, held-out): a stratified 80/20 split with a fixed seed, the same on every machine."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
+    d = digits_arrays()
     # pixel values are 0..16; spread them over 0..255 so ImageNet normalisation sees a normal range
-    images = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
-    idx = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=digits.target
-    )
-    return (
-        DigitsSource(images[train_idx], digits.target[train_idx]),
-        DigitsSource(images[test_idx], digits.target[test_idx]),
-    )
+    images = np.clip(np.rint(d["images"] * (255 / 16)), 0, 255).astype(np.uint8)
+    labels = d["labels"].astype(np.int64)
+    train, test = d["train_index"].astype(np.int64), d["test_index"].astype(np.int64)
+    return DigitsSource(images[train], labels[train]), DigitsSource(images[test], labels[test])
 
 
 def _listing(path: Path, limit: int = 8) -> str:
