@@ -488,18 +488,18 @@ def test_eval_any_checkpoint_format_on_an_image_folder(tmp_path, capsys):
     assert "val is missing" in capsys.readouterr().err
 
 
-def test_tensorboard_gets_every_epoch_metric(tmp_path, monkeypatch):
+def test_tensorboard_gets_every_epoch_metric_and_the_loss_and_lr_of_every_step(tmp_path, monkeypatch):
     import sys
     import types
 
-    scalars = []
+    scalars: dict[str, dict[int, float]] = {}
 
     class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an extra)
         def __init__(self, log_dir):
             self.log_dir = log_dir
 
         def add_scalar(self, tag, value, step):
-            scalars.append((tag, step))
+            scalars.setdefault(tag, {})[step] = value
 
         def flush(self):
             pass
@@ -508,11 +508,17 @@ def test_tensorboard_gets_every_epoch_metric(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    data = make_image_folder(tmp_path / "data", classes=(0, 1), per_class_train=8, per_class_val=1)
-    train("lowformer_b0", tiny_recipe(epochs=1), data_dir=data, output_dir=tmp_path / "run", tensorboard=True,
-          progress=False)  # fmt: skip
-    assert {tag for tag, _ in scalars} >= {"train_loss", "val_top1", "val_top5", "lr", "train_img_s"}
-    assert {step for _, step in scalars} == {1}
+    data = make_image_folder(tmp_path / "data", classes=(0, 1), per_class_train=12, per_class_val=1)
+    result = train("lowformer_b0", tiny_recipe(epochs=1, log_every=2), data_dir=data, output_dir=tmp_path / "run",
+                   tensorboard=True, progress=False)  # fmt: skip
+    (row,) = result.history
+    for key in ("train_loss", "train_top1", "val_top1", "val_top5", "lr", "train_img_s"):
+        assert scalars[key] == {1: row[key]}, key  # x axis: the epoch
+    # per step (x axis: the optimizer step): 24 images / batch 8 = 3 steps, read in two syncs
+    assert sorted(scalars["step/loss"]) == sorted(scalars["step/lr"]) == [1, 2, 3]
+    assert np.mean(list(scalars["step/loss"].values())) == pytest.approx(row["train_loss"], abs=1e-6)
+    # the lr each update used: warm-up (0.3 epochs = 1 update) from warmup_lr 0, then the peak, then the cosine
+    assert [scalars["step/lr"][t] for t in (1, 2)] == [0.0, pytest.approx(0.002)] and scalars["step/lr"][3] < 0.002
 
 
 # ------------------------------------------------------------------------------------------------
