@@ -23,7 +23,7 @@ from lowformer.train import DataLayoutError, NonFiniteLossError, Recipe, RecipeE
 from lowformer.train import checkpoint as ckpt_io
 from lowformer.train import trainer as trainer_mod
 from lowformer.train.augment import PermutedMixup
-from lowformer.train.data import StepBatchSampler, digits_split, eval_batches, load_sources
+from lowformer.train.data import StepBatchSampler, digits_arrays, digits_split, eval_batches, load_sources
 from lowformer.train.distributed import DistInfo
 from lowformer.train.recipe import from_dict, list_recipes, merge_for_resume, parse_override
 from lowformer.train.techniques import DropPathSchedule, OfficialEma, apply_drop_path, official_init, reset_bn_stats
@@ -34,16 +34,14 @@ from lowformer.train.techniques import DropPathSchedule, OfficialEma, apply_drop
 
 
 def make_image_folder(root: Path, classes=(0, 1, 2, 3), per_class_train: int = 16, per_class_val: int = 4) -> Path:
-    """root/train/class_<d>/*.png and root/val/class_<d>/*.png from scikit-learn's digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    """root/train/class_<d>/*.png and root/val/class_<d>/*.png from the built-in digits."""
+    digits = digits_arrays()
     for split, count, offset in (("train", per_class_train, 0), ("val", per_class_val, per_class_train)):
         for c in classes:
             folder = root / split / f"class_{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in np.flatnonzero(digits.target == c)[offset : offset + count]:
-                pixels = np.clip(digits.images[i] * (255 / 16), 0, 255).astype(np.uint8)
+            for i in np.flatnonzero(digits["labels"] == c)[offset : offset + count]:
+                pixels = np.clip(digits["images"][i] * (255 / 16), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels, mode="L").convert("RGB").save(folder / f"{i}.png")
     return root
 
@@ -190,6 +188,21 @@ def test_digits_split_is_fixed_and_stratified():
     assert np.bincount(val_a.labels).min() >= 35  # every digit held out
     image, label = val_a.load(0)
     assert image.mode == "RGB" and image.size == (8, 8) and 0 <= label < 10
+
+
+def test_the_shipped_digits_are_scikit_learns_with_its_split():
+    """digits.npz replaces `sklearn.datasets.load_digits` (no dependency for the demo): same images,
+    labels and order, and the split `train_test_split` makes."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn.model_selection import train_test_split
+
+    ref, shipped = datasets.load_digits(), digits_arrays()
+    assert shipped["images"].dtype == np.uint8 and np.array_equal(shipped["images"], ref.images)
+    assert np.array_equal(shipped["labels"], ref.target)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(ref.target)), test_size=0.2, random_state=0, stratify=ref.target
+    )
+    assert np.array_equal(shipped["train_index"], train_idx) and np.array_equal(shipped["test_index"], test_idx)
 
 
 def test_sampler_is_the_same_for_processes_and_accumulation():
@@ -475,18 +488,18 @@ def test_eval_any_checkpoint_format_on_an_image_folder(tmp_path, capsys):
     assert "val is missing" in capsys.readouterr().err
 
 
-def test_tensorboard_gets_every_epoch_metric(tmp_path, monkeypatch):
+def test_tensorboard_gets_every_epoch_metric_and_the_loss_and_lr_of_every_step(tmp_path, monkeypatch):
     import sys
     import types
 
-    scalars = []
+    scalars: dict[str, dict[int, float]] = {}
 
     class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an extra)
         def __init__(self, log_dir):
             self.log_dir = log_dir
 
         def add_scalar(self, tag, value, step):
-            scalars.append((tag, step))
+            scalars.setdefault(tag, {})[step] = value
 
         def flush(self):
             pass
@@ -495,11 +508,17 @@ def test_tensorboard_gets_every_epoch_metric(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    data = make_image_folder(tmp_path / "data", classes=(0, 1), per_class_train=8, per_class_val=1)
-    train("lowformer_b0", tiny_recipe(epochs=1), data_dir=data, output_dir=tmp_path / "run", tensorboard=True,
-          progress=False)  # fmt: skip
-    assert {tag for tag, _ in scalars} >= {"train_loss", "val_top1", "val_top5", "lr", "train_img_s"}
-    assert {step for _, step in scalars} == {1}
+    data = make_image_folder(tmp_path / "data", classes=(0, 1), per_class_train=12, per_class_val=1)
+    result = train("lowformer_b0", tiny_recipe(epochs=1, log_every=2), data_dir=data, output_dir=tmp_path / "run",
+                   tensorboard=True, progress=False)  # fmt: skip
+    (row,) = result.history
+    for key in ("train_loss", "train_top1", "val_top1", "val_top5", "lr", "train_img_s"):
+        assert scalars[key] == {1: row[key]}, key  # x axis: the epoch
+    # per step (x axis: the optimizer step): 24 images / batch 8 = 3 steps, read in two syncs
+    assert sorted(scalars["step/loss"]) == sorted(scalars["step/lr"]) == [1, 2, 3]
+    assert np.mean(list(scalars["step/loss"].values())) == pytest.approx(row["train_loss"], abs=1e-6)
+    # the lr each update used: warm-up (0.3 epochs = 1 update) from warmup_lr 0, then the peak, then the cosine
+    assert [scalars["step/lr"][t] for t in (1, 2)] == [0.0, pytest.approx(0.002)] and scalars["step/lr"][3] < 0.002
 
 
 # ------------------------------------------------------------------------------------------------

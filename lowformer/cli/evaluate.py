@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("bf16", "fp16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--gpu-decode", action="store_true", help="decode and resize JPEGs on the CUDA device (nvJPEG), not in workers"
+    )
     p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads (torch.set_num_threads)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         channels_last=args.channels_last,
         progress=not (args.no_progress or args.json),
+        gpu_decode=args.gpu_decode,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun every process evaluates its share; the first one reports

@@ -45,6 +45,7 @@ _FLAGS = {
     "grad_checkpointing": "--grad-checkpointing",
     "checkpoint_every": "--checkpoint-every",
     "keep_last": "--keep-last",
+    "log_every": "--log-every",
 }
 
 
@@ -86,9 +87,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--grad-checkpointing", action="store_true", default=None)
     o.add_argument("--checkpoint-every", type=int, metavar="N", help="also save every N optimizer steps")
     o.add_argument("--keep-last", type=int, metavar="N", help="step checkpoints kept besides best.pt")
+    o.add_argument(
+        "--log-every", type=int, metavar="N", help="read and check the losses every N steps (the host's only wait)"
+    )
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe key (YAML value)")
 
     p.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT/tensorboard (needs tensorboard)")
+    p.add_argument(
+        "--wandb",
+        nargs="?",
+        const="lowformer",
+        metavar="PROJECT",
+        help="also log to Weights & Biases (default project: lowformer; files in OUTPUT/wandb; needs wandb)",
+    )
+    p.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="decode and crop JPEGs on the CUDA device (nvJPEG) where the recipe's transforms allow it",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op CPU threads (torch.set_num_threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,6 +187,8 @@ def _resume_extra(args: argparse.Namespace) -> list[str]:
     extra = ["--device", args.device] if args.device else []
     extra += ["--threads", str(args.threads)] if args.threads else []
     extra += ["--tensorboard"] if args.tensorboard else []
+    extra += ["--wandb", args.wandb] if args.wandb else []
+    extra += ["--gpu-decode"] if args.gpu_decode else []
     extra += ["--no-progress"] if args.no_progress else []
     return extra
 
@@ -226,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
             num_classes=args.num_classes,
             device=args.device,
             tensorboard=args.tensorboard,
+            wandb=args.wandb,
+            gpu_decode=args.gpu_decode,
             progress=not args.no_progress,
             explicit_keys=set(changes),
         )

@@ -1,5 +1,8 @@
 """Transforms, batch mixing and losses, assembled from timm and torchvision pieces.
 
+The transforms end with uint8 tensors: normalisation, and random erasing (which works on normalised
+images), run on the device (`pipeline.DeviceBatches`, `build_erasing`).
+
 Only the pairing of mixed images is our own: timm's `Mixup` pairs image i with image B-1-i (a
 flip), which needs an even batch; the official code pairs through a random permutation, so odd
 per-process batches (B3's 75) work. `PermutedMixup` keeps timm's parameter sampling (Beta draw,
@@ -24,7 +27,15 @@ from torchvision import transforms as T
 
 from .recipe import Recipe
 
-__all__ = ["PermutedMixup", "build_mixup", "eval_transform", "mean_std", "train_criterion", "train_transform"]
+__all__ = [
+    "PermutedMixup",
+    "build_erasing",
+    "build_mixup",
+    "eval_transform",
+    "mean_std",
+    "train_criterion",
+    "train_transform",
+]
 
 
 def mean_std(recipe: Recipe, model: nn.Module | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -35,8 +46,9 @@ def mean_std(recipe: Recipe, model: nn.Module | None = None) -> tuple[tuple[floa
     return tuple(mean), tuple(std)
 
 
-def train_transform(recipe: Recipe, size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """RandomResizedCrop -> flip -> RandAugment -> tensor -> normalise -> random erasing (official order)."""
+def train_transform(recipe: Recipe, size: int, mean: Sequence[float]) -> T.Compose:
+    """RandomResizedCrop -> flip -> RandAugment -> uint8 tensor (official order; normalisation and
+    random erasing follow on the device). `mean` is RandAugment's fill colour."""
     interp = recipe.train_interpolation
     crop = RandomResizedCropAndInterpolation(
         size, scale=tuple(recipe.rrc_scale), ratio=tuple(recipe.rrc_ratio), interpolation="bilinear"
@@ -59,23 +71,27 @@ def train_transform(recipe: Recipe, size: int, mean: Sequence[float], std: Seque
             "interpolation": Image.BICUBIC,  # timm's ops call PIL directly: a PIL filter, not a torchvision mode
         }
         ops.append(rand_augment_transform(recipe.randaugment, hparams))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
-    if recipe.random_erase > 0:
-        ops.append(RandomErasing(recipe.random_erase, mode="const", device="cpu"))
+    ops.append(T.PILToTensor())
     return T.Compose(ops)
 
 
-def eval_transform(
-    size: int, crop_pct: float, interpolation: str, mean: Sequence[float], std: Sequence[float]
-) -> T.Compose:
+def build_erasing(recipe: Recipe, device: torch.device) -> RandomErasing | None:
+    """The official random erasing (timm's, constant 0 = the mean colour after normalisation), applied
+    to a normalised batch on `device`, image by image, with Python's `random` (the trainer seeds it
+    per micro-batch)."""
+    if recipe.random_erase <= 0:
+        return None
+    return RandomErasing(recipe.random_erase, mode="const", device=device)
+
+
+def eval_transform(size: int, crop_pct: float, interpolation: str) -> T.Compose:
     """Resize the short side to ceil(size / crop_pct), centre-crop `size` (the official rounding;
-    timm's eval transform floors, 235 instead of 236 for 224 at 0.95)."""
+    timm's eval transform floors, 235 instead of 236 for 224 at 0.95), as a uint8 tensor."""
     return T.Compose(
         [
             T.Resize(int(math.ceil(size / crop_pct)), interpolation=str_to_interp_mode(interpolation)),
             T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
+            T.PILToTensor(),
         ]
     )
 

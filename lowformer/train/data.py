@@ -1,8 +1,11 @@
 """Datasets and the order they are read in.
 
 - Sources: an ImageFolder tree (`DIR/train/<class>/<image>`, `DIR/val/<class>/<image>`) read
-  through torchvision, or the built-in digits (scikit-learn's 8x8 handwritten digits, a fixed
-  stratified 80/20 split).
+  through torchvision, or the built-in digits (`digits.npz` next to this file, a fixed stratified
+  80/20 split; see `digits_split`).
+- Datasets return uint8 tensors (normalisation runs on the device: `pipeline.DeviceBatches`), or
+  with `encoded=True` a JPEG's bytes and its drawn crop (`pipeline.EncodedImage`), decoded on the
+  device.
 - An unreadable image never stops a run. In training it is replaced by the next readable image (a
   batch keeps its size, which DDP and mixing need); in evaluation it is left out. Either way its
   path is returned with the batch so the trainer counts and reports it.
@@ -15,10 +18,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
+
+from .pipeline import EncodedImage, draw_plan, empty_batch, is_jpeg
 
 __all__ = [
     "DataLayoutError",
@@ -38,13 +46,15 @@ __all__ = [
     "SubsetSource",
     "TrainDataset",
     "collate",
+    "digits_arrays",
+    "digits_split",
     "eval_batches",
     "load_sources",
     "sample_seed",
+    "seeded",
 ]
 
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0
+DIGITS_FILE = "digits.npz"
 
 
 class DataLayoutError(ValueError):
@@ -57,7 +67,8 @@ class DataLayoutError(ValueError):
 
 
 class ImageSource(Protocol):
-    """What the datasets read: images by index, with labels, and a name for error reports."""
+    """What the datasets read: images by index, with labels, and a name for error reports. Sources of
+    files also have `read(index) -> (bytes, label)`, for decoding on the device."""
 
     classes: list[str]
 
@@ -82,12 +93,18 @@ class FolderSource:
         path, label = self.samples[index]
         return pil_loader(path), label
 
+    def read(self, index: int) -> tuple[bytes, int]:
+        """The file's bytes, undecoded."""
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            return f.read(), label
+
     def describe(self, index: int) -> str:
         return self.samples[index][0]
 
 
 class DigitsSource:
-    """scikit-learn's handwritten digits as 8x8 RGB images (upsampled later by the transforms)."""
+    """The built-in handwritten digits as 8x8 RGB images (upsampled later by the transforms)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images = images  # (N, 8, 8) uint8
@@ -116,26 +133,35 @@ class SubsetSource:
     def load(self, index: int) -> tuple[Image.Image, int]:
         return self.source.load(self.indices[index])
 
+    def read(self, index: int) -> tuple[bytes, int]:
+        return self.source.read(self.indices[index])
+
     def describe(self, index: int) -> str:
         return self.source.describe(self.indices[index])
 
 
+def digits_arrays() -> dict[str, np.ndarray]:
+    """The built-in digits as shipped: `images` (1797, 8, 8) uint8 with values 0..16, `labels`, and
+    the held-out split as `train_index` and `test_index`.
+
+    `digits.npz` ships with the package so that the demo needs nothing else: the 1,797 images of
+    the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin, C. Kaynak, 1998) as
+    scikit-learn distributes them (`sklearn.datasets.load_digits`, BSD-3-Clause), in its order; the
+    split is `sklearn.model_selection.train_test_split(test_size=0.2, random_state=0, stratify=labels)`.
+    tests/test_train.py checks both against scikit-learn.
+    """
+    with resources.files(__package__).joinpath(DIGITS_FILE).open("rb") as f, np.load(f) as z:
+        return {k: z[k] for k in ("images", "labels", "train_index", "test_index")}
+
+
 def digits_split() -> tuple[DigitsSource, DigitsSource]:
     """(train, held-out): a stratified 80/20 split with a fixed seed, the same on every machine."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
+    d = digits_arrays()
     # pixel values are 0..16; spread them over 0..255 so ImageNet normalisation sees a normal range
-    images = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
-    idx = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=digits.target
-    )
-    return (
-        DigitsSource(images[train_idx], digits.target[train_idx]),
-        DigitsSource(images[test_idx], digits.target[test_idx]),
-    )
+    images = np.clip(np.rint(d["images"] * (255 / 16)), 0, 255).astype(np.uint8)
+    labels = d["labels"].astype(np.int64)
+    train, test = d["train_index"].astype(np.int64), d["test_index"].astype(np.int64)
+    return DigitsSource(images[train], labels[train]), DigitsSource(images[test], labels[test])
 
 
 def _listing(path: Path, limit: int = 8) -> str:
@@ -217,7 +243,7 @@ def load_sources(
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Run a block with python, numpy and torch RNGs seeded, then restore them (the loader may run
     in the main process, whose RNG streams the training loop must not see disturbed)."""
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -240,61 +266,108 @@ def sample_seed(*keys: int) -> int:
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class TrainDataset(Dataset):
-    """Training images, augmented at the resolution and with the seed the sampler gives."""
+def _encoded(
+    source: ImageSource, index: int, transform: T.Compose, seed: int | None, item: object
+) -> tuple[EncodedImage | None, int]:
+    """(the image's bytes and drawn plan, label) for a JPEG file; (None, label) for any other file,
+    which the caller decodes itself. Raises a read error when the file or its header is unreadable.
+    `item` is what the dataset was asked for (kept to find a replacement)."""
+    data, label = source.read(index)
+    if not is_jpeg(data):
+        return None, label
+    with Image.open(io.BytesIO(data)) as image:  # the header only: the pixels are decoded on the device
+        with seeded(seed) if seed is not None else contextlib.nullcontext():
+            plan = draw_plan(transform, image)
+    pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return EncodedImage(pixels, plan, source.describe(index), item), label
 
-    def __init__(self, source: ImageSource, transforms: dict[int, Callable]) -> None:
+
+class TrainDataset(Dataset):
+    """Training images, augmented at the resolution and with the seed the sampler gives, as uint8
+    tensors; with `encoded`, JPEGs come as `EncodedImage`s (decoded on the device)."""
+
+    def __init__(self, source: ImageSource, transforms: dict[int, Callable], encoded: bool = False) -> None:
         self.source = source
         self.transforms = transforms  # resolution -> transform
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
-        index, size, seed = item
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple[torch.Tensor | EncodedImage, int, tuple[str, ...]]:
+        return self.sample(*item, encoded=self.encoded)
+
+    def sample(
+        self, index: int, size: int, seed: int, encoded: bool = False, start: int = 0
+    ) -> tuple[torch.Tensor | EncodedImage, int, tuple[str, ...]]:
+        """Image `index` transformed at `size` with `seed`; an unreadable image is replaced by the
+        next readable one, deterministically (`start` skips the first candidates)."""
         bad: list[str] = []
-        # an unreadable image is replaced by the next readable one, deterministically
-        for offset in range(len(self.source)):
+        for offset in range(start, len(self.source)):
             i = (index + offset) % len(self.source)
             try:
+                if encoded:
+                    image, label = _encoded(self.source, i, self.transforms[size], seed, (i, size, seed))
+                    if image is not None:
+                        return image, label, tuple(bad)
                 image, label = self.source.load(i)
             except _READ_ERRORS:
                 bad.append(self.source.describe(i))
                 continue
-            with _seeded(seed):
+            with seeded(seed):
                 return self.transforms[size](image), label, tuple(bad)
         raise DataLayoutError(f"no image of the training set could be read (first failures: {bad[:3]})")
 
+    def replacement(self, image: EncodedImage) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+        """What takes the place of an encoded image nothing could decode: the next readable image,
+        decoded here on the CPU (the choice a worker makes for an unreadable file)."""
+        index, size, seed = image.item
+        return self.sample(index, size, seed, encoded=False, start=1)
+
 
 class EvalDataset(Dataset):
-    """Evaluation images; an unreadable one yields None and is left out of the metrics."""
+    """Evaluation images as uint8 tensors (or `EncodedImage`s with `encoded`); an unreadable one
+    yields None and is left out of the metrics."""
 
-    def __init__(self, source: ImageSource, transform: Callable, seed: int | None = None) -> None:
+    def __init__(
+        self, source: ImageSource, transform: Callable, seed: int | None = None, encoded: bool = False
+    ) -> None:
         self.source = source
         self.transform = transform
         self.seed = seed  # set for the BN-reset subset, whose transform is the random training one
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, tuple[str, ...]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | EncodedImage | None, int, tuple[str, ...]]:
+        seed = None if self.seed is None else sample_seed(self.seed, index)
         try:
+            if self.encoded:
+                encoded, label = _encoded(self.source, index, self.transform, seed, index)
+                if encoded is not None:
+                    return encoded, label, ()
             image, label = self.source.load(index)
         except _READ_ERRORS:
             return None, -1, (self.source.describe(index),)
-        if self.seed is None:
+        if seed is None:
             return self.transform(image), label, ()
-        with _seeded(sample_seed(self.seed, index)):
+        with seeded(seed):
             return self.transform(image), label, ()
 
 
-def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack the readable samples; pass on the paths of those that were not."""
+def collate(batch: list) -> tuple[torch.Tensor | list[EncodedImage | torch.Tensor], torch.Tensor, list[str]]:
+    """Stack the readable samples; pass on the paths of those that were not. A batch holding encoded
+    images stays a list (decoded on the device, `pipeline.decode_on_device`)."""
     bad = [p for _, _, paths in batch for p in paths]
     kept = [(x, y) for x, y, _ in batch if x is not None]
+    labels = torch.tensor([y for _, y in kept], dtype=torch.long)
     if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept], dtype=torch.long), bad
+        return empty_batch(), labels, bad
+    images = [x for x, _ in kept]
+    if any(isinstance(x, EncodedImage) for x in images):
+        return images, labels, bad
+    return torch.stack(images), labels, bad
 
 
 # ------------------------------------------------------------------------------------------------

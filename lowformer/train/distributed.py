@@ -64,11 +64,21 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 def all_reduce_sum(values: list[float] | torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a vector of numbers over all processes (float64, so counts and sums stay exact)."""
+    return _all_reduce(values, info, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float] | torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise maximum of a vector of numbers over all processes (float64): flags that any
+    process raised, or (negated) the smallest of the processes' values."""
+    return _all_reduce(values, info, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float] | torch.Tensor, info: DistInfo, op: dist.ReduceOp) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64)
     if info.distributed:
         # NCCL reduces device tensors only; Gloo reduces CPU tensors
         t = t.to(info.device) if info.device.type == "cuda" else t
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return t.cpu()
 
 

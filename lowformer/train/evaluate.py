@@ -10,10 +10,11 @@ without a data directory, on the held-out digits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from .augment import eval_transform
 from .data import EvalDataset, ImageSource, collate, eval_batches, load_sources
 from .distributed import DistInfo, all_reduce_sum, process_group
 from .lifecycle import ignore_stop_signals
+from .pipeline import DeviceBatches, check_gpu_decode, decode_on_device, gpu_decode_parts
 
-__all__ = ["EvalResult", "autocast", "evaluate", "evaluate_model"]
+__all__ = ["EvalResult", "autocast", "eval_decoder", "eval_loader", "evaluate", "evaluate_model"]
 
 _logger = logging.getLogger(__name__)
 
@@ -65,17 +67,21 @@ def autocast(amp: str | None, device: torch.device):
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]],
     info: DistInfo,
     amp: str | None = None,
     channels_last: bool = False,
     progress: bool = False,
     desc: str = "eval",
 ) -> EvalResult:
-    """Cross-entropy loss, top-1 and top-k (k = min(5, classes)) of `model` over `loader`, all processes."""
+    """Cross-entropy loss, top-1 and top-k (k = min(5, classes)) of `model` over `loader`, all processes.
+
+    `loader` yields (normalised images, labels, unreadable paths), on any device (`DeviceBatches`
+    gives them on the model's). The sums stay on the device until the end: one synchronisation.
+    """
     was_training = model.training
     model.eval()
-    loss_sum = correct1 = correctk = seen = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1 hits, top-k hits, images
     skipped: list[str] = []
     k = 5
     bar = tqdm(loader, desc=desc, unit="batch", disable=not (progress and info.is_main), leave=False, file=sys.stderr)
@@ -91,14 +97,12 @@ def evaluate_model(
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[-1])
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(k, dim=-1).indices
-        hits = top.eq(labels[:, None])
-        correct1 += hits[:, 0].sum().item()
-        correctk += hits.any(dim=-1).sum().item()
-        seen += labels.numel()
+        hits = logits.topk(k, dim=-1).indices.eq(labels[:, None])
+        batch = [F.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(), hits.any(dim=-1).sum()]
+        sums[:3] += torch.stack([v.double() for v in batch])
+        sums[3] += labels.numel()
     model.train(was_training)
-    totals = all_reduce_sum([loss_sum, correct1, correctk, seen, len(skipped)], info)
+    totals = all_reduce_sum([*sums.tolist(), len(skipped)], info)
     loss_sum, correct1, correctk, seen, n_skipped = totals.tolist()
     if seen == 0:
         raise ValueError(f"no evaluation image could be read ({int(n_skipped)} skipped, e.g. {skipped[:3]})")
@@ -113,17 +117,26 @@ def evaluate_model(
     )
 
 
-def eval_loader(source: ImageSource, transform: Callable, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
-    """This process's share of `source`, in order, unreadable images left out."""
+def eval_loader(
+    source: ImageSource, transform: Callable, batch_size: int, workers: int, info: DistInfo, encoded: bool = False
+) -> DataLoader:
+    """This process's share of `source`, in order, as uint8 images (encoded JPEGs with `encoded`);
+    unreadable images are left out."""
     batches = eval_batches(len(source), batch_size, info.world_size, info.rank)
     return DataLoader(
-        EvalDataset(source, transform),
+        EvalDataset(source, transform, encoded=encoded),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=info.device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
     )
+
+
+def eval_decoder(info: DistInfo) -> Callable:
+    """How a batch of encoded evaluation images becomes pixels on the device: a file nothing can
+    decode is left out (and reported)."""
+    return functools.partial(decode_on_device, device=info.device, recover=lambda image: None)
 
 
 def _model_name(given: str | None, meta: dict[str, str], path: Path) -> str:
@@ -169,17 +182,20 @@ def evaluate(
     amp: str | None = None,
     channels_last: bool = False,
     progress: bool = True,
+    gpu_decode: bool = False,
 ) -> EvalResult:
     """Evaluate a checkpoint (any format) on `data_dir/val`, or on the held-out digits when None.
 
     The transform (size, crop, interpolation, mean/std) and the class order are what the checkpoint
     records (our training checkpoints and safetensors files do), else the model's defaults;
     `image_size`, `crop_pct` and `interpolation` override them, with a warning where they contradict
-    the checkpoint.
+    the checkpoint. `gpu_decode`: JPEGs are decoded and resized on the CUDA device (pipeline.py).
     """
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     with process_group(device) as info:
+        if gpu_decode:
+            check_gpu_decode(info.device, data_dir)
         path = Path(checkpoint)
         _, meta = read_checkpoint(path)
         model_name = _model_name(model_name, meta, path)
@@ -208,8 +224,12 @@ def evaluate(
                 f"the model has {model.num_classes} classes but {where} has {len(val.classes)}; "
                 + ("pass --data DIR with the data it was trained on" if data_dir is None else "is it the right data?")
             )
-        loader = eval_loader(val, eval_transform(size, crop, interp, mean, std), batch_size, workers, info)
-        result = evaluate_model(model, loader, info, amp=amp, channels_last=channels_last, progress=progress)
+        transform = eval_transform(size, crop, interp)
+        if gpu_decode:
+            gpu_decode_parts({"evaluation": transform})
+        loader = eval_loader(val, transform, batch_size, workers, info, encoded=gpu_decode)
+        batches = DeviceBatches(mean, std, info.device, channels_last)(loader, eval_decoder(info))
+        result = evaluate_model(model, batches, info, amp=amp, progress=progress)
         result.image_size, result.crop_pct, result.interpolation = int(size), float(crop), str(interp)
         if result.skipped_images:
             _logger.warning("skipped %d unreadable images, e.g. %s", result.skipped_images, result.skipped_paths[:5])

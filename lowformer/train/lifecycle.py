@@ -50,6 +50,7 @@ RUN_FILES = (
     "*.json",
     "tensorboard",
     "events.out.tfevents.*",
+    "wandb",
     ".*.tmp",
 )
 

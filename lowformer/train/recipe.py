@@ -59,6 +59,7 @@ RUNTIME_KEYS = frozenset(
         "keep_last",
         "eval_batch_size",
         "eval_every",
+        "log_every",
     }
 )
 
@@ -194,6 +195,7 @@ class Recipe:
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU runs become slower)
     checkpoint_every: int = 0  # also save every N optimizer steps (0: at the end of each epoch only)
     keep_last: int = 2  # checkpoints kept besides best.pt
+    log_every: int = 50  # the host reads losses (and checks them) every N optimizer steps, not every step
 
     def __post_init__(self) -> None:
         self.validate()
@@ -283,6 +285,7 @@ class Recipe:
             (self.amp in (None, "bf16", "fp16"), "{amp} must be null, bf16 or fp16"),
             (self.checkpoint_every >= 0, "{checkpoint_every} must be >= 0 (0: at the end of each epoch only)"),
             (self.keep_last >= 1, "{keep_last} must be >= 1"),
+            (self.log_every >= 1, "{log_every} must be >= 1"),
             (
                 self.eval_interpolation in INTERPOLATIONS,
                 "{eval_interpolation} must be one of " + ", ".join(INTERPOLATIONS),

@@ -11,10 +11,16 @@ A run is a few named steps; `train` calls them in this order:
     _start            DDP / torch.compile, recipe.yaml, TensorBoard, the plan printed
     for each epoch:
       train_one_epoch micro-batches (`_forward_backward`), every grad_accum of them an
-                      `_optimizer_step`; periodic checkpoints; Ctrl-C / SIGTERM saves and stops
+                      `_optimizer_step`; every log_every steps `_sync` (losses checked,
+                      summed, tracked); periodic checkpoints; Ctrl-C / SIGTERM saves and stops
       end_epoch       sums over processes, `evaluate_epoch` (BN reset, top-1/top-5),
                       `write_checkpoint`, log.csv
     _finish           best.safetensors
+
+The device is never waited for between syncs: losses and hit counts stay on it (`DeviceLog`) until
+`_sync` reads them, every `log_every` optimizer steps, before every checkpoint and at the end of an
+epoch. Loader workers hand over uint8 images; normalisation and random erasing run on the device
+(`pipeline.DeviceBatches`), and with `gpu_decode` JPEG decoding and cropping too.
 
 Reproducibility: every micro-batch's randomness (which images, their augmentation, the
 resolution, mixing, drop path) is a function of (seed, epoch, step, virtual shard), not of the
@@ -25,7 +31,9 @@ uninterrupted one, and 2 processes x 1 accumulation step compute what 1 process 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import random
 import shutil
 import sys
@@ -33,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -52,7 +60,15 @@ from ..models import get_entry
 from ..weights import META_KEY, checkpoint_metadata
 from ..weights import save_checkpoint as save_weights
 from . import checkpoint as ckpt_io
-from .augment import PermutedMixup, build_mixup, eval_transform, mean_std, train_criterion, train_transform
+from .augment import (
+    PermutedMixup,
+    build_erasing,
+    build_mixup,
+    eval_transform,
+    mean_std,
+    train_criterion,
+    train_transform,
+)
 from .data import (
     DataLayoutError,
     EvalDataset,
@@ -64,13 +80,17 @@ from .data import (
     eval_batches,
     load_sources,
     sample_seed,
+    seeded,
     subset_indices,
 )
-from .distributed import DistInfo, all_reduce_sum, any_process, process_group
-from .evaluate import EvalResult, autocast, eval_loader, evaluate_model
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, any_process, process_group
+from .evaluate import EvalResult, autocast, eval_decoder, eval_loader, evaluate_model
 from .lifecycle import RunInterrupted, StopSignals, ignore_stop_signals, prepare_run_folder
+from .metrics import DeviceLog, Entry, first_non_finite
+from .pipeline import DeviceBatches, check_gpu_decode, decode_on_device, gpu_decode_parts
 from .recipe import Recipe, literal, merge_for_resume
 from .techniques import DropPathSchedule, OfficialEma, apply_drop_path, mesa_targets, official_init, reset_bn_stats
+from .trackers import Trackers, check_available
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
@@ -156,6 +176,14 @@ class _Plan:
     effective_lr: float
 
 
+class _MicroBatch(NamedTuple):
+    """What the host knows of a micro-batch when it is queued (its loss stays on the device)."""
+
+    step: int  # the optimizer step it belongs to (global, from 1)
+    images: int
+    lr: float
+
+
 @dataclass
 class _Run:
     """Everything the steps of a run share. Built once by `_setup`; `progress` and the checkpoint
@@ -184,8 +212,12 @@ class _Run:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     progress_bars: bool
+    to_device: DeviceBatches  # uint8 batches -> normalised on the device
+    erasing: Callable[[torch.Tensor], torch.Tensor] | None  # timm's RandomErasing on the device
+    device_decoded: frozenset[str] = frozenset()  # "training", "evaluation": the parts decoding JPEGs on the device
     train_model: nn.Module | None = None  # `model` as trained: wrapped by DDP and/or torch.compile
-    writer: Any = None  # TensorBoard's SummaryWriter
+    trackers: Trackers | None = None  # TensorBoard, W&B (process 0)
+    step_log: DeviceLog[_MicroBatch] = field(default_factory=DeviceLog)  # read by `_sync`
     progress: _Progress = field(default_factory=_Progress)
     last_ckpt: Path | None = None
     last_ckpt_step: int | None = None
@@ -203,6 +235,15 @@ class _Run:
 
     def log(self, message: str, *args: Any) -> None:
         (_logger.info if self.info.is_main else _logger.debug)(message, *args)
+
+    def decoder(self, part: str) -> Callable | None:
+        """How `part`'s batches of encoded JPEGs become pixels on the device (None: the workers decode)."""
+        if part not in self.device_decoded:
+            return None
+        if part == "evaluation":
+            return eval_decoder(self.info)
+        # a training image nothing can decode is replaced by the next readable one, as in the workers
+        return functools.partial(decode_on_device, device=self.info.device, recover=self.train_ds.replacement)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,6 +265,8 @@ def train(
     progress: bool = True,
     explicit_keys: set[str] | None = None,
     overwrite: bool = False,
+    wandb: str | None = None,
+    gpu_decode: bool = False,
 ) -> TrainResult:
     """Train `model_name` with `recipe` on `data_dir` (ImageFolder train/ val/) or the built-in digits.
 
@@ -239,6 +282,10 @@ def train(
         explicit_keys: the recipe keys the user set on the command line (only runtime keys may
             change on resume).
         overwrite: delete the run in `output_dir` first.
+        tensorboard: log to `output_dir/tensorboard` (the `tensorboard` extra).
+        wandb: log to this Weights & Biases project (the `wandb` extra; files in `output_dir/wandb`).
+        gpu_decode: decode and crop JPEGs on the CUDA device where the recipe's transforms allow it
+            (pipeline.py); the other parts decode on the CPU, with a warning.
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM arrived; a resumable checkpoint was saved first.
@@ -252,18 +299,21 @@ def train(
         saved, recipe, model_name = _resume_from(
             resume, out, recipe, model_name, explicit_keys or set(), init_checkpoint, pretrained, info
         )
-        _check_request(model_name, recipe, tensorboard)
-        _claim_run_folder(out, resume=resume is not None, overwrite=overwrite, info=info)
         if saved is not None and data_dir is None:
             data_dir = saved.get("data_dir")  # the data the run was started on
-        run = _setup(info, model_name, recipe, data_dir, out, init_checkpoint, pretrained, num_classes, saved, progress)
+        device_decoded = _check_request(model_name, recipe, tensorboard, wandb, gpu_decode, data_dir, info)
+        _claim_run_folder(out, resume=resume is not None, overwrite=overwrite, info=info)
+        run = _setup(
+            info, model_name, recipe, data_dir, out, init_checkpoint, pretrained, num_classes, saved, progress,
+            device_decoded,
+        )  # fmt: skip
         if saved is not None:
             _restore(run, saved)
         _on_main(info, f"check the free space in {out}", lambda: _check_free_space(run))
         # from here on Ctrl-C / SIGTERM stop at the next step boundary, with a checkpoint (before
         # here, nothing is lost by stopping at once)
         with StopSignals() as stop:
-            _start(run, tensorboard)
+            _start(run, tensorboard, wandb, saved.get("wandb_id") if saved else None)
             try:
                 run.scheduler.step_update(run.progress.global_step)
                 for epoch in range(run.progress.epoch, recipe.epochs):
@@ -272,8 +322,8 @@ def train(
                     if epoch + 1 < recipe.epochs and any_process(stop.requested, info):
                         _stop(run, stop, f"after epoch {epoch + 1}")
             finally:
-                if run.writer is not None:
-                    run.writer.close()
+                if run.trackers is not None:
+                    run.trackers.close()
         _finish(run)
         return TrainResult(
             output_dir=out,
@@ -318,9 +368,18 @@ def _resume_from(
     return saved, recipe, saved["model_name"]
 
 
-def _check_request(model_name: str, recipe: Recipe, tensorboard: bool) -> None:
+def _check_request(
+    model_name: str,
+    recipe: Recipe,
+    tensorboard: bool,
+    wandb: str | None,
+    gpu_decode: bool,
+    data_dir: str | Path | None,
+    info: DistInfo,
+) -> frozenset[str]:
     """What can be refused before anything is written: a model we cannot train, image sizes the
-    model does not take (the package's one rule, `check_image_size`), a missing extra."""
+    model does not take (the package's one rule, `check_image_size`), a missing extra, GPU decoding
+    where it cannot work. Returns the parts of the run that decode JPEGs on the device."""
     require_ours(model_name, "lowformer train", "lowformer info, bench and analyze")
     if recipe.mixup_enabled and recipe.batch_size < 2:
         raise recipe.error("{batch_size} is too small for mixup/cutmix, which pair images within a batch: use >= 2")
@@ -331,13 +390,17 @@ def _check_request(model_name: str, recipe: Recipe, tensorboard: bool) -> None:
                 check_image_size(model_name, (size, size))
             except ValueError as e:
                 raise recipe.error(f"{{{key}}}: " + literal(str(e))) from None
-    if tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                "--tensorboard needs the tensorboard package: pip install 'lowformer[tensorboard]'"
-            ) from None
+    check_available(tensorboard, wandb)
+    if not gpu_decode:
+        return frozenset()
+    check_gpu_decode(info.device, data_dir)
+    # the transforms' kinds decide; their fill colour (the model's mean) does not matter here
+    mean = mean_std(recipe)[0]
+    transforms = {
+        "training": train_transform(recipe, max(recipe.image_size), mean),
+        "evaluation": eval_transform(recipe.eval_image_size, recipe.eval_crop_pct, recipe.eval_interpolation),
+    }
+    return frozenset(gpu_decode_parts(transforms))
 
 
 def _on_main(info: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
@@ -373,6 +436,7 @@ def _setup(
     num_classes: int | None,
     saved: dict[str, Any] | None,
     progress_bars: bool,
+    device_decoded: frozenset[str] = frozenset(),
 ) -> _Run:
     """Data, model, EMA, optimizer, schedule and losses of a run."""
     if recipe.deterministic:
@@ -406,9 +470,17 @@ def _setup(
     ema = OfficialEma(model, recipe.ema_decay, recipe.ema_warmup_steps) if recipe.ema_decay else None
 
     # -- datasets and the step plan --
-    train_ds = TrainDataset(train_src, {s: train_transform(recipe, s, mean, std) for s in recipe.image_size})
-    val_tf = eval_transform(recipe.eval_image_size, recipe.eval_crop_pct, recipe.eval_interpolation, mean, std)
-    val_loader = eval_loader(val_src, val_tf, recipe.eval_batch_size or 2 * recipe.batch_size, recipe.workers, info)
+    train_tfs = {s: train_transform(recipe, s, mean) for s in recipe.image_size}
+    train_ds = TrainDataset(train_src, train_tfs, encoded="training" in device_decoded)
+    val_tf = eval_transform(recipe.eval_image_size, recipe.eval_crop_pct, recipe.eval_interpolation)
+    val_loader = eval_loader(
+        val_src,
+        val_tf,
+        recipe.eval_batch_size or 2 * recipe.batch_size,
+        recipe.workers,
+        info,
+        encoded="evaluation" in device_decoded,
+    )
     sampler_args = dict(
         num_samples=len(train_src),
         batch_size=recipe.batch_size,
@@ -448,6 +520,9 @@ def _setup(
         mean=mean,
         std=std,
         progress_bars=progress_bars,
+        to_device=DeviceBatches(mean, std, info.device, channels_last=recipe.channels_last),
+        erasing=build_erasing(recipe, info.device),
+        device_decoded=device_decoded,
     )
 
 
@@ -580,8 +655,8 @@ def _restore(run: _Run, saved: dict[str, Any]) -> None:
     run.best_ckpt = best if best.exists() else None
 
 
-def _start(run: _Run, tensorboard: bool) -> None:
-    """Wrap the model for training (DDP, torch.compile), write recipe.yaml, open TensorBoard, print the plan."""
+def _start(run: _Run, tensorboard: bool, wandb: str | None, wandb_id: str | None) -> None:
+    """Wrap the model for training (DDP, torch.compile), write recipe.yaml, open the trackers, print the plan."""
     info, recipe, plan = run.info, run.recipe, run.plan
     train_model: nn.Module = run.model
     if info.distributed:
@@ -592,10 +667,8 @@ def _start(run: _Run, tensorboard: bool) -> None:
     run.train_model = train_model
     if info.is_main:
         write_text(run.out / "recipe.yaml", recipe.to_yaml())
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            run.writer = SummaryWriter(str(run.out / "tensorboard"))
+        if tensorboard or wandb is not None:
+            run.trackers = Trackers(run.out, tensorboard, wandb, wandb_id, config=recipe.to_dict())
     run.log(
         "%s: %.2fM params, %d classes; %d training / %d validation images (%s)",
         run.model_name,
@@ -636,7 +709,8 @@ def _start(run: _Run, tensorboard: bool) -> None:
 
 def train_one_epoch(run: _Run, epoch: int, stop: StopSignals) -> None:
     """The optimizer steps of `epoch` (from `run.progress.step` when resuming inside it). A stop
-    request saves a resumable checkpoint at the next step boundary and raises `RunInterrupted`."""
+    request saves a resumable checkpoint at the next step boundary and raises `RunInterrupted`
+    (one process: at the next step; several: at the next sync, where they agree)."""
     recipe, info, p = run.recipe, run.info, run.progress
     loader = DataLoader(
         run.train_ds,
@@ -659,19 +733,24 @@ def train_one_epoch(run: _Run, epoch: int, stop: StopSignals) -> None:
         dynamic_ncols=True,
     )
     t_start = time.perf_counter()
-    for micro, (images, labels, bad) in enumerate(loader):
+    for micro, (images, labels, bad) in enumerate(run.to_device(loader, run.decoder("training"))):
         accum_step = micro % recipe.grad_accum
         p.stats.skipped += bad
-        stopping = _forward_backward(run, images, labels, epoch, accum_step, stop)
+        _forward_backward(run, images, labels, epoch, accum_step)
         if accum_step < recipe.grad_accum - 1:
             continue
         _optimizer_step(run)
         bar.update(1)
-        if bar.n % 10 == 0 or p.step == run.plan.steps_per_epoch:
-            bar.set_postfix(loss=f"{p.stats.loss_sum / max(p.stats.images, 1):.3f}", res=images.shape[-1])
+        epoch_end = p.step == run.plan.steps_per_epoch
+        periodic = bool(recipe.checkpoint_every) and p.global_step % recipe.checkpoint_every == 0
+        # the only places the host waits for the device; one process needs no agreement to stop
+        due = p.global_step % recipe.log_every == 0 or periodic or epoch_end
+        if not (due or (stop.requested and not info.distributed)):
+            continue
+        stopping = _sync(run, epoch, stop)
+        bar.set_postfix(loss=f"{p.stats.loss_sum / max(p.stats.images, 1):.3f}", res=images.shape[-1])
         # the epoch's last step is saved by `end_epoch`, after the evaluation
-        periodic = recipe.checkpoint_every and p.global_step % recipe.checkpoint_every == 0
-        if (periodic or stopping) and p.step < run.plan.steps_per_epoch:
+        if (periodic or stopping) and not epoch_end:
             p.stats.train_s += time.perf_counter() - t_start
             t_start = time.perf_counter()
             write_checkpoint(run, epoch, p.step)
@@ -682,21 +761,20 @@ def train_one_epoch(run: _Run, epoch: int, stop: StopSignals) -> None:
     p.stats.train_s += time.perf_counter() - t_start
 
 
-def _forward_backward(
-    run: _Run, images: torch.Tensor, labels: torch.Tensor, epoch: int, accum_step: int, stop: StopSignals
-) -> bool:
-    """One micro-batch: seed its randomness, mix, forward, loss (+ mesa), backward (gradients add up
-    over the accumulation steps). Returns whether any process was asked to stop."""
+def _forward_backward(run: _Run, images: torch.Tensor, labels: torch.Tensor, epoch: int, accum_step: int) -> None:
+    """One micro-batch (normalised, on the device): seed its randomness, erase, mix, forward, loss
+    (+ mesa), backward (gradients add up over the accumulation steps). Its loss and hits are logged
+    on the device; nothing here waits for it."""
     recipe, info, p = run.recipe, run.info, run.progress
     shard = accum_step * info.world_size + info.rank
     _seed_all(sample_seed(recipe.seed, epoch, p.step, shard, 2))
     progress_frac = max(0, p.global_step - run.plan.warmup_updates) / run.plan.cosine_updates
     run.drop_schedule.update(progress_frac if recipe.drop_path_scheduled else 1.0)
 
-    images = images.to(info.device, non_blocking=True)
-    if recipe.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = labels.to(info.device, non_blocking=True)
+    if run.erasing is not None:
+        # NOTE: the official erases in the loader, per image; here each image's box is drawn from
+        # Python's RNG as seeded above, so it is a function of the micro-batch, not of the workers
+        images = run.erasing(images)
     targets = labels
     if run.mixup is not None:
         images, targets = run.mixup(images, labels)
@@ -709,19 +787,42 @@ def _forward_backward(
             if recipe.mesa_threshold is not None and progress_frac >= recipe.mesa_threshold:
                 mesa = run.soft_criterion(logits, mesa_targets(run.ema.module, images, recipe.bce))
                 loss = loss + recipe.mesa_ratio * mesa
-        loss_value = loss.detach().float()
-        # every process must give the same answer to both questions: one collective for the two
-        non_finite, stopping = all_reduce_sum([not bool(torch.isfinite(loss_value)), stop.requested], info).tolist()
-        if non_finite:
-            _non_finite_loss(run, loss_value, epoch)
         run.scaler.scale(loss / recipe.grad_accum).backward()
 
-    n = labels.shape[0]
-    p.stats.loss_sum += loss_value.item() * n
-    p.stats.images += n
-    if run.mixup is None:
-        p.stats.correct += (logits.detach().argmax(-1) == labels).sum().item()
-        p.stats.labelled += n
+    values = [loss.detach()]
+    if run.mixup is None:  # hard labels: the training top-1 counts
+        values.append((logits.detach().argmax(-1) == labels).sum())
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.step_log.add(_MicroBatch(p.global_step + 1, labels.shape[0], lr), values)
+
+
+def _sync(run: _Run, epoch: int, stop: StopSignals) -> bool:
+    """Read the losses (and hits) of the micro-batches since the last sync: the loop's one wait for
+    the device. A non-finite loss on any process stops the run, naming its first step; the rest goes
+    into the epoch's sums and the trackers. Every process calls this at the same steps; returns
+    whether any of them was asked to stop."""
+    info, p = run.info, run.progress
+    entries = run.step_log.collect()
+    bad = first_non_finite(entries)
+    stopping, any_bad, minus_step = all_reduce_max(
+        [float(stop.requested), float(bad is not None), -bad.key.step if bad is not None else -math.inf], info
+    ).tolist()
+    if any_bad:
+        _non_finite_loss(run, epoch, int(-minus_step), entries)
+    s = p.stats
+    per_step: dict[int, list[float]] = {}
+    for e in entries:
+        loss, n = e.values[0], e.key.images
+        s.loss_sum += loss * n
+        s.images += n
+        if run.mixup is None:
+            s.correct += e.values[1]
+            s.labelled += n
+        sums = per_step.setdefault(e.key.step, [0.0, 0.0, e.key.lr])
+        sums[0] += loss * n
+        sums[1] += n
+    if run.trackers is not None:
+        run.trackers.log_steps({step: {"loss": t / n, "lr": lr} for step, (t, n, lr) in per_step.items()})
     return stopping > 0
 
 
@@ -747,15 +848,20 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _non_finite_loss(run: _Run, loss: torch.Tensor, epoch: int) -> NoReturn:
-    lr = run.optimizer.param_groups[0]["lr"]
+def _non_finite_loss(run: _Run, epoch: int, step: int, entries: list[Entry[_MicroBatch]]) -> NoReturn:
+    """Stop: the loss of optimizer step `step` (the first such step on any process) was not finite.
+    The steps after it ran, but no checkpoint was written since (every write follows a sync)."""
     p = run.progress
+    mine = [e for e in entries if e.key.step == step]
+    seen = [e.values[0] for e in mine if not math.isfinite(e.values[0])]
+    what = f"became {seen[0]}" if seen else "became NaN or infinite"
+    lr = mine[0].key.lr if mine else run.optimizer.param_groups[0]["lr"]
+    step_in_epoch = step - (p.global_step - p.step)
     good = f"{run.last_ckpt}, optimizer step {run.last_ckpt_step}" if run.last_ckpt else "none written yet"
     raise NonFiniteLossError(
-        f"the loss became {loss.item()} at epoch {epoch + 1}, step {p.step + 1} "
-        f"(optimizer step {p.global_step + 1}, lr {lr:.3g}) on at least one process. Training "
-        f"stopped; nothing was saved after the last good checkpoint ({good}). Lower the lr, "
-        "set clip_grad, or use --amp bf16 instead of fp16."
+        f"the loss {what} at epoch {epoch + 1}, step {step_in_epoch} (optimizer step {step}, lr {lr:.3g}) "
+        f"on at least one process. Training stopped; nothing was saved after the last good checkpoint "
+        f"({good}). Lower the lr, set clip_grad, or use --amp bf16 instead of fp16."
     )
 
 
@@ -819,25 +925,20 @@ def end_epoch(run: _Run, epoch: int) -> None:
     p.step = 0
     if info.is_main:
         write_csv(run.out / "log.csv", p.history, CSV_COLUMNS)
-        if run.writer is not None:
-            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "train_img_s"):
-                if row.get(key) is not None:
-                    run.writer.add_scalar(key, row[key], epoch + 1)
-            run.writer.flush()
+        if run.trackers is not None:
+            run.trackers.log_epoch(row)
     _log_epoch(run, row)
 
 
 def evaluate_epoch(run: _Run) -> EvalResult:
     """Top-1/top-5 of the evaluated model (the EMA when kept), after the official BN-statistics reset."""
-    model, recipe = run.eval_model, run.recipe
-    if recipe.reset_bn:
-        _reset_bn(model, run.train_src, recipe, run.mean, run.std, run.info)
+    if run.recipe.reset_bn:
+        _reset_bn(run, run.eval_model)
     return evaluate_model(
-        model,
-        run.val_loader,
+        run.eval_model,
+        run.to_device(run.val_loader, run.decoder("evaluation")),
         run.info,
-        amp=recipe.amp,
-        channels_last=recipe.channels_last,
+        amp=run.recipe.amp,
         progress=run.progress_bars,
     )
 
@@ -862,31 +963,31 @@ def _log_epoch(run: _Run, row: dict[str, Any]) -> None:
     )
 
 
-def _reset_bn(
-    model: nn.Module,
-    train_src: ImageSource,
-    recipe: Recipe,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    info: DistInfo,
-) -> None:
-    """Official `reset_bn`: a fixed subset of training images, training transform at the eval size."""
-    subset = subset_indices(len(train_src), recipe.reset_bn_samples, recipe.seed)
-    source = SubsetSource(train_src, subset)
-    transform = train_transform(recipe, recipe.eval_image_size, mean, std)
+def _reset_bn(run: _Run, model: nn.Module) -> None:
+    """Official `reset_bn`: a fixed subset of training images, training transform at the eval size
+    (random erasing included, seeded per batch)."""
+    recipe, info = run.recipe, run.info
+    subset = subset_indices(len(run.train_src), recipe.reset_bn_samples, recipe.seed)
+    source = SubsetSource(run.train_src, subset)
+    transform = train_transform(recipe, recipe.eval_image_size, run.mean)
+    encoded = "training" in run.device_decoded
     loader = DataLoader(
-        EvalDataset(source, transform, seed=sample_seed(recipe.seed, 0xB9)),
+        EvalDataset(source, transform, seed=sample_seed(recipe.seed, 0xB9), encoded=encoded),
         batch_sampler=eval_batches(len(source), recipe.reset_bn_batch_size, info.world_size, info.rank),
         num_workers=recipe.workers,
         collate_fn=collate,
+        pin_memory=info.device.type == "cuda",
         worker_init_fn=ignore_stop_signals,
     )
 
     def batches():
-        for images, _, _ in loader:
+        decode = eval_decoder(info) if encoded else None
+        for i, (images, _, _) in enumerate(run.to_device(loader, decode)):
             if images.numel():
-                images = images.to(info.device, non_blocking=True)
-                yield images.contiguous(memory_format=torch.channels_last) if recipe.channels_last else images
+                if run.erasing is not None:
+                    with seeded(sample_seed(recipe.seed, 0xB9, i)):
+                        images = run.erasing(images)
+                yield images
 
     with autocast(recipe.amp, info.device):
         reset_bn_stats(model, batches(), info)
@@ -940,6 +1041,7 @@ def _snapshot(run: _Run, epoch: int, step_in_epoch: int) -> dict[str, Any]:
         "history": p.history,
         "epoch_stats": asdict(p.stats),
         "recipe": run.recipe.to_dict(),
+        "wandb_id": run.trackers.wandb_id if run.trackers is not None else None,
         META_KEY: checkpoint_metadata(run.model),
     }
 
