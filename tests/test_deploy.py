@@ -137,7 +137,7 @@ def test_deploy_layout_choices():
 
 
 def test_deploy_tune_times_the_candidates_and_applies_the_fastest(monkeypatch):
-    deploy_module = importlib.import_module("lowformer.deploy")  # `lowformer.deploy` is the function
+    deploy_module = importlib.import_module("lowformer.deploy.mode")  # `lowformer.deploy` is the function
 
     model = _nondefault(lowformer.create_model("lowformer_b0").eval())
     x = torch.randn(1, 3, 64, 64)

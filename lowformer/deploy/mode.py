@@ -30,8 +30,8 @@ from timm.layers import DropPath
 from timm.models._manipulate import reparameterize_model
 from torch import nn
 
-from . import onednn
-from .measure.timing import Candidate, PerfCounterTimer, Rounds, TimingPolicy, interleave
+from .. import onednn
+from ..measure.timing import Candidate, PerfCounterTimer, Rounds, TimingPolicy, interleave
 
 MEMORY_FORMATS = ("auto", "tune", "packed", "channels_last", "contiguous", "keep")
 
