@@ -32,23 +32,28 @@ _logger = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "torchscript", "onnxruntime", "cudagraphs", "aoti")
 COMPILERS = ("compile", "aoti")  # the backends that run inductor, which needs a C++ compiler on CPU
+# not a backend but the choice of one: each model in its own best configuration, found by
+# `lowformer.tune` (deploy layout x backend, verified and timed interleaved) when it is prepared
+TUNED = "tuned"
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def unsupported_reason(backend: str, precision: str, device: str, channels_last: bool) -> str | None:
     """Why this combination cannot run (it is then recorded as skipped), or None."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend not in (*BACKENDS, TUNED):
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)} (or {TUNED})")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if precision == "tf32" and not cuda:
         return "tf32 is a CUDA tensor-core mode; on CPU use fp32 or bf16"
+    if backend == TUNED:  # the tuner skips, with the reason, each candidate that cannot run
+        return None
     if backend == "cudagraphs" and not cuda:
         return "cudagraphs needs a CUDA device"
     if backend in ("torchscript", "onnxruntime") and precision in AUTOCAST_DTYPES:
-        return f"{backend} runs the fp32 graph here (fp32 or tf32); autocast needs eager, compile or cudagraphs"
+        return f"{backend} runs the fp32 graph here (fp32 or tf32); autocast needs eager, compile, cudagraphs or aoti"
     if backend == "onnxruntime" and channels_last:
         return "channels_last does not apply to onnxruntime (it chooses its own layouts)"
     if backend in COMPILERS and not cuda and not cxx_compiler_available():
@@ -152,6 +157,7 @@ class Prepared:
     note: str | None = None  # e.g. the ONNX Runtime provider actually used
     keep: Any = None  # objects the step needs alive (sessions, static outputs, graphs, temporary folders)
     artifact: Path | None = None  # the file the backend built and runs (ONNX graph, AOTInductor package)
+    tuning: dict | None = None  # backend "tuned": the tuner's table (`TuneResult.to_dict`, no environment)
 
     def candidate(self, label: str, context: Callable[[], AbstractContextManager] = nullcontext) -> Candidate:
         """This step as a candidate of interleaved rounds (`lowformer.measure.timing.interleave`)."""
@@ -206,7 +212,26 @@ def prepare(
         return _cuda_graph(model, x, precision, device)
     if backend == "aoti":
         return _aoti(model, x, precision, device)
+    if backend == TUNED:
+        return _tuned(model, x, precision, threads)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+# rounds the tuner times its candidates in, inside a benchmark (which then times the winner itself)
+TUNED_ROUNDS = 3
+
+
+def _tuned(model: nn.Module, x: torch.Tensor, precision: str, threads: int | None) -> Prepared:
+    """The fastest verified candidate `lowformer.tune` finds for this model, input and precision."""
+    from ..deploy.tuner import require_best, tune
+
+    objective = "latency" if x.shape[0] == 1 else "throughput"
+    result = tune(model, x, precision, objective, rounds=TUNED_ROUNDS, threads=threads, keep=())
+    best = require_best(result)
+    prepared = result.prepared[best.name]
+    prepared.note = f"tuned: {best.name}" + (f" ({prepared.note})" if prepared.note else "")
+    prepared.tuning = {k: v for k, v in result.to_dict().items() if k != "environment"}
+    return prepared
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,14 +60,13 @@ class Option:
     @classmethod
     def parse(cls, name: str) -> Option:
         """The inverse of `name`. Raises ValueError for a malformed name."""
-        backend, _, layout = name.strip().partition("/")
-        backend, _, mode = backend.partition(":")
-        option = cls(backend, layout or "keep", mode or None)
-        if option.name != name.strip() or not backend:
+        m = re.fullmatch(r"([a-z_]+)(?::([a-z-]+))?(?:/([a-z_]+))?", name.strip())
+        if m is None:
             raise ValueError(
                 f"malformed candidate {name!r}; write BACKEND[:COMPILE_MODE][/LAYOUT], e.g. compile/channels_last"
             )
-        return option
+        backend, mode, layout = m.groups()
+        return cls(backend, layout or "keep", mode)
 
 
 def candidate_options(device_type: str) -> list[Option]:
@@ -128,7 +128,7 @@ class CandidateResult:
     backend: str
     layout: str
     compile_mode: str | None
-    status: str = "ok"  # "ok", "skipped", "failed", "mismatch"
+    status: str = "ok"  # "ok", "skipped", "error" (failed), "oom", "mismatch" (above the tolerance)
     error: str | None = None  # the reason for a skip, the failure, or the error above the tolerance
     note: str | None = None  # the backend's note (compile options, ONNX Runtime provider)
     prepare_s: float | None = None  # deploy + build (trace, export, compile)
@@ -173,7 +173,7 @@ class TuneResult:
         return score(c, self.settings["objective"])
 
     def no_winner_reason(self) -> str:
-        counts = {s: sum(c.status == s for c in self.candidates) for s in ("skipped", "failed", "mismatch")}
+        counts = {s: sum(c.status == s for c in self.candidates) for s in ("skipped", "error", "oom", "mismatch")}
         what = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         return f"no candidate ran and verified ({what}; see the table)"
 
