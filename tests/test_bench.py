@@ -199,8 +199,73 @@ def test_compile_backend_runs_or_records_its_failure():
     assert r.status in ("ok", "error")
     if r.ok:
         assert r.latency_ms_p50 > 0 and r.prepare_s > 0  # prepare_s holds the compilation
+        assert r.backend_note == "torch.compile mode=default, freezing"
     else:
         assert r.error and r.latency_ms_p50 is None
+
+
+def test_compile_on_cpu_really_freezes():
+    """The frozen graph runs oneDNN convolutions with packed weights, not `aten::convolution`."""
+    from torch.profiler import profile
+
+    from lowformer.bench.backends import prepare
+
+    with torch.no_grad():
+        prepared = prepare(TinyConvNet().eval(), torch.randn(2, 3, 32, 32), "compile", "fp32", "cpu")
+        with profile() as prof:
+            prepared.step()
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::convolution" not in ops, ops
+
+
+def test_aoti_backend():
+    report = benchmark(
+        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[32], backends=["aoti"], timing=TINY
+    )
+    (r,) = report.results
+    assert r.ok, r.error
+    assert r.backend_note == "AOTInductor, freezing" and r.prepare_s > 0 and r.latency_ms_p50 > 0
+
+
+@pytest.fixture
+def eager_only_tuning(monkeypatch):
+    """The tuner's candidates cut to the eager layouts: the tuned backend's plumbing, without compiling."""
+    from lowformer.deploy import tuner
+
+    monkeypatch.setattr(tuner, "candidate_options", lambda device_type: [tuner.Option("eager", "contiguous")])
+
+
+def test_tuned_backend_records_the_choice(eager_only_tuning, tmp_path):
+    report = benchmark(
+        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[32], backends=["tuned"], timing=TINY
+    )
+    (r,) = report.results
+    assert r.ok, r.error
+    assert r.backend == "tuned" and r.backend_note == "tuned: eager/contiguous"
+    assert r.tuning["best"] == "eager/contiguous" and r.tuning["candidates"][0]["max_rel_err"] <= 1e-4
+    assert "tuning" in json.loads(report.write_json(tmp_path / "r.json").read_text())["results"][0]
+    with open(report.write_csv(tmp_path / "r.csv")) as f:
+        assert "tuning" not in next(csv.reader(f))  # nested: JSON only
+    cmp = compare(
+        [SMALL_MODEL, f"{SMALL_MODEL}@backend=tuned"],
+        rounds=2,
+        device="cpu",
+        image_size=32,
+        threads=1,
+        warmup=TINY,
+        round_timing=TINY,
+    )
+    a, b = cmp.entries
+    assert a.tuning is None and b.tuning["best"] == "eager/contiguous" and b.backend_note == "tuned: eager/contiguous"
+
+
+def test_tuned_backend_refuses_the_switches_it_decides():
+    with pytest.raises(ValueError, match="drop channels_last"):
+        plan([SMALL_MODEL], device="cpu", backends=["tuned"], channels_last=True)
+    with pytest.raises(ValueError, match="drop --jobs"):
+        plan([SMALL_MODEL], device="cpu", backends=["tuned"], jobs=2)
+    with pytest.raises(ValueError, match="drop reparam"):
+        compare([SMALL_MODEL, f"{SMALL_MODEL}@backend=tuned,reparam"], device="cpu")
 
 
 def test_channels_last_bf16_and_skipped_combinations():
@@ -429,6 +494,8 @@ def test_compare_interleaves_rounds_in_one_process(tmp_path):
         (["--rounds", "3"], "--rounds applies to --compare"),
         (["--compare", SMALL_MODEL, "timm:test_vit", "--batch-size", "1", "2"], "one --batch-size"),
         (["--compare", SMALL_MODEL, "timm:test_vit", "--model", SMALL_MODEL], "drop --model"),
+        (["--tuned", "--backend", "eager"], "drop --backend"),
+        (["--tuned", "--channels-last"], "drop channels_last"),
     ],
 )
 def test_cli_bad_arguments_exit_2(argv, message, capsys):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,6 +332,8 @@ def test_cli_unwritable_out_fails_before_tuning(tmp_path):
     folder.mkdir()
     os.chmod(folder, 0o555)
     cmd = [sys.executable, "-m", "lowformer", "tune", "lowformer_b0", "--out", str(folder / "b0.pt2")]
-    proc = run_unprivileged(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    package_root = str(Path(lowformer.__file__).resolve().parents[1])  # this checkout, in the child too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    proc = run_unprivileged(cmd, cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stderr
     assert "cannot write" in proc.stderr and "tuning on" not in proc.stdout

@@ -74,9 +74,9 @@ def cxx_compiler_available() -> bool:
 
 
 def compile_options(device: str, compile_mode: str | None = None) -> dict[str, Any] | None:
-    """The inductor options `torch.compile` gets on `device`: None (torch's `mode` alone) on a GPU;
-    on CPU, the mode's options plus `freezing`, which folds the weights as constants and packs the
-    convolution and linear weights for oneDNN once (what a CPU user turns on for inference)."""
+    """The inductor options the package compiles with on `device`: None (torch's `mode` alone) on a
+    GPU; on CPU, the mode's options plus `freezing`, which folds the weights as constants and packs
+    the convolution and linear weights for oneDNN once (what a CPU user turns on for inference)."""
     if torch.device(device).type != "cpu":
         return None
     from torch._inductor import list_mode_options
@@ -90,12 +90,35 @@ def compile_note(device: str, compile_mode: str | None) -> str:
     return f"torch.compile mode={compile_mode or 'default'}{freezing}"
 
 
+class _Freezing:
+    """A compiled model whose calls (where inductor compiles, and recompiles) run with inductor's
+    `freezing` switch on.
+
+    NOTE: `torch.compile(model, options={"freezing": True})` does not freeze (torch 2.14: the
+    profile still shows `aten::mkldnn_convolution` with the plain weights, where the frozen graph
+    runs `mkldnn::_convolution_pointwise` with packed ones), so the switch is set in inductor's
+    config around each call; setting and restoring it costs microseconds.
+    """
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        before = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+
+
 def compile_model(model: nn.Module, device: str, compile_mode: str | None = None) -> Callable:
-    """`torch.compile(model)` as this package runs it on `device` (see `compile_options`)."""
-    options = compile_options(device, compile_mode)
-    if options is None:
-        return torch.compile(model, mode=compile_mode)
-    return torch.compile(model, options=options)
+    """`torch.compile(model, mode=compile_mode)` as this package runs it: on CPU with inductor
+    freezing (see `compile_options`)."""
+    compiled = torch.compile(model, mode=compile_mode)
+    return _Freezing(compiled) if compile_options(device, compile_mode) else compiled
 
 
 def autocast(precision: str, device: str, cache_enabled: bool = True):
