@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda line: print(line, flush=True),
         )
     print()
-    print(format_tune(result))
+    print(format_tune(result.to_dict()))
     if args.json:
         print(f"wrote {write_json(args.json, result.to_dict())}")
     best = require_best(result)
@@ -148,42 +148,48 @@ def _write_package(args: argparse.Namespace, result: TuneResult, model, best: st
         raise VerificationError(f"{path} does not reproduce the model (see above); it is kept for inspection")
 
 
-def format_tune(result: TuneResult) -> str:
-    """The tuning table: one row per candidate, the winner marked, failures explained under it."""
-    s = result.settings
-    env = result.environment
+def format_tune(record: dict) -> str:
+    """The tuning table of a `TuneResult.to_dict()` record (or the `tuning` a tuned benchmark row
+    keeps): one row per candidate, the winner marked, failures explained under it."""
+    s = record["settings"]
+    env = record.get("environment")
     shape = "x".join(map(str, s["input_shape"]))
-    head = (
-        f"{env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}, threads {s['threads']}, "
-        f"load {format_number(env.get('load_avg_1m'), '.1f')}\n"
+    head = []
+    if env:
+        head.append(
+            f"{env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}, threads {s['threads']}, "
+            f"load {format_number(env.get('load_avg_1m'), '.1f')}"
+        )
+    head.append(
         f"input {shape}, {s['precision']} (max rel err bound {s['tolerance']:.0e} vs fp32 eager), "
         f"objective {s['objective']}, {s['rounds']} interleaved rounds"
     )
     headers = ["", "candidate", "status", "prepare s", "max rel err", "ms p50", "ms p10-p90", "img/s", "vs eager"]
     rows, notes = [], []
     batch = s["input_shape"][0]
-    for c in result.candidates:
-        status = c.status
-        if c.status != "ok":
-            notes.append(f"[{len(notes) + 1}] {c.name}: {c.error}")
-            status = f"{c.status} [{len(notes)}]"
+    for c in record["candidates"]:
+        status = c["status"]
+        if status != "ok":
+            notes.append(f"[{len(notes) + 1}] {c['name']}: {c['error']}")
+            status = f"{status} [{len(notes)}]"
+        p50, speedup = c["latency_ms_p50"], c["speedup_vs_eager"]
         rows.append(
             [
-                "*" if result.best is not None and c.name == result.best.name else "",
-                c.name,
+                "*" if c["name"] == record["best"] else "",
+                c["name"],
                 status,
-                format_number(c.prepare_s, ".1f"),
-                format_number(c.max_rel_err, ".1e"),
-                format_ms(c.latency_ms_p50),
-                f"{format_ms(c.latency_ms_p10)}-{format_ms(c.latency_ms_p90)}" if c.ok else "-",
-                format_number(batch / c.latency_ms_p50 * 1e3 if c.latency_ms_p50 else None, ".1f"),
-                format_number(c.speedup_vs_eager, ".2f") + "x" * (c.speedup_vs_eager is not None),
+                format_number(c["prepare_s"], ".1f"),
+                format_number(c["max_rel_err"], ".1e"),
+                format_ms(p50),
+                f"{format_ms(c['latency_ms_p10'])}-{format_ms(c['latency_ms_p90'])}" if p50 is not None else "-",
+                format_number(batch / p50 * 1e3 if p50 else None, ".1f"),
+                format_number(speedup, ".2f") + "x" * (speedup is not None),
             ]
         )
     table = render_table(headers, rows, [False, False, False, True, True, True, True, True, True])
+    statistic = "median" if s["objective"] == "throughput" else "90th percentile"
     legend = (
-        "(* = picked: fastest verified by "
-        + ("median" if s["objective"] == "throughput" else "90th percentile")
-        + " call time; vs eager = per-round speedup over the first eager candidate, median)"
+        f"(* = picked: fastest verified by {statistic} call time; "
+        "vs eager = per-round speedup over the first eager candidate, median)"
     )
-    return "\n".join([head, table, *notes, legend])
+    return "\n".join([*head, table, *notes, legend])

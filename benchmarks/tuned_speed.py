@@ -1,0 +1,107 @@
+"""Tuned deploy against what a timm user gets: eager, and `torch.compile` with inductor freezing.
+
+    .venv/bin/python benchmarks/tuned_speed.py --out docs/perf/tuned
+
+For each model and batch size, five configurations are timed round by round in one process (A B C
+D E, then E D C B A, ...; `lowformer.bench.compare`):
+
+    A  timm's port, eager, NCHW              B  the same, channels_last
+    C  timm's port + torch.compile (inductor freezing), NCHW      D  the same, channels_last
+    E  ours tuned: `lowformer.tune` builds every candidate that runs here (deploy mode in each
+       layout; eager, torch.compile, AOTInductor, ONNX Runtime), verifies each against the fp32
+       eager model, times them interleaved and keeps the fastest (its table is printed)
+
+Speedups are per round, from round medians taken moments apart: ours tuned against timm eager at
+its better layout (min of A, B per round) and against timm compiled at its better layout (min of C,
+D). The table gives the median of the per-round ratios and its min/max. EdgeViT has no timm port:
+its baseline is our EdgeViT as the official code computes it (no deploy mode), eager and compiled.
+Each comparison writes a JSON (every round, the tuning table, the environment, the load before
+and after), and the script prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from lowformer._io import write_json
+from lowformer.bench import TimingPolicy, compare
+from lowformer.cli.tune import format_tune
+from lowformer.measure.env import cpu_load
+from lowformer.report import format_compare
+
+MODELS = ["lowformer_b0", "lowformer_b1", "lowformer_e1", "lowformer_b3", "edgevit_xs"]
+
+
+def baseline(name: str) -> str:
+    """The name a user without our deploy mode runs: timm's port, or (EdgeViT) our plain model."""
+    return name if name.startswith("edgevit") else f"timm:{name}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 1])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--calls", type=int, default=3, help="timed calls per configuration per round (batch > 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every configuration")
+    p.add_argument("--out", type=Path, default=Path("docs/perf/tuned"))
+    args = p.parse_args()
+
+    rows = []
+    for batch in args.batch_sizes:
+        for name in args.models:
+            base = baseline(name)
+            specs = [base, f"{base}@channels_last", f"{base}@backend=compile", f"{base}@backend=compile,channels_last"]
+            specs.append(f"{name}@backend=tuned")
+            calls = args.calls if batch > 1 else 10 * args.calls  # batch 1 calls are short: more per round
+            load_before, cpus = cpu_load()
+            start = time.perf_counter()
+            report = compare(
+                specs,
+                rounds=args.rounds,
+                device="cpu",
+                batch_size=batch,
+                image_size=args.image_size,
+                threads=args.threads,
+                round_timing=TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=calls, min_s=0.0),
+                progress=True,
+            )
+            load_after, _ = cpu_load()
+            data = report.to_dict()
+            data["load_avg_1m_before_after"] = [load_before, load_after]
+            data["took_s"] = time.perf_counter() - start
+            write_json(args.out / f"tuned_{name}_cpu_bs{batch}.json", data)
+            tuned = report.entries[-1]
+            print(format_compare(report))
+            if tuned.tuning:
+                print(format_tune(tuned.tuning))
+            if not all(e.ok for e in report.entries):
+                print(f"{name} batch {batch}: a configuration failed; see the JSON")
+                continue
+            r = [e.round_medians_ms for e in report.entries]
+            vs_eager = [min(a, b) / e for a, b, e in zip(r[0], r[1], r[4])]
+            vs_compile = [min(c, d) / e for c, d, e in zip(r[2], r[3], r[4])]
+            medians = [statistics.median(m) for m in r]
+            pick = (tuned.backend_note or "").removeprefix("tuned: ")
+            rows.append((name, batch, medians, pick, vs_eager, vs_compile, load_before, load_after))
+
+    print()
+    head = ["model", "batch", "timm eager ms (NCHW / CL)", "timm compile ms (NCHW / CL)", "ours tuned ms", "tuned pick"]
+    head += ["vs timm eager min / median / max", "vs timm compile min / median / max", "load before / after"]
+    print("| " + " | ".join(head) + " |")
+    print("|---|---:|---:|---:|---:|---|---|---|---|")
+    for name, batch, m, pick, ve, vc, lb, la in rows:
+        print(
+            f"| {name} | {batch} | {m[0]:.1f} / {m[1]:.1f} | {m[2]:.1f} / {m[3]:.1f} | {m[4]:.1f} | {pick} | "
+            f"{min(ve):.2f} / **{statistics.median(ve):.2f}** / {max(ve):.2f} | "
+            f"{min(vc):.2f} / **{statistics.median(vc):.2f}** / {max(vc):.2f} | {lb:.1f} / {la:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
