@@ -2,18 +2,26 @@
 
     .venv/bin/python benchmarks/tuned_speed.py --out docs/perf/tuned
 
-For each model and batch size, five configurations are timed round by round in one process (A B C
-D E, then E D C B A, ...; `lowformer.bench.compare`):
+For each model and batch size, these configurations are timed round by round in one process (A B C
+..., then ... C B A; `lowformer.bench.compare`):
 
-    A  timm's port, eager, NCHW              B  the same, channels_last
-    C  timm's port + torch.compile (inductor freezing), NCHW      D  the same, channels_last
-    E  ours tuned: `lowformer.tune` builds every candidate that runs here (deploy mode in each
-       layout; eager, torch.compile, AOTInductor, ONNX Runtime), verifies each against the fp32
-       eager model, times them interleaved and keeps the fastest (its table is printed)
+    timm eager:    timm's port, eager, NCHW and channels_last
+    timm compiled: timm's port + torch.compile (on CPU with inductor freezing), NCHW and
+                   channels_last; on CUDA also compile's reduce-overhead mode (CUDA graphs) and a
+                   captured CUDA graph of the eager model, in both layouts
+    ours tuned:    `lowformer.tune` builds every candidate that runs here (deploy mode in each
+                   layout; eager, torch.compile, AOTInductor, ONNX Runtime; CUDA graphs on a GPU),
+                   verifies each against the fp32 eager model, times them interleaved and keeps the
+                   fastest (its table is printed)
 
-Speedups are per round, from round medians taken moments apart: ours tuned against timm eager at
-its better layout (min of A, B per round) and against timm compiled at its better layout (min of C,
-D). The table gives the median of the per-round ratios and its min/max. EdgeViT has no timm port:
+Speedups are per round, from round medians taken moments apart: ours tuned against the fastest
+timm eager configuration of that round, and against the fastest timm compiled one. The table gives
+the median of the per-round ratios and its min/max. On a GPU:
+
+    python benchmarks/tuned_speed.py --device cuda --batch-sizes 256 --precision bf16 --out OUT
+    python benchmarks/tuned_speed.py --device cuda --batch-sizes 1 --precision fp32 --out OUT
+
+EdgeViT has no timm port:
 its baseline is our EdgeViT as the official code computes it (no deploy mode), eager and compiled.
 Each comparison writes a JSON (every round, the tuning table, the environment, the load before
 and after), and the script prints a markdown table.
@@ -49,6 +57,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--calls", type=int, default=3, help="timed calls per configuration per round (batch > 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every configuration")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", help="fp32 (TF32 off), tf32, fp16, bf16 (autocast)")
     p.add_argument("--out", type=Path, default=Path("docs/perf/tuned"))
     args = p.parse_args()
 
@@ -56,17 +66,22 @@ def main() -> None:
     for batch in args.batch_sizes:
         for name in args.models:
             base = baseline(name)
-            specs = [base, f"{base}@channels_last", f"{base}@backend=compile", f"{base}@backend=compile,channels_last"]
-            specs.append(f"{name}@backend=tuned")
+            eager = [base, f"{base}@channels_last"]
+            compiled = [f"{base}@backend=compile", f"{base}@backend=compile,channels_last"]
+            if args.device.startswith("cuda"):
+                compiled += [f"{b},compile_mode=reduce-overhead" for b in compiled]
+                compiled += [f"{base}@backend=cudagraphs", f"{base}@backend=cudagraphs,channels_last"]
+            specs = [*eager, *compiled, f"{name}@backend=tuned"]
             calls = args.calls if batch > 1 else 10 * args.calls  # batch 1 calls are short: more per round
-            load_before, cpus = cpu_load()
+            load_before, _ = cpu_load()
             start = time.perf_counter()
             report = compare(
                 specs,
                 rounds=args.rounds,
-                device="cpu",
+                device=args.device,
                 batch_size=batch,
                 image_size=args.image_size,
+                precision=args.precision,
                 threads=args.threads,
                 round_timing=TimingPolicy(warmup_iters=1, warmup_s=0.0, min_iters=calls, min_s=0.0),
                 progress=True,
@@ -75,7 +90,7 @@ def main() -> None:
             data = report.to_dict()
             data["load_avg_1m_before_after"] = [load_before, load_after]
             data["took_s"] = time.perf_counter() - start
-            write_json(args.out / f"tuned_{name}_cpu_bs{batch}.json", data)
+            write_json(args.out / f"tuned_{name}_{args.device}_{args.precision}_bs{batch}.json", data)
             tuned = report.entries[-1]
             print(format_compare(report))
             if tuned.tuning:
@@ -83,21 +98,28 @@ def main() -> None:
             if not all(e.ok for e in report.entries):
                 print(f"{name} batch {batch}: a configuration failed; see the JSON")
                 continue
-            r = [e.round_medians_ms for e in report.entries]
-            vs_eager = [min(a, b) / e for a, b, e in zip(r[0], r[1], r[4])]
-            vs_compile = [min(c, d) / e for c, d, e in zip(r[2], r[3], r[4])]
-            medians = [statistics.median(m) for m in r]
+            rounds = [e.round_medians_ms for e in report.entries]
+            ours = rounds[-1]
+            best_eager = [min(r) for r in zip(*rounds[: len(eager)])]
+            best_compiled = [min(r) for r in zip(*rounds[len(eager) : -1])]
+            vs_eager = [b / o for b, o in zip(best_eager, ours)]
+            vs_compiled = [b / o for b, o in zip(best_compiled, ours)]
+            medians = [statistics.median(m) for m in rounds]
             pick = (tuned.backend_note or "").removeprefix("tuned: ")
-            rows.append((name, batch, medians, pick, vs_eager, vs_compile, load_before, load_after))
+            eager_ms = " / ".join(f"{m:.1f}" for m in medians[: len(eager)])
+            compiled_ms = " / ".join(f"{m:.1f}" for m in medians[len(eager) : -1])
+            rows.append(
+                (name, batch, eager_ms, compiled_ms, medians[-1], pick, vs_eager, vs_compiled, load_before, load_after)
+            )
 
     print()
-    head = ["model", "batch", "timm eager ms (NCHW / CL)", "timm compile ms (NCHW / CL)", "ours tuned ms", "tuned pick"]
-    head += ["vs timm eager min / median / max", "vs timm compile min / median / max", "load before / after"]
+    head = ["model", "batch", "timm eager ms (NCHW / CL)", "timm compiled ms", "ours tuned ms", "tuned pick"]
+    head += ["vs timm eager min / median / max", "vs timm compiled min / median / max", "load before / after"]
     print("| " + " | ".join(head) + " |")
     print("|---|---:|---:|---:|---:|---|---|---|---|")
-    for name, batch, m, pick, ve, vc, lb, la in rows:
+    for name, batch, eager_ms, compiled_ms, ours_ms, pick, ve, vc, lb, la in rows:
         print(
-            f"| {name} | {batch} | {m[0]:.1f} / {m[1]:.1f} | {m[2]:.1f} / {m[3]:.1f} | {m[4]:.1f} | {pick} | "
+            f"| {name} | {batch} | {eager_ms} | {compiled_ms} | {ours_ms:.1f} | {pick} | "
             f"{min(ve):.2f} / **{statistics.median(ve):.2f}** / {max(ve):.2f} | "
             f"{min(vc):.2f} / **{statistics.median(vc):.2f}** / {max(vc):.2f} | {lb:.1f} / {la:.1f} |"
         )
