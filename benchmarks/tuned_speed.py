@@ -24,12 +24,14 @@ the median of the per-round ratios and its min/max. On a GPU:
 EdgeViT has no timm port:
 its baseline is our EdgeViT as the official code computes it (no deploy mode), eager and compiled.
 Each comparison writes a JSON (every round, the tuning table, the environment, the load before
-and after), and the script prints a markdown table.
+and after) as soon as it is done, and the script prints a markdown table; `--table` prints the
+table of every JSON already in --out (runs split over several invocations), timing nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -60,9 +62,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", help="fp32 (TF32 off), tf32, fp16, bf16 (autocast)")
     p.add_argument("--out", type=Path, default=Path("docs/perf/tuned"))
+    p.add_argument("--table", action="store_true", help="print the table from the JSON already in --out, time nothing")
     args = p.parse_args()
 
-    rows = []
+    if args.table:
+        print_table([json.loads(p.read_text()) for p in sorted(args.out.glob("tuned_*.json"))])
+        return
+    records = []
     for batch in args.batch_sizes:
         for name in args.models:
             base = baseline(name)
@@ -88,36 +94,65 @@ def main() -> None:
             )
             load_after, _ = cpu_load()
             data = report.to_dict()
+            data["groups"] = {"eager": eager, "compiled": compiled}
             data["load_avg_1m_before_after"] = [load_before, load_after]
             data["took_s"] = time.perf_counter() - start
             write_json(args.out / f"tuned_{name}_{args.device}_{args.precision}_bs{batch}.json", data)
             tuned = report.entries[-1]
-            print(format_compare(report))
+            print(format_compare(report), flush=True)
             if tuned.tuning:
-                print(format_tune(tuned.tuning))
-            if not all(e.ok for e in report.entries):
-                print(f"{name} batch {batch}: a configuration failed; see the JSON")
-                continue
-            rounds = [e.round_medians_ms for e in report.entries]
-            ours = rounds[-1]
-            best_eager = [min(r) for r in zip(*rounds[: len(eager)])]
-            best_compiled = [min(r) for r in zip(*rounds[len(eager) : -1])]
-            vs_eager = [b / o for b, o in zip(best_eager, ours)]
-            vs_compiled = [b / o for b, o in zip(best_compiled, ours)]
-            medians = [statistics.median(m) for m in rounds]
-            pick = (tuned.backend_note or "").removeprefix("tuned: ")
-            eager_ms = " / ".join(f"{m:.1f}" for m in medians[: len(eager)])
-            compiled_ms = " / ".join(f"{m:.1f}" for m in medians[len(eager) : -1])
-            rows.append(
-                (name, batch, eager_ms, compiled_ms, medians[-1], pick, vs_eager, vs_compiled, load_before, load_after)
-            )
+                print(format_tune(tuned.tuning), flush=True)
+            records.append(data)
+    print_table(records)
 
+
+def summarize(data: dict) -> tuple | None:
+    """One row of the table from a comparison's JSON: per-round speedups of ours tuned (the last
+    entry) over the fastest timm eager and the fastest timm compiled configuration of each round."""
+    entries = data["entries"]
+    if not all(e["status"] == "ok" for e in entries):
+        return None
+    n_eager = len(data["groups"]["eager"]) if "groups" in data else 2  # the two layouts
+    rounds = [e["round_medians_ms"] for e in entries]
+    ours = rounds[-1]  # the compiled configurations are the ones between eager and ours
+    best_eager = [min(r) for r in zip(*rounds[:n_eager])]
+    best_compiled = [min(r) for r in zip(*rounds[n_eager:-1])]
+    vs_eager = [b / o for b, o in zip(best_eager, ours)]
+    vs_compiled = [b / o for b, o in zip(best_compiled, ours)]
+    medians = [statistics.median(m) for m in rounds]
+    pick = (entries[-1]["backend_note"] or "").removeprefix("tuned: ")
+    eager_ms = " / ".join(f"{m:.1f}" for m in medians[:n_eager])
+    compiled_ms = " / ".join(f"{m:.1f}" for m in medians[n_eager:-1])
+    load_before, load_after = data["load_avg_1m_before_after"]
+    return (
+        entries[-1]["label"].split("@")[0],
+        entries[-1]["config"]["batch_size"],
+        eager_ms,
+        compiled_ms,
+        medians[-1],
+        pick,
+        vs_eager,
+        vs_compiled,
+        load_before,
+        load_after,
+    )
+
+
+def print_table(records: list[dict]) -> None:
+    """The markdown table of docs/performance.md, from the comparisons' JSON records."""
+    head = ["model", "batch", "timm eager ms (NCHW / CL)", "timm compiled ms (NCHW / CL)", "ours tuned ms"]
+    head += ["tuned pick", "vs timm eager min / median / max", "vs timm compiled min / median / max"]
+    head += ["load before / after"]
     print()
-    head = ["model", "batch", "timm eager ms (NCHW / CL)", "timm compiled ms", "ours tuned ms", "tuned pick"]
-    head += ["vs timm eager min / median / max", "vs timm compiled min / median / max", "load before / after"]
     print("| " + " | ".join(head) + " |")
     print("|---|---:|---:|---:|---:|---|---|---|---|")
-    for name, batch, eager_ms, compiled_ms, ours_ms, pick, ve, vc, lb, la in rows:
+    for data in records:
+        row = summarize(data)
+        if row is None:
+            label, batch = data["entries"][-1]["label"], data["entries"][-1]["config"]["batch_size"]
+            print(f"| {label.split('@')[0]} | {batch} | a configuration failed; see the JSON |")
+            continue
+        name, batch, eager_ms, compiled_ms, ours_ms, pick, ve, vc, lb, la = row
         print(
             f"| {name} | {batch} | {eager_ms} | {compiled_ms} | {ours_ms:.1f} | {pick} | "
             f"{min(ve):.2f} / **{statistics.median(ve):.2f}** / {max(ve):.2f} | "

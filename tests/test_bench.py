@@ -27,6 +27,7 @@ from lowformer.bench import (
     plan,
     reparameterize,
 )
+from lowformer.bench.backends import compile_note, compile_options
 from lowformer.bench.compare import CompareEntry, pair_result
 from lowformer.bench.result import CSV_COLUMNS, SCHEMA
 from lowformer.cli import main
@@ -202,6 +203,36 @@ def test_compile_backend_runs_or_records_its_failure():
         assert r.backend_note == "torch.compile mode=default, freezing"
     else:
         assert r.error and r.latency_ms_p50 is None
+
+
+def test_cli_compile_mode_reaches_torch_compile_and_the_record(tmp_path, monkeypatch, capsys):
+    """`--compile-mode reduce-overhead` (latency) is what torch.compile is called with, and the
+    result records it with freezing on CPU; torch.compile is replaced by a recorder, nothing compiles."""
+    from torch._inductor import config as inductor_config
+
+    calls = []
+
+    def fake_compile(model, mode=None):
+        def run(x):
+            calls.append((mode, inductor_config.freezing))  # the switch as inductor would see it
+            return model(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--threads", "1"]
+    argv += ["--backend", "compile", "--compile-mode", "reduce-overhead", "--iters", "2", "--seconds", "0"]
+    argv += ["--warmup-iters", "1", "--warmup-seconds", "0", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert calls and set(calls) == {("reduce-overhead", True)}
+    assert inductor_config.freezing is False  # restored after each call
+    (r,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert (
+        r["compile_mode"] == "reduce-overhead" and r["backend_note"] == "torch.compile mode=reduce-overhead, freezing"
+    )
+    assert compile_options("cpu", "reduce-overhead")["freezing"] is True
+    assert compile_options("cuda", "reduce-overhead") is None  # on a GPU the mode alone (CUDA graphs)
+    assert compile_note("cuda", "reduce-overhead") == "torch.compile mode=reduce-overhead"
 
 
 def test_compile_on_cpu_really_freezes():
