@@ -109,7 +109,7 @@ def main() -> None:
 def summarize(data: dict) -> tuple | None:
     """One row of the table from a comparison's JSON: per-round speedups of ours tuned (the last
     entry) over the fastest timm eager and the fastest timm compiled configuration of each round."""
-    entries = data["entries"]
+    entries = data["configs"]
     if not all(e["status"] == "ok" for e in entries):
         return None
     n_eager = len(data["groups"]["eager"]) if "groups" in data else 2  # the two layouts
@@ -149,7 +149,7 @@ def print_table(records: list[dict]) -> None:
     for data in records:
         row = summarize(data)
         if row is None:
-            label, batch = data["entries"][-1]["label"], data["entries"][-1]["config"]["batch_size"]
+            label, batch = data["configs"][-1]["label"], data["configs"][-1]["config"]["batch_size"]
             print(f"| {label.split('@')[0]} | {batch} | a configuration failed; see the JSON |")
             continue
         name, batch, eager_ms, compiled_ms, ours_ms, pick, ve, vc, lb, la = row
