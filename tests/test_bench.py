@@ -29,7 +29,7 @@ from lowformer.bench import (
 )
 from lowformer.bench.backends import compile_note, compile_options
 from lowformer.bench.compare import CompareEntry, pair_result
-from lowformer.bench.result import CSV_COLUMNS, SCHEMA
+from lowformer.bench.result import CSV_COLUMNS, JSON_ONLY, SCHEMA
 from lowformer.cli import main
 from lowformer.factory import check_model_name
 from lowformer.measure.session import classify_failure
@@ -163,7 +163,8 @@ def test_json_and_csv_schema(tmp_path):
     assert data["settings"]["timing"] == TINY.to_dict()
     assert [r["mode"] for r in data["results"]] == ["throughput", "latency"]
     for r in data["results"]:
-        assert list(r) == [c for c in CSV_COLUMNS if not c.startswith("env_")]
+        assert [k for k in r if k not in JSON_ONLY] == [c for c in CSV_COLUMNS if not c.startswith("env_")]
+        assert r["tuning"] is None  # a tuned row's table: JSON only, no CSV cell
         assert r["status"] == "ok" and r["latency_ms_p50"] > 0 and r["macs"] > 0 and r["params"] > 0
         assert r["threads"] == 1 and r["memory_source"].startswith(("proc_vmhwm", "ru_maxrss"))
         assert r["mfu"] is None  # no known CPU peak
