@@ -1,6 +1,6 @@
 """lowformer: hardware-efficient vision backbones (LowFormer, EdgeViT) and proof of their speed."""
 
-from .deploy import deploy
+from .deploy import deploy, load_deployed, tune
 from .factory import create_model, load_model
 from .models import LowFormer, LowFormerSpec, StageSpec, get_entry, list_models, register_model
 from .weights import CheckpointError, read_checkpoint, save_checkpoint, weights_dir
@@ -16,9 +16,11 @@ __all__ = [
     "deploy",
     "get_entry",
     "list_models",
+    "load_deployed",
     "load_model",
     "read_checkpoint",
     "register_model",
     "save_checkpoint",
+    "tune",
     "weights_dir",
 ]

@@ -27,8 +27,9 @@ from lowformer.bench import (
     plan,
     reparameterize,
 )
+from lowformer.bench.backends import compile_note, compile_options
 from lowformer.bench.compare import CompareEntry, pair_result
-from lowformer.bench.result import CSV_COLUMNS, SCHEMA
+from lowformer.bench.result import CSV_COLUMNS, JSON_ONLY, SCHEMA
 from lowformer.cli import main
 from lowformer.factory import check_model_name
 from lowformer.measure.session import classify_failure
@@ -163,7 +164,8 @@ def test_json_and_csv_schema(tmp_path):
     assert data["settings"]["timing"] == TINY.to_dict()
     assert [r["mode"] for r in data["results"]] == ["throughput", "latency"]
     for r in data["results"]:
-        assert list(r) == [c for c in CSV_COLUMNS if not c.startswith("env_")]
+        assert [k for k in r if k not in JSON_ONLY] == [c for c in CSV_COLUMNS if not c.startswith("env_")]
+        assert r["tuning"] is None  # a tuned row's table: JSON only, no CSV cell
         assert r["status"] == "ok" and r["latency_ms_p50"] > 0 and r["macs"] > 0 and r["params"] > 0
         assert r["threads"] == 1 and r["memory_source"].startswith(("proc_vmhwm", "ru_maxrss"))
         assert r["mfu"] is None  # no known CPU peak
@@ -200,8 +202,103 @@ def test_compile_backend_runs_or_records_its_failure():
     assert r.status in ("ok", "error")
     if r.ok:
         assert r.latency_ms_p50 > 0 and r.prepare_s > 0  # prepare_s holds the compilation
+        assert r.backend_note == "torch.compile mode=default, freezing"
     else:
         assert r.error and r.latency_ms_p50 is None
+
+
+def test_cli_compile_mode_reaches_torch_compile_and_the_record(tmp_path, monkeypatch, capsys):
+    """`--compile-mode reduce-overhead` (latency) is what torch.compile is called with, and the
+    result records it with freezing on CPU; torch.compile is replaced by a recorder, nothing compiles."""
+    from torch._inductor import config as inductor_config
+
+    calls = []
+
+    def fake_compile(model, mode=None):
+        def run(x):
+            calls.append((mode, inductor_config.freezing))  # the switch as inductor would see it
+            return model(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    argv = ["bench", "-m", SMALL_MODEL, "--mode", "latency", "--image-size", "32", "--threads", "1"]
+    argv += ["--backend", "compile", "--compile-mode", "reduce-overhead", "--iters", "2", "--seconds", "0"]
+    argv += ["--warmup-iters", "1", "--warmup-seconds", "0", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert calls and set(calls) == {("reduce-overhead", True)}
+    assert inductor_config.freezing is False  # restored after each call
+    (r,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert (
+        r["compile_mode"] == "reduce-overhead" and r["backend_note"] == "torch.compile mode=reduce-overhead, freezing"
+    )
+    assert compile_options("cpu", "reduce-overhead")["freezing"] is True
+    assert compile_options("cuda", "reduce-overhead") is None  # on a GPU the mode alone (CUDA graphs)
+    assert compile_note("cuda", "reduce-overhead") == "torch.compile mode=reduce-overhead"
+
+
+def test_compile_on_cpu_really_freezes():
+    """The frozen graph runs oneDNN convolutions with packed weights, not `aten::convolution`."""
+    from torch.profiler import profile
+
+    from lowformer.bench.backends import prepare
+
+    with torch.no_grad():
+        prepared = prepare(TinyConvNet().eval(), torch.randn(2, 3, 32, 32), "compile", "fp32", "cpu")
+        with profile() as prof:
+            prepared.step()
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::convolution" not in ops, ops
+
+
+def test_aoti_backend():
+    report = benchmark(
+        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[32], backends=["aoti"], timing=TINY
+    )
+    (r,) = report.results
+    assert r.ok, r.error
+    assert r.backend_note == "AOTInductor, freezing" and r.prepare_s > 0 and r.latency_ms_p50 > 0
+
+
+@pytest.fixture
+def eager_only_tuning(monkeypatch):
+    """The tuner's candidates cut to the eager layouts: the tuned backend's plumbing, without compiling."""
+    from lowformer.deploy import tuner
+
+    monkeypatch.setattr(tuner, "candidate_options", lambda device_type: [tuner.Option("eager", "contiguous")])
+
+
+def test_tuned_backend_records_the_choice(eager_only_tuning, tmp_path):
+    report = benchmark(
+        [("tiny", TinyConvNet())], device="cpu", modes=["latency"], image_sizes=[32], backends=["tuned"], timing=TINY
+    )
+    (r,) = report.results
+    assert r.ok, r.error
+    assert r.backend == "tuned" and r.backend_note == "tuned: eager/contiguous"
+    assert r.tuning["best"] == "eager/contiguous" and r.tuning["candidates"][0]["max_rel_err"] <= 1e-4
+    assert "tuning" in json.loads(report.write_json(tmp_path / "r.json").read_text())["results"][0]
+    with open(report.write_csv(tmp_path / "r.csv")) as f:
+        assert "tuning" not in next(csv.reader(f))  # nested: JSON only
+    cmp = compare(
+        [SMALL_MODEL, f"{SMALL_MODEL}@backend=tuned"],
+        rounds=2,
+        device="cpu",
+        image_size=32,
+        threads=1,
+        warmup=TINY,
+        round_timing=TINY,
+    )
+    a, b = cmp.entries
+    assert a.tuning is None and b.tuning["best"] == "eager/contiguous" and b.backend_note == "tuned: eager/contiguous"
+
+
+def test_tuned_backend_refuses_the_switches_it_decides():
+    with pytest.raises(ValueError, match="drop channels_last"):
+        plan([SMALL_MODEL], device="cpu", backends=["tuned"], channels_last=True)
+    with pytest.raises(ValueError, match="drop --jobs"):
+        plan([SMALL_MODEL], device="cpu", backends=["tuned"], jobs=2)
+    with pytest.raises(ValueError, match="drop reparam"):
+        compare([SMALL_MODEL, f"{SMALL_MODEL}@backend=tuned,reparam"], device="cpu")
 
 
 def test_channels_last_bf16_and_skipped_combinations():
@@ -430,6 +527,8 @@ def test_compare_interleaves_rounds_in_one_process(tmp_path):
         (["--rounds", "3"], "--rounds applies to --compare"),
         (["--compare", SMALL_MODEL, "timm:test_vit", "--batch-size", "1", "2"], "one --batch-size"),
         (["--compare", SMALL_MODEL, "timm:test_vit", "--model", SMALL_MODEL], "drop --model"),
+        (["--tuned", "--backend", "eager"], "drop --backend"),
+        (["--tuned", "--channels-last"], "drop channels_last"),
     ],
 )
 def test_cli_bad_arguments_exit_2(argv, message, capsys):

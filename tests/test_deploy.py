@@ -137,7 +137,7 @@ def test_deploy_layout_choices():
 
 
 def test_deploy_tune_times_the_candidates_and_applies_the_fastest(monkeypatch):
-    deploy_module = importlib.import_module("lowformer.deploy")  # `lowformer.deploy` is the function
+    deploy_module = importlib.import_module("lowformer.deploy.mode")  # `lowformer.deploy` is the function
 
     model = _nondefault(lowformer.create_model("lowformer_b0").eval())
     x = torch.randn(1, 3, 64, 64)
@@ -151,3 +151,20 @@ def test_deploy_tune_times_the_candidates_and_applies_the_fastest(monkeypatch):
     assert _stem_weight(fast).is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert _rel(model(x), fast(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_cell_spread_is_the_depthwise_transposed_conv(stride):
+    """EdgeViT's delegate spread (kernel = stride, depthwise) as a broadcast product: same outputs,
+    same parameters, any input memory format."""
+    from lowformer.models.edgevit import CellSpread
+
+    conv = torch.nn.ConvTranspose2d(24, 24, stride, stride=stride, groups=24).eval()
+    spread = CellSpread(conv)
+    assert dict(spread.named_parameters()).keys() == dict(conv.named_parameters()).keys()
+    x = torch.randn(2, 24, 5, 7)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).permute(0, 3, 1, 2)):
+            assert _rel(conv(inp), spread(inp)) <= 1e-6
+    with pytest.raises(ValueError, match="kernel = stride"):
+        CellSpread(torch.nn.ConvTranspose2d(24, 24, 4, stride=2, padding=1, groups=24))

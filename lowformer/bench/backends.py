@@ -1,8 +1,13 @@
-"""Ways to run a model: eager, torch.compile, TorchScript, ONNX Runtime, CUDA graphs; plus the
-precision and reparameterisation switches that go with them.
+"""Ways to run a model: eager, torch.compile, TorchScript, ONNX Runtime, CUDA graphs, AOTInductor;
+plus the precision and reparameterisation switches that go with them.
 
-`prepare` turns (model, input) into a zero-argument `step` that runs one forward pass, and picks
-the timer that measures it correctly on that backend and device.
+`prepare` turns (model, input) into a zero-argument `step` that runs one forward pass, picks the
+timer that measures it correctly on that backend and device, and gives `run`, the same forward on
+another input of that shape (what the deploy tuner verifies against the eager model).
+
+On CPU, `torch.compile` and AOTInductor run inductor with *freezing* (`compile_options`): weights
+become constants, so inductor folds them and packs the convolution and linear weights for oneDNN
+once, as a CPU user of the compiler would ask for.
 """
 
 from __future__ import annotations
@@ -14,36 +19,106 @@ import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..measure.timing import Candidate, CudaEventTimer, PerfCounterTimer, Timer, device_timer
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "compile", "torchscript", "onnxruntime", "cudagraphs")
+BACKENDS = ("eager", "compile", "torchscript", "onnxruntime", "cudagraphs", "aoti")
+COMPILERS = ("compile", "aoti")  # the backends that run inductor, which needs a C++ compiler on CPU
+# not a backend but the choice of one: each model in its own best configuration, found by
+# `lowformer.tune` (deploy layout x backend, verified and timed interleaved) when it is prepared
+TUNED = "tuned"
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def unsupported_reason(backend: str, precision: str, device: str, channels_last: bool) -> str | None:
     """Why this combination cannot run (it is then recorded as skipped), or None."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend not in (*BACKENDS, TUNED):
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)} (or {TUNED})")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if precision == "tf32" and not cuda:
         return "tf32 is a CUDA tensor-core mode; on CPU use fp32 or bf16"
+    if backend == TUNED:  # the tuner skips, with the reason, each candidate that cannot run
+        return None
     if backend == "cudagraphs" and not cuda:
         return "cudagraphs needs a CUDA device"
     if backend in ("torchscript", "onnxruntime") and precision in AUTOCAST_DTYPES:
-        return f"{backend} runs the fp32 graph here (fp32 or tf32); autocast needs eager, compile or cudagraphs"
+        return f"{backend} runs the fp32 graph here (fp32 or tf32); autocast needs eager, compile, cudagraphs or aoti"
     if backend == "onnxruntime" and channels_last:
         return "channels_last does not apply to onnxruntime (it chooses its own layouts)"
+    if backend in COMPILERS and not cuda and not cxx_compiler_available():
+        return f"{backend} on CPU needs a C++ compiler (inductor builds C++ kernels); install g++ or set CXX"
     return None
+
+
+@functools.cache
+def cxx_compiler_available() -> bool:
+    """Whether inductor finds the C++ compiler its CPU kernels are built with."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:
+        return False
+    return True
+
+
+def compile_options(device: str, compile_mode: str | None = None) -> dict[str, Any] | None:
+    """The inductor options the package compiles with on `device`: None (torch's `mode` alone) on a
+    GPU; on CPU, the mode's options plus `freezing`, which folds the weights as constants and packs
+    the convolution and linear weights for oneDNN once (what a CPU user turns on for inference)."""
+    if torch.device(device).type != "cpu":
+        return None
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(compile_mode or "default"), "freezing": True}
+
+
+def compile_note(device: str, compile_mode: str | None) -> str:
+    """How a compiled configuration was built, for the record (`backend_note`)."""
+    freezing = ", freezing" if compile_options(device, compile_mode) else ""
+    return f"torch.compile mode={compile_mode or 'default'}{freezing}"
+
+
+class _Freezing:
+    """A compiled model whose calls (where inductor compiles, and recompiles) run with inductor's
+    `freezing` switch on.
+
+    NOTE: `torch.compile(model, options={"freezing": True})` does not freeze (torch 2.14: the
+    profile still shows `aten::mkldnn_convolution` with the plain weights, where the frozen graph
+    runs `mkldnn::_convolution_pointwise` with packed ones), so the switch is set in inductor's
+    config around each call; setting and restoring it costs microseconds.
+    """
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        before = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+
+
+def compile_model(model: nn.Module, device: str, compile_mode: str | None = None) -> Callable:
+    """`torch.compile(model, mode=compile_mode)` as this package runs it: on CPU with inductor
+    freezing (see `compile_options`)."""
+    compiled = torch.compile(model, mode=compile_mode)
+    return _Freezing(compiled) if compile_options(device, compile_mode) else compiled
 
 
 def autocast(precision: str, device: str, cache_enabled: bool = True):
@@ -96,28 +171,37 @@ def reparam_layout(backend: str, device: str, channels_last: bool) -> str:
 
 @dataclass
 class Prepared:
-    """One forward pass ready to time: `step()` runs it, `timer` measures it."""
+    """One forward pass ready to time: `step()` runs it, `timer` measures it; `run(x)` is the same
+    forward on another input of the prepared shape, returning torch tensors (for verification)."""
 
     step: Callable[[], Any]
     timer: Timer
+    run: Callable[[torch.Tensor], Any] | None = None
     note: str | None = None  # e.g. the ONNX Runtime provider actually used
-    keep: Any = None  # objects the step needs alive (sessions, static outputs, graphs)
+    keep: Any = None  # objects the step needs alive (sessions, static outputs, graphs, temporary folders)
+    artifact: Path | None = None  # the file the backend built and runs (ONNX graph, AOTInductor package)
+    tuning: dict | None = None  # backend "tuned": the tuner's table (`TuneResult.to_dict`, no environment)
 
     def candidate(self, label: str, context: Callable[[], AbstractContextManager] = nullcontext) -> Candidate:
         """This step as a candidate of interleaved rounds (`lowformer.measure.timing.interleave`)."""
         return Candidate(label, self.step, self.timer, context)
 
 
-def _forward(model: Callable, x: torch.Tensor, precision: str, device: str) -> Callable[[], Any]:
+def _forward(model: Callable, precision: str, device: str) -> Callable[[torch.Tensor], Any]:
+    """`model` as a function of its input, under the precision's autocast."""
     if precision not in AUTOCAST_DTYPES:
-        return functools.partial(model, x)
+        return model
 
-    def step():
+    def forward(x: torch.Tensor):
         # NOTE: autocast is entered per call, as inference code does, so weight casts are timed
         with autocast(precision, device):
             return model(x)
 
-    return step
+    return forward
+
+
+def _prepared(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, device: str, **kwargs) -> Prepared:
+    return Prepared(functools.partial(forward, x), device_timer(device), run=forward, **kwargs)
 
 
 def prepare(
@@ -137,19 +221,40 @@ def prepare(
     if reason is not None:
         raise ValueError(reason)
     if backend == "eager":
-        return Prepared(_forward(model, x, precision, device), device_timer(device))
+        return _prepared(_forward(model, precision, device), x, device)
     if backend == "compile":
-        compiled = torch.compile(model, mode=compile_mode)
-        step = _forward(compiled, x, precision, device)
-        step()  # compile now, so that the warm-up times running, not compiling
-        return Prepared(step, device_timer(device), note=f"torch.compile mode={compile_mode or 'default'}")
+        forward = _forward(compile_model(model, device, compile_mode), precision, device)
+        prepared = _prepared(forward, x, device, note=compile_note(device, compile_mode))
+        prepared.step()  # compile now, so that the warm-up times running, not compiling
+        return prepared
     if backend == "torchscript":
-        return Prepared(_forward(_torchscript(model, x), x, precision, device), device_timer(device))
+        return _prepared(_forward(_torchscript(model, x), precision, device), x, device)
     if backend == "onnxruntime":
         return _onnxruntime(model, x, precision, device, threads)
     if backend == "cudagraphs":
         return _cuda_graph(model, x, precision, device)
+    if backend == "aoti":
+        return _aoti(model, x, precision, device)
+    if backend == TUNED:
+        return _tuned(model, x, precision, threads)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+# rounds the tuner times its candidates in, inside a benchmark (which then times the winner itself)
+TUNED_ROUNDS = 3
+
+
+def _tuned(model: nn.Module, x: torch.Tensor, precision: str, threads: int | None) -> Prepared:
+    """The fastest verified candidate `lowformer.tune` finds for this model, input and precision."""
+    from ..deploy.tuner import require_best, tune
+
+    objective = "latency" if x.shape[0] == 1 else "throughput"
+    result = tune(model, x, precision, objective, rounds=TUNED_ROUNDS, threads=threads, keep=())
+    best = require_best(result)
+    prepared = result.prepared[best.name]
+    prepared.note = f"tuned: {best.name}" + (f" ({prepared.note})" if prepared.note else "")
+    prepared.tuning = {k: v for k, v in result.to_dict().items() if k != "environment"}
+    return prepared
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
@@ -179,16 +284,24 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str,
     else:
         providers = ["CPUExecutionProvider"]
     x = x.contiguous()
-    with tempfile.TemporaryDirectory(prefix="lowformer-bench-") as tmp:
-        path = export(model, os.path.join(tmp, "model.onnx"), "onnx", example_input=x)
-        session = ort.InferenceSession(str(path), options, providers=providers)
+    # the graph stays on disk while the session lives: the deploy tuner writes it out as a package
+    folder = tempfile.TemporaryDirectory(prefix="lowformer-onnx-")
+    path = export(model, os.path.join(folder.name, "model.onnx"), "onnx", example_input=x)
+    session = ort.InferenceSession(str(path), options, providers=providers)
     wanted = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     used = session.get_providers()[0]
     if used != wanted:
         raise RuntimeError(f"onnxruntime ran on {used}, not {wanted}: install onnxruntime-gpu for CUDA")
+
+    def run(inp: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = session.run(None, {"input": inp.detach().contiguous().cpu().numpy()})
+        tensors = tuple(torch.from_numpy(o).to(inp.device) for o in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors  # as the model returns them
+
     if not cuda:
         feed = {"input": x.cpu().numpy()}
-        return Prepared(functools.partial(session.run, None, feed), PerfCounterTimer(), note=used, keep=session)
+        step = functools.partial(session.run, None, feed)
+        return Prepared(step, PerfCounterTimer(), run=run, note=used, keep=(session, folder), artifact=path)
     # Input and output stay on the GPU (no host copies in the timed call). `run_with_iobinding`
     # returns when the GPU work is done, so the host clock times it.
     binding = session.io_binding()
@@ -196,7 +309,20 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str,
     for output in session.get_outputs():  # one for a classifier, one per level for a detection neck
         binding.bind_output(output.name, "cuda", index)
     step = functools.partial(session.run_with_iobinding, binding)
-    return Prepared(step, PerfCounterTimer(sync=torch.cuda.synchronize), note=used, keep=(session, binding, x))
+    timer = PerfCounterTimer(sync=torch.cuda.synchronize)
+    return Prepared(step, timer, run=run, note=used, keep=(session, binding, x, folder), artifact=path)
+
+
+def _aoti(model: nn.Module, x: torch.Tensor, precision: str, device: str) -> Prepared:
+    """`torch.export` the model, compile it ahead of time with AOTInductor into a package (freezing
+    on CPU, see `compile_options`) and load it: what `lowformer.load_deployed` runs."""
+    from ..deploy.package import compile_aoti_package
+
+    folder = tempfile.TemporaryDirectory(prefix="lowformer-aoti-")
+    path = compile_aoti_package(model, x, Path(folder.name) / "model.pt2", precision)
+    loaded = torch._inductor.aoti_load_package(str(path))
+    note = "AOTInductor" + (", freezing" if compile_options(device) else "")
+    return _prepared(loaded, x, device, note=note, keep=(loaded, folder), artifact=path)
 
 
 def _cuda_graph(model: nn.Module, x: torch.Tensor, precision: str, device: str) -> Prepared:
@@ -212,4 +338,10 @@ def _cuda_graph(model: nn.Module, x: torch.Tensor, precision: str, device: str) 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast(precision, device, cache_enabled=False):
         out = model(x)
-    return Prepared(graph.replay, CudaEventTimer(), keep=(graph, x, out))
+
+    def run(inp: torch.Tensor):
+        x.copy_(inp)
+        graph.replay()
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+
+    return Prepared(graph.replay, CudaEventTimer(), run=run, keep=(graph, x, out))

@@ -29,8 +29,9 @@ from ..measure import stats
 from ..measure.env import environment, resolve_device
 from ..measure.session import classify_failure, mode_of
 from ..measure.timing import Candidate, Rounds, TimingPolicy, interleave
-from .backends import unsupported_reason
+from .backends import TUNED, unsupported_reason
 from .models import build_source, check_task
+from .planner import check_tuned
 from .presets import default_image_size, default_round_timing, default_timing
 from .result import BenchConfig
 from .runner import config_context, inference_form, params_and_macs, prepare_config
@@ -95,6 +96,11 @@ def parse_spec(spec: str, base: BenchConfig) -> BenchConfig:
             f"{spec!r}: a compile mode (--compile-mode, @compile_mode=) needs the compile backend (@backend=compile)"
         )
     unsupported_reason(config.backend, config.precision, config.device, config.channels_last)  # name check
+    if config.backend == TUNED:
+        try:
+            check_tuned(channels_last=config.channels_last, reparam=config.reparam)
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: {e}") from None
     return config
 
 
@@ -111,7 +117,9 @@ class CompareEntry:
     params: int | None = None
     macs: int | None = None
     timer: str | None = None
-    prepare_s: float | None = None
+    backend_note: str | None = None  # e.g. the compile options; for backend "tuned", the candidate picked
+    tuning: dict | None = None  # backend "tuned": every candidate the tuner tried
+    prepare_s: float | None = None  # for backend "tuned", the whole tuning
     round_medians_ms: list[float] = field(default_factory=list)
     samples_s: list[float] = field(default_factory=list, repr=False)
 
@@ -151,6 +159,8 @@ class CompareEntry:
             "params": self.params,
             "macs": self.macs,
             "timer": self.timer,
+            "backend_note": self.backend_note,
+            "tuning": self.tuning,
             "prepare_s": self.prepare_s,
             "iterations": len(self.samples_s),
             **self.summary(),
@@ -373,7 +383,7 @@ def _prepare(entries: list[CompareEntry]) -> list[tuple[CompareEntry, Candidate]
             e.params, e.macs = params_and_macs(model, c, macs_cache)
             with config_context(c):
                 prepared, e.prepare_s = prepare_config(c, model)
-            e.timer = prepared.timer.name
+            e.timer, e.backend_note, e.tuning = prepared.timer.name, prepared.note, prepared.tuning
             ready.append((e, prepared.candidate(e.label, functools.partial(config_context, c))))
         except Exception as exc:
             e.status, e.error = classify_failure(exc)

@@ -13,7 +13,7 @@ from ..factory import check_image_size, check_model_name
 from ..measure.env import cpu_name, device_name, resolve_device
 from ..measure.session import LATENCY_BATCH, MODES, batch_sizes_by_mode, check_modes
 from ..measure.timing import TimingPolicy
-from .backends import unsupported_reason
+from .backends import TUNED, unsupported_reason
 from .models import TASK_DESCRIPTIONS, Source, check_task, default_models
 from .presets import default_batch_size, default_image_size, default_timing, get_preset
 from .result import BenchConfig
@@ -92,8 +92,10 @@ def plan(
         image_sizes: sizes as S or (H, W), each checked against every model with
             `lowformer.factory.check_image_size`. Default: 224 (dense tasks: 512).
         precisions: "fp32" (TF32 off), "tf32", "fp16", "bf16" (autocast). Default: fp32.
-        backends: "eager", "compile", "torchscript", "onnxruntime", "cudagraphs". Default: eager.
-        compile_mode: `torch.compile` mode for the compile backend.
+        backends: "eager", "compile", "torchscript", "onnxruntime", "cudagraphs", "aoti", or
+            "tuned" (each model in its fastest verified configuration, found by `lowformer.tune`).
+            Default: eager.
+        compile_mode: `torch.compile` mode for the compile backend (on CPU with inductor freezing).
         channels_last: run model and input in channels_last memory format.
         reparam: reparameterise first (see `backends.reparameterize`).
         threads: intra-op CPU threads (also ONNX Runtime's). Default: torch's choice.
@@ -128,6 +130,8 @@ def plan(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if compile_mode is not None and "compile" not in backends:
         raise ValueError("a compile mode needs the compile backend (--backend compile)")
+    if TUNED in backends:
+        check_tuned(channels_last=channels_last, reparam=reparam, jobs=jobs)
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak TFLOP/s must be > 0, got {peak_tflops}")
     for backend in backends:
@@ -187,6 +191,16 @@ def plan(
         "peak_tflops": peak_tflops,
     }
     return Plan(configs=configs, sources=sources, settings=settings)
+
+
+def check_tuned(channels_last: bool = False, reparam: bool = False, jobs: int = 1) -> None:
+    """The tuned backend chooses layout and deploy mode per model itself, in one process: refuse
+    the switches it would override (ValueError)."""
+    clashes = [name for name, given in (("channels_last", channels_last), ("reparam", reparam)) if given]
+    if clashes:
+        raise ValueError(f"the tuned backend picks the layout and deploys each model itself; drop {', '.join(clashes)}")
+    if jobs > 1:
+        raise ValueError("the tuned backend runs in one process (each job could pick differently); drop --jobs")
 
 
 def _image_size(size: int | Sequence[int]) -> tuple[int, int]:

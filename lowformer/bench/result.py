@@ -29,7 +29,7 @@ class BenchConfig:
     batch_size: int = 1
     image_size: tuple[int, int] = (224, 224)  # (H, W)
     precision: str = "fp32"  # fp32 (TF32 off), tf32, fp16 or bf16 (autocast)
-    backend: str = "eager"
+    backend: str = "eager"  # or "tuned": the model's fastest verified configuration (lowformer.tune)
     compile_mode: str | None = None  # torch.compile mode for backend "compile"
     channels_last: bool = False
     reparam: bool = False
@@ -112,6 +112,7 @@ class BenchResult:
     tf32_cudnn: bool | None = None
     cudnn_benchmark: bool | None = None
     jobs_latency_ms_p50: list[float] | None = None  # each job's median (jobs > 1)
+    tuning: dict | None = None  # backend "tuned": every candidate the tuner tried (JSON only, not CSV)
 
     @property
     def ok(self) -> bool:
@@ -123,7 +124,8 @@ class BenchResult:
 
 # Environment keys repeated on every CSV row (prefixed "env_"), so that a row stands on its own.
 ENV_CSV_KEYS = ("date", "cpu", "torch", "timm", "onnxruntime", "torch_cuda", "cudnn", "gpu_driver")
-CSV_COLUMNS = [f.name for f in fields(BenchResult)] + [f"env_{k}" for k in ENV_CSV_KEYS]
+JSON_ONLY = ("tuning",)  # nested records: in the JSON, not in a CSV cell
+CSV_COLUMNS = [f.name for f in fields(BenchResult) if f.name not in JSON_ONLY] + [f"env_{k}" for k in ENV_CSV_KEYS]
 
 
 @dataclass

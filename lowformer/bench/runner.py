@@ -20,7 +20,7 @@ from ..measure.macs import count_macs
 from ..measure.session import classify_failure, frozen_heap, input_shape, make_input, place, run_context
 from ..measure.stats import median, summarize_ms
 from ..measure.timing import measure
-from .backends import Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
+from .backends import TUNED, Prepared, prepare, reparam_layout, reparameterize, unsupported_reason
 from .models import Source, build_source, source_kind
 from .planner import ModelArg, Plan, plan
 from .result import BenchConfig, BenchReport, BenchResult
@@ -41,8 +41,9 @@ def config_context(config: BenchConfig):
 
 
 def inference_form(model: nn.Module, config: BenchConfig, source: Source) -> tuple[nn.Module, str | None]:
-    """`model` reparameterised when `config` asks for it (see `backends.reparameterize`)."""
-    if not config.reparam:
+    """`model` reparameterised when `config` asks for it (see `backends.reparameterize`). The tuned
+    backend deploys each candidate itself."""
+    if not config.reparam or config.backend == TUNED:
         return model, None
     layout = reparam_layout(config.backend, config.device, config.channels_last)
     return reparameterize(model, layout, source_kind(source))
@@ -79,6 +80,7 @@ def _measure_config(config: BenchConfig, model: nn.Module, sync: Callable[[], No
             "timed_s": m.timed_s,
             "timer": prepared.timer.name,
             "backend_note": prepared.note,
+            "tuning": prepared.tuning,
             "prepare_s": prepare_s,
             "peak_memory_mib": peak,
             "memory_source": source,
@@ -163,6 +165,7 @@ def _new_result(config: BenchConfig, source: Source) -> BenchResult:
 _RAW_FIELDS = (
     "timer",
     "backend_note",
+    "tuning",
     "prepare_s",
     "warmup_iters",
     "warmup_s",

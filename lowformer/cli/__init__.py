@@ -10,9 +10,9 @@ import os
 import sys
 
 from ..errors import EXIT_INTERRUPTED, LowformerRuntimeError, exit_code, is_out_of_memory, one_line
-from . import analyze, bench, detect, evaluate, export, info, retrieval, segment, train
+from . import analyze, bench, detect, evaluate, export, info, retrieval, segment, train, tune
 
-SUBCOMMANDS = [info, bench, analyze, export, train, evaluate, detect, segment, retrieval]
+SUBCOMMANDS = [info, bench, analyze, export, tune, train, evaluate, detect, segment, retrieval]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..bench import BACKENDS, DEFAULT_MODELS, MODES, PRECISIONS, PRESETS, TimingPolicy, plan, plan_compare, run_plan
+from ..bench.backends import TUNED
 from ..bench.compare import MIN_ROUNDS, run_compare
 from ..bench.models import DETECTION_MODELS, TASKS
 from ..bench.presets import default_round_timing, default_timing
@@ -44,6 +45,8 @@ EXAMPLES = """examples:
   lowformer bench --task segmentation --mode latency   # Semantic FPN at 512x512, full-resolution logits
   lowformer bench --compare lowformer_b1 timm:lowformer_b1 --batch-size 16
   lowformer bench --compare lowformer_b1 lowformer_b1@backend=torchscript lowformer_b1@channels_last
+  lowformer bench -m lowformer_b1 timm:lowformer_b1 --tuned --mode latency   # best against best
+  lowformer bench --compare timm:lowformer_b1@backend=compile lowformer_b1@backend=tuned --batch-size 16
 """
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -93,7 +96,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     what.add_argument("--precision", nargs="+", choices=PRECISIONS, help="fp32 = TF32 off; fp16/bf16 = autocast")
     what.add_argument("--backend", nargs="+", choices=BACKENDS, help="default: eager")
-    what.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (backend compile)")
+    what.add_argument(
+        "--tuned",
+        action="store_true",
+        help="each model (ours and timm:) in its own fastest verified configuration, found by `lowformer tune` "
+        "(minutes per model: it compiles every candidate)",
+    )
+    what.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (backend compile; on CPU with inductor freezing); reduce-overhead for latency",
+    )
     what.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     what.add_argument("--reparam", action="store_true", help="reparameterise first (MobileOne, FastViT, RepViT, ...)")
     what.add_argument("--threads", nargs="+", type=positive_int, metavar="N", help="intra-op CPU threads")
@@ -180,6 +193,25 @@ def _output_paths(args: argparse.Namespace, stem: str, plot: bool) -> tuple[str 
     return paths
 
 
+def _show_tuning() -> None:
+    """Print the tuner's progress lines: tuning compiles every candidate, minutes per model."""
+    logger = logging.getLogger("lowformer.deploy.tuner")
+    if logger.getEffectiveLevel() > logging.INFO:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("  tune: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _print_tuned(choices: list[tuple[str, str | None]]) -> None:
+    """Which configuration the tuner picked for each tuned row (the JSON has every candidate)."""
+    if choices:
+        print("tuned configurations (fastest verified candidate; every candidate in the JSON):")
+        for what, note in choices:
+            print(f"  {what}: {(note or '').removeprefix('tuned: ')}")
+
+
 def _raise_if_failed(statuses: list[str], what: str) -> None:
     """Exit 1 (after the table and the files) when a configuration failed; skipped ones are fine."""
     failed = sum(status not in ("ok", "skipped") for status in statuses)
@@ -217,6 +249,8 @@ def _compare_options(args: argparse.Namespace, device: str) -> dict:
             options[key] = values[0]
     if args.rounds is not None:
         options["rounds"] = args.rounds
+    if args.tuned:
+        options["backend"] = TUNED
     flags = _timing_flags(args)
     warmup = {k: v for k, v in flags.items() if k.startswith("warmup")}
     per_round = {k: v for k, v in flags.items() if not k.startswith("warmup")}
@@ -237,8 +271,11 @@ def _run_compare(args: argparse.Namespace, device: str) -> int:
     comparison = plan_compare(args.compare, **_compare_options(args, device))
     json_path, csv_path, _ = _output_paths(args, "compare", plot=False)
     print(comparison.describe(), flush=True)
+    if any(c.backend == TUNED for _, c in comparison.configs):
+        _show_tuning()
     report = run_compare(comparison, progress=not args.no_progress and sys.stderr.isatty())
     print(format_compare(report))
+    _print_tuned([(f"{tag} {e.label}", e.backend_note) for tag, e in zip(report.tags, report.entries) if e.tuning])
     for path, write in ((json_path, report.write_json), (csv_path, report.write_csv)):
         if path:
             print(f"wrote {write(path)}")
@@ -254,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {preset.description}")
         return 0
     device = resolve_device(args.device)
+    if args.tuned and (args.backend or args.compile_mode):
+        raise ValueError("--tuned picks each model's backend itself; drop --backend and --compile-mode")
     if args.compare:
         return _run_compare(args, device)
     if args.rounds is not None:
@@ -266,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_size,
         image_sizes=args.image_size,
         precisions=args.precision,
-        backends=args.backend,
+        backends=[TUNED] if args.tuned else args.backend,
         compile_mode=args.compile_mode,
         channels_last=args.channels_last,
         reparam=args.reparam,
@@ -280,10 +319,14 @@ def run(args: argparse.Namespace) -> int:
     json_path, csv_path, plot_path = _output_paths(args, "bench", plot=True)
     print(p.describe(), flush=True)
     warn_if_busy(device, "if other processes are busy, CPU timings are noisy (a paired --compare is robust to that)")
+    if args.tuned:
+        _show_tuning()
     start = time.perf_counter()
     report = run_plan(p, progress=not args.no_progress and sys.stderr.isatty())
     print()
     print(format_bench(report))
+    tuned = [r for r in report.results if r.backend == TUNED and r.ok]
+    _print_tuned([(f"{r.model} {r.mode} batch {r.batch_size}", r.backend_note) for r in tuned])
     for path, write in ((json_path, report.write_json), (csv_path, report.write_csv)):
         if path:
             print(f"wrote {write(path)}")

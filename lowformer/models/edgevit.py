@@ -102,6 +102,44 @@ class LocalAggregation(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+class CellSpread(nn.Module):
+    """Deploy form of a depthwise transposed conv whose kernel equals its stride r: every input pixel
+    becomes one r x r cell, out[c, r*i + a, r*j + b] = x[c, i, j] * w[c, a, b] + bias[c].
+
+    The cells do not overlap, so this broadcast product is the transposed conv's function without a
+    convolution (each output is one product plus the bias, as in the conv); a compiled graph fuses it
+    with the LayerNorm that follows, where the conv is a separate kernel that oneDNN cannot pack
+    (depthwise transposed). Same parameters and state-dict keys as the conv (`weight` (C, 1, r, r),
+    `bias` (C,)). It takes and returns (B, C, H, W) in any memory format and computes channels-last.
+    """
+
+    def __init__(self, conv: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        c = conv.in_channels
+        if not (
+            conv.groups == c == conv.out_channels
+            and conv.kernel_size == conv.stride
+            and conv.padding == (0, 0)
+            and conv.output_padding == (0, 0)
+            and conv.dilation == (1, 1)
+        ):
+            raise ValueError(
+                f"only a depthwise transposed conv with kernel = stride and no padding spreads cells: {conv}"
+            )
+        self.stride = conv.stride
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, h, w = x.shape
+        rh, rw = self.stride
+        cell = self.weight.reshape(C, rh, rw).permute(1, 2, 0)  # (rh, rw, C)
+        out = x.permute(0, 2, 3, 1)[:, :, None, :, None, :] * cell[None, None, :, None, :, :]  # (B, h, rh, w, rw, C)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(B, h * rh, w * rw, C).permute(0, 3, 1, 2)
+
+
 class GlobalSparseAttention(nn.Module):
     """The "G" and the second "L": attention among delegate tokens, propagated back to the grid.
 
@@ -142,10 +180,13 @@ class GlobalSparseAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def reparameterize(self) -> None:
-        """Deploy mode: fold the LayerNorm affine into the output projection (exact)."""
+        """Deploy mode: fold the LayerNorm affine into the output projection, and run the delegates'
+        spread as the broadcast product it is (`CellSpread`). Both exact."""
         if getattr(self.norm, "elementwise_affine", False):
             self.proj = fold_affine_into_next(self.norm, self.proj)
             self.norm = affine_free(self.norm)
+        if isinstance(self.local_prop, nn.ConvTranspose2d):
+            self.local_prop = CellSpread(self.local_prop).train(self.local_prop.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:

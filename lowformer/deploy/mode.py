@@ -16,22 +16,20 @@ Deploy mode also picks the layout the convolutions run in ("memory_format"):
   and cuDNN on CUDA both follow the weight), so the caller's tensors need no change.
 
 "auto" takes what measured fastest for these models on the model's device (docs/performance.md):
-packed on CPU, channels_last on CUDA. "tune" times the candidates on this machine and keeps the
-fastest.
+packed on CPU, channels_last on CUDA. "tune" times the layouts on this machine and keeps the
+fastest (`lowformer.tune` with the eager candidates; `lowformer.tune` alone also tries the compilers).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 from timm.layers import DropPath
 from timm.models._manipulate import reparameterize_model
 from torch import nn
 
-from . import onednn
-from .measure.timing import Candidate, PerfCounterTimer, Rounds, TimingPolicy, interleave
+from .. import onednn
 
 MEMORY_FORMATS = ("auto", "tune", "packed", "channels_last", "contiguous", "keep")
 
@@ -125,22 +123,16 @@ def _device_type(model: nn.Module) -> str:
     return p.device.type if p is not None else "cpu"
 
 
-@torch.no_grad()
 def tune_layout(model: nn.Module, example_input: torch.Tensor | None = None, rounds: int = 5) -> str:
-    """Time a folded `model` in each candidate layout, interleaved round by round after one untimed
-    call each, and return the layout with the lowest median time. `model` is unchanged: the
-    candidates are copies."""
+    """The eager layout `lowformer.tune` finds fastest for a folded `model` on `example_input`
+    (default a batch of 16 at 224x224): each layout verified and timed interleaved, by median.
+    `model` is unchanged: the candidates are copies. (`lowformer.tune` also tries the compilers.)"""
+    from .tuner import require_best, tune
+
     device = next(model.parameters()).device
     x = (example_input if example_input is not None else torch.randn(16, 3, 224, 224)).to(device)
-    # the host clock around a call that ends synchronised: right for any device the model is on
-    timer = PerfCounterTimer(sync=functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
-    candidates = [
-        Candidate(name, functools.partial(apply_layout(copy.deepcopy(model), name), x), timer)
-        for name in layouts(device.type)
-    ]
-    one_call = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=1, min_s=0.0)
-    times = interleave(candidates, Rounds(rounds, burst=one_call, warmup=one_call))
-    return min(times, key=lambda t: t.median_s).label
+    result = tune(model, x, candidates=[f"eager/{name}" for name in layouts(device.type)], rounds=rounds, keep=())
+    return require_best(result).layout
 
 
 def _strip(module: nn.Module) -> None:
