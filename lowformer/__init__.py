@@ -1,8 +1,9 @@
 """lowformer: hardware-efficient vision backbones (LowFormer, EdgeViT) and proof of their speed."""
 
-from .deploy import deploy, load_deployed, tune
+from .deploy import deploy
 from .factory import create_model, load_model
 from .models import LowFormer, LowFormerSpec, StageSpec, get_entry, list_models, register_model
+from .tuning import load_deployed, tune
 from .weights import CheckpointError, read_checkpoint, save_checkpoint, weights_dir
 
 __version__ = "0.1.0"

@@ -263,7 +263,7 @@ def test_aoti_backend():
 @pytest.fixture
 def eager_only_tuning(monkeypatch):
     """The tuner's candidates cut to the eager layouts: the tuned backend's plumbing, without compiling."""
-    from lowformer.deploy import tuner
+    from lowformer.tuning import tuner
 
     monkeypatch.setattr(tuner, "candidate_options", lambda device_type: [tuner.Option("eager", "contiguous")])
 

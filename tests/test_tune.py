@@ -21,7 +21,8 @@ from torch import nn
 import lowformer
 from lowformer.bench import backends
 from lowformer.cli import main
-from lowformer.deploy import (
+from lowformer.errors import LowformerRuntimeError, VerificationError
+from lowformer.tuning import (
     CandidateResult,
     Option,
     candidate_options,
@@ -33,9 +34,8 @@ from lowformer.deploy import (
     skip_reason,
     tune,
 )
-from lowformer.deploy import tuner as tuner_module
-from lowformer.deploy.tuner import score
-from lowformer.errors import LowformerRuntimeError, VerificationError
+from lowformer.tuning import tuner as tuner_module
+from lowformer.tuning.tuner import score
 
 
 class SmallNet(nn.Module):

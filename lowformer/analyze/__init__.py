@@ -36,9 +36,9 @@ from .elements import (
 )
 from .latency import LatencyModel, build_latency_model, cached_latency_model, fit_latency_model
 from .models import MODEL_SETS, ModelsPlan, ModelsReport, analyze_models, model_set, plan_models, run_models
-from .opkinds import FIT_KINDS, fit_kind
+from .opkinds import FIT_KINDS, KINDS, classify_op, fit_kind
 from .predict import PredictionReport, predict_models
-from .profile import KINDS, ModelProfile, classify_op, profile_model
+from .profile import ModelProfile, profile_model
 from .sweep import (
     DEFAULT_CHANNELS,
     DEFAULT_RESOLUTIONS,

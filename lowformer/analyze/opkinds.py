@@ -3,7 +3,7 @@ profile kind behave differently on the same hardware (a 1x1 conv is a matrix pro
 not; GELU's transcendental math costs more than ReLU's compare; a view moves nothing).
 
 `fit_kind` names the kind of one top-level ATen call from the profile's classification
-(`lowformer.analyze.profile.classify_op`) and the call's own name and shapes; every operator of a
+(`classify_op`, the kinds `KINDS` an operator profile reports) and the call's own name and shapes; every operator of a
 model gets one, and every operator case of the micro-sweep (`lowformer.analyze.latency`) is one.
 """
 
@@ -11,7 +11,157 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .profile import classify_op
+from ..measure.macs import LAYOUT_OPS
+
+KINDS: dict[str, str] = {
+    "dense_conv": "dense conv",
+    "depthwise_conv": "depthwise conv",
+    "transposed_conv": "transposed conv",
+    "linear": "linear",
+    "attention": "attention",
+    "norm": "norm",
+    "activation": "activation",
+    "reshape_copy": "reshape/copy",
+    "other": "other",
+}
+
+# count_macs kinds -> profile kinds
+MAC_KINDS = {
+    "conv": "dense_conv",
+    "depthwise_conv": "depthwise_conv",
+    "transposed_conv": "transposed_conv",
+    "linear": "linear",
+    "attention_matmul": "attention",
+}
+
+_CONV_OPS = {
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "_convolution",
+    "_convolution_mode",
+    "mkldnn_convolution",
+    "cudnn_convolution",
+    "thnn_conv2d",
+    "_slow_conv2d_forward",
+    "_conv_depthwise2d",
+    "conv_depthwise3d",
+}
+_TRANSPOSED_OPS = {
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "cudnn_convolution_transpose",
+    "slow_conv_transpose2d",
+}
+_LINEAR_OPS = {"linear", "addmm", "_addmm_activation"}
+_ATTENTION_OPS = {
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "matmul",
+    "bmm",
+    "baddbmm",
+    "mm",
+    "einsum",
+    "softmax",
+    "_softmax",
+    "_safe_softmax",
+}
+_NORM_OPS = {
+    "batch_norm",
+    "_batch_norm_impl_index",
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "cudnn_batch_norm",
+    "group_norm",
+    "native_group_norm",
+    "layer_norm",
+    "native_layer_norm",
+    "instance_norm",
+    "rms_norm",
+    "_fused_rms_norm",
+}
+_ACTIVATION_OPS = {
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardtanh_",
+    "hardswish",
+    "hardswish_",
+    "hardsigmoid",
+    "hardsigmoid_",
+    "gelu",
+    "gelu_",
+    "silu",
+    "silu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "mish",
+    "mish_",
+    "elu",
+    "elu_",
+    "leaky_relu",
+    "leaky_relu_",
+    "prelu",
+    "_prelu_kernel",
+    "softplus",
+}
+# the MAC counter's view/copy ops, plus the profiler-visible ops that only move data
+_RESHAPE_OPS = LAYOUT_OPS | {
+    "channel_shuffle",
+    "col2im",
+    "empty_strided",
+    "flip",
+    "gather",
+    "im2col",
+    "narrow",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "repeat",
+    "roll",
+    "to",
+    "unfold",
+    "reshape_as",
+    "view_as",
+    "expand_as",
+}
+
+
+def classify_op(name: str, input_shapes: Sequence | None = None, transposed: bool | None = None) -> str:
+    """The kind of one top-level ATen operator (`name` with or without the `aten::` prefix).
+
+    `input_shapes` (as the profiler records them) decide dense vs depthwise for convolutions;
+    `transposed` is the `transposed` argument of `aten::convolution` when it was recorded.
+    """
+    op = name.split("::", 1)[-1].split(".", 1)[0]
+    if op in _TRANSPOSED_OPS or (op in _CONV_OPS and transposed):
+        return "transposed_conv"
+    if op in _CONV_OPS:
+        shapes = list(input_shapes or [])
+        if len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
+            x, w = shapes[0], shapes[1]
+            if w[1] == 1 and x[1] > 1:
+                return "depthwise_conv"
+        return "dense_conv"
+    if op in _LINEAR_OPS:
+        return "linear"
+    if op in _ATTENTION_OPS:
+        return "attention"
+    if op in _NORM_OPS:
+        return "norm"
+    if op in _ACTIVATION_OPS:
+        return "activation"
+    if op in _RESHAPE_OPS:
+        return "reshape_copy"
+    return "other"
+
 
 FIT_KINDS: dict[str, str] = {
     "conv_1x1": "1x1 conv",

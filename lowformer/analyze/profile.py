@@ -22,7 +22,6 @@ as shares of the ceilings, and what bounds it, summarised per kind and per stage
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +36,12 @@ from ..factory import check_image_size
 from ..measure import stats
 from ..measure.calibrate import Ceilings
 from ..measure.env import environment, keep_freed_memory, memory_mode, resolve_device
-from ..measure.macs import CONVENTION, LAYOUT_OPS, count_macs
+from ..measure.macs import CONVENTION, count_macs
 from ..measure.opcost import COST_CONVENTION, count_op_costs
 from ..measure.profiler import OpCall, top_level_ops
 from ..measure.session import batch_size_for, check_modes, input_shape, make_input, place, run_context
 from ..measure.timing import TimingPolicy, check_clock, device_timer, measure
+from .opkinds import KINDS, MAC_KINDS, classify_op
 
 _logger = logging.getLogger(__name__)
 
@@ -49,155 +49,6 @@ SCHEMA = "lowformer.analyze.profile/1"
 
 # the wall time per call, measured without the profiler
 WALL_TIMING = TimingPolicy(warmup_iters=3, warmup_s=1.0, min_iters=10, min_s=2.0, max_s=20.0)
-
-KINDS: dict[str, str] = {
-    "dense_conv": "dense conv",
-    "depthwise_conv": "depthwise conv",
-    "transposed_conv": "transposed conv",
-    "linear": "linear",
-    "attention": "attention",
-    "norm": "norm",
-    "activation": "activation",
-    "reshape_copy": "reshape/copy",
-    "other": "other",
-}
-
-# count_macs kinds -> profile kinds
-MAC_KINDS = {
-    "conv": "dense_conv",
-    "depthwise_conv": "depthwise_conv",
-    "transposed_conv": "transposed_conv",
-    "linear": "linear",
-    "attention_matmul": "attention",
-}
-
-_CONV_OPS = {
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "convolution",
-    "_convolution",
-    "_convolution_mode",
-    "mkldnn_convolution",
-    "cudnn_convolution",
-    "thnn_conv2d",
-    "_slow_conv2d_forward",
-    "_conv_depthwise2d",
-    "conv_depthwise3d",
-}
-_TRANSPOSED_OPS = {
-    "conv_transpose1d",
-    "conv_transpose2d",
-    "conv_transpose3d",
-    "cudnn_convolution_transpose",
-    "slow_conv_transpose2d",
-}
-_LINEAR_OPS = {"linear", "addmm", "_addmm_activation"}
-_ATTENTION_OPS = {
-    "scaled_dot_product_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention",
-    "matmul",
-    "bmm",
-    "baddbmm",
-    "mm",
-    "einsum",
-    "softmax",
-    "_softmax",
-    "_safe_softmax",
-}
-_NORM_OPS = {
-    "batch_norm",
-    "_batch_norm_impl_index",
-    "native_batch_norm",
-    "_native_batch_norm_legit_no_training",
-    "cudnn_batch_norm",
-    "group_norm",
-    "native_group_norm",
-    "layer_norm",
-    "native_layer_norm",
-    "instance_norm",
-    "rms_norm",
-    "_fused_rms_norm",
-}
-_ACTIVATION_OPS = {
-    "relu",
-    "relu_",
-    "relu6",
-    "hardtanh",
-    "hardtanh_",
-    "hardswish",
-    "hardswish_",
-    "hardsigmoid",
-    "hardsigmoid_",
-    "gelu",
-    "gelu_",
-    "silu",
-    "silu_",
-    "sigmoid",
-    "sigmoid_",
-    "tanh",
-    "tanh_",
-    "mish",
-    "mish_",
-    "elu",
-    "elu_",
-    "leaky_relu",
-    "leaky_relu_",
-    "prelu",
-    "_prelu_kernel",
-    "softplus",
-}
-# the MAC counter's view/copy ops, plus the profiler-visible ops that only move data
-_RESHAPE_OPS = LAYOUT_OPS | {
-    "channel_shuffle",
-    "col2im",
-    "empty_strided",
-    "flip",
-    "gather",
-    "im2col",
-    "narrow",
-    "pixel_shuffle",
-    "pixel_unshuffle",
-    "repeat",
-    "roll",
-    "to",
-    "unfold",
-    "reshape_as",
-    "view_as",
-    "expand_as",
-}
-
-
-def classify_op(name: str, input_shapes: Sequence | None = None, transposed: bool | None = None) -> str:
-    """The kind of one top-level ATen operator (`name` with or without the `aten::` prefix).
-
-    `input_shapes` (as the profiler records them) decide dense vs depthwise for convolutions;
-    `transposed` is the `transposed` argument of `aten::convolution` when it was recorded.
-    """
-    op = name.split("::", 1)[-1].split(".", 1)[0]
-    if op in _TRANSPOSED_OPS or (op in _CONV_OPS and transposed):
-        return "transposed_conv"
-    if op in _CONV_OPS:
-        shapes = list(input_shapes or [])
-        if len(shapes) >= 2 and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
-            x, w = shapes[0], shapes[1]
-            if w[1] == 1 and x[1] > 1:
-                return "depthwise_conv"
-        return "dense_conv"
-    if op in _LINEAR_OPS:
-        return "linear"
-    if op in _ATTENTION_OPS:
-        return "attention"
-    if op in _NORM_OPS:
-        return "norm"
-    if op in _ACTIVATION_OPS:
-        return "activation"
-    if op in _RESHAPE_OPS:
-        return "reshape_copy"
-    return "other"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import nn
 from ..measure.calibrate import BOUNDS, Ceilings
 from ..measure.opcost import OpCost
 from ..measure.profiler import OpCall
-from .profile import KINDS, classify_op
+from .opkinds import KINDS, classify_op
 
 
 def block_sequences(model: nn.Module) -> set[str]:

@@ -240,21 +240,21 @@ def prepare(
     raise ValueError(f"unknown backend {backend!r}")
 
 
-# rounds the tuner times its candidates in, inside a benchmark (which then times the winner itself)
-TUNED_ROUNDS = 3
+# The tuned backend is `lowformer.tuning`'s: it builds its candidates from the backends here, so it
+# registers itself (importing `lowformer` does) rather than being imported from this module.
+_TUNED_PREPARE: Callable[[nn.Module, torch.Tensor, str, int | None], Prepared] | None = None
+
+
+def register_tuned(prepare_tuned: Callable[[nn.Module, torch.Tensor, str, int | None], Prepared]) -> None:
+    """Set what the "tuned" backend runs: (model, x, precision, threads) -> Prepared."""
+    global _TUNED_PREPARE
+    _TUNED_PREPARE = prepare_tuned
 
 
 def _tuned(model: nn.Module, x: torch.Tensor, precision: str, threads: int | None) -> Prepared:
-    """The fastest verified candidate `lowformer.tune` finds for this model, input and precision."""
-    from ..deploy.tuner import require_best, tune
-
-    objective = "latency" if x.shape[0] == 1 else "throughput"
-    result = tune(model, x, precision, objective, rounds=TUNED_ROUNDS, threads=threads, keep=())
-    best = require_best(result)
-    prepared = result.prepared[best.name]
-    prepared.note = f"tuned: {best.name}" + (f" ({prepared.note})" if prepared.note else "")
-    prepared.tuning = {k: v for k, v in result.to_dict().items() if k != "environment"}
-    return prepared
+    if _TUNED_PREPARE is None:  # only where lowformer.tuning was never imported (importing lowformer does)
+        raise RuntimeError("the tuned backend is registered by lowformer.tuning; import lowformer first")
+    return _TUNED_PREPARE(model, x, precision, threads)
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
@@ -313,11 +313,38 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, precision: str, device: str,
     return Prepared(step, timer, run=run, note=used, keep=(session, binding, x, folder), artifact=path)
 
 
+class _Autocast(nn.Module):
+    """`model` under autocast, so `torch.export` records the precision's casts in the graph."""
+
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(x)
+
+
+def compile_aoti_package(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, precision: str = "fp32") -> Path:
+    """`torch.export` `model` at `x`'s shape and compile it with AOTInductor into a package at `path`
+    (freezing on CPU). fp16/bf16 are autocast inside the graph; tf32 is the caller's switch.
+    Takes tens of seconds on a small CPU."""
+    device_type = x.device.type
+    module = model
+    if precision in AUTOCAST_DTYPES:
+        module = _Autocast(model, device_type, AUTOCAST_DTYPES[precision])
+    configs = {"freezing": True} if compile_options(device_type) else {}
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+        built = torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+    return Path(built)
+
+
 def _aoti(model: nn.Module, x: torch.Tensor, precision: str, device: str) -> Prepared:
     """`torch.export` the model, compile it ahead of time with AOTInductor into a package (freezing
     on CPU, see `compile_options`) and load it: what `lowformer.load_deployed` runs."""
-    from ..deploy.package import compile_aoti_package
-
     folder = tempfile.TemporaryDirectory(prefix="lowformer-aoti-")
     path = compile_aoti_package(model, x, Path(folder.name) / "model.pt2", precision)
     loaded = torch._inductor.aoti_load_package(str(path))

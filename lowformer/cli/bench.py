@@ -195,7 +195,7 @@ def _output_paths(args: argparse.Namespace, stem: str, plot: bool) -> tuple[str 
 
 def _show_tuning() -> None:
     """Print the tuner's progress lines: tuning compiles every candidate, minutes per model."""
-    logger = logging.getLogger("lowformer.deploy.tuner")
+    logger = logging.getLogger("lowformer.tuning.tuner")
     if logger.getEffectiveLevel() > logging.INFO:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("  tune: %(message)s"))

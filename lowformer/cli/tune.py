@@ -18,14 +18,14 @@ from pathlib import Path
 from .._io import write_json
 from ..bench.backends import PRECISIONS
 from ..bench.presets import default_batch_size
-from ..deploy import OBJECTIVES, check_package, package_backend, require_best, save_tuned, tune
-from ..deploy.tuner import TuneResult, candidate_options
 from ..errors import VerificationError, out_of_memory_as
 from ..factory import check_image_size, create_model, parse_model_name
 from ..measure.env import resolve_device
 from ..measure.memory import check_forward_fits
 from ..measure.session import make_input
 from ..report.tables import format_ms, format_number, render_table
+from ..tuning import OBJECTIVES, check_package, package_backend, require_best, save_tuned, tune
+from ..tuning.tuner import TuneResult, candidate_options
 from ._args import check_outputs, image_size, int_at_least, positive_int, warn_if_busy
 
 EXAMPLES = """examples:

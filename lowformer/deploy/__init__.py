@@ -1,67 +1,11 @@
-"""Deploy: run a model the fastest verified way on this device, and ship it.
+"""Deploy mode: an inference copy of a model computing the same function: BatchNorm and norm affines
+folded, dropout removed, convolutions in a chosen layout (packed oneDNN on CPU, channels_last).
 
-- `deploy` (`mode`): an inference copy computing the same function: BatchNorm and norm affines
-  folded, dropout removed, convolutions in a chosen layout (packed oneDNN on CPU, channels_last).
-- `tune` (`tuner`): every way to run the model here (deploy mode in each layout; eager,
-  `torch.compile`, AOTInductor, ONNX Runtime, CUDA graphs) built, verified against the fp32 eager
-  model and timed interleaved; the fastest verified one wins.
-- `save_tuned` / `load_deployed` (`package`): the winner as an AOTInductor `.pt2` or an `.onnx`
-  file with its record (model, spec, weights hash, device, precision, shapes, the tuning table),
-  loaded and run without searching or compiling again.
-
-Method and measured speed: docs/deploy.md, docs/performance.md.
+Running it the fastest verified way on a device (`torch.compile`, AOTInductor, ONNX Runtime, CUDA
+graphs), and shipping the winner as a package, is `lowformer.tuning` (`lowformer.tune`,
+`lowformer.load_deployed`). Method and measured speed: docs/deploy.md, docs/performance.md.
 """
 
 from .mode import MEMORY_FORMATS, apply_layout, auto_layout, check_deployable, deploy, layouts, tune_layout
-from .package import (
-    PACKAGE_FORMATS,
-    DeployedModel,
-    PackageCheck,
-    check_package,
-    load_deployed,
-    package_backend,
-    package_record,
-    read_record,
-    save_tuned,
-    write_package,
-)
-from .tuner import (
-    OBJECTIVES,
-    TOLERANCES,
-    CandidateResult,
-    Option,
-    TuneResult,
-    candidate_options,
-    require_best,
-    skip_reason,
-    tune,
-)
 
-__all__ = [
-    "MEMORY_FORMATS",
-    "OBJECTIVES",
-    "PACKAGE_FORMATS",
-    "TOLERANCES",
-    "CandidateResult",
-    "DeployedModel",
-    "Option",
-    "PackageCheck",
-    "TuneResult",
-    "apply_layout",
-    "auto_layout",
-    "candidate_options",
-    "check_deployable",
-    "check_package",
-    "deploy",
-    "layouts",
-    "load_deployed",
-    "package_backend",
-    "package_record",
-    "read_record",
-    "require_best",
-    "save_tuned",
-    "skip_reason",
-    "tune",
-    "tune_layout",
-    "write_package",
-]
+__all__ = ["MEMORY_FORMATS", "apply_layout", "auto_layout", "check_deployable", "deploy", "layouts", "tune_layout"]

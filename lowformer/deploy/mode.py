@@ -17,12 +17,13 @@ Deploy mode also picks the layout the convolutions run in ("memory_format"):
 
 "auto" takes what measured fastest for these models on the model's device (docs/performance.md):
 packed on CPU, channels_last on CUDA. "tune" times the layouts on this machine and keeps the
-fastest (`lowformer.tune` with the eager candidates; `lowformer.tune` alone also tries the compilers).
+fastest (`lowformer.tune` also tries the compilers).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from timm.layers import DropPath
@@ -30,6 +31,7 @@ from timm.models._manipulate import reparameterize_model
 from torch import nn
 
 from .. import onednn
+from ..measure.timing import Candidate, PerfCounterTimer, Rounds, TimingPolicy, interleave
 
 MEMORY_FORMATS = ("auto", "tune", "packed", "channels_last", "contiguous", "keep")
 
@@ -124,15 +126,22 @@ def _device_type(model: nn.Module) -> str:
 
 
 def tune_layout(model: nn.Module, example_input: torch.Tensor | None = None, rounds: int = 5) -> str:
-    """The eager layout `lowformer.tune` finds fastest for a folded `model` on `example_input`
-    (default a batch of 16 at 224x224): each layout verified and timed interleaved, by median.
-    `model` is unchanged: the candidates are copies. (`lowformer.tune` also tries the compilers.)"""
-    from .tuner import require_best, tune
-
+    """Time a folded `model` in each candidate layout on `example_input` (default a batch of 16 at
+    224x224), interleaved round by round after one untimed call each, and return the layout with the
+    lowest median time. Every layout computes the same function (tests/test_deploy.py); `model` is
+    unchanged: the candidates are copies. (`lowformer.tune` also tries the compilers, and verifies.)"""
     device = next(model.parameters()).device
     x = (example_input if example_input is not None else torch.randn(16, 3, 224, 224)).to(device)
-    result = tune(model, x, candidates=[f"eager/{name}" for name in layouts(device.type)], rounds=rounds, keep=())
-    return require_best(result).layout
+    # the host clock around a call that ends synchronised: right for any device the model is on
+    timer = PerfCounterTimer(sync=functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
+    candidates = [
+        Candidate(name, functools.partial(apply_layout(copy.deepcopy(model), name), x), timer)
+        for name in layouts(device.type)
+    ]
+    one_call = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=1, min_s=0.0)
+    with torch.no_grad():
+        times = interleave(candidates, Rounds(rounds, burst=one_call, warmup=one_call))
+    return min(times, key=lambda t: t.median_s).label
 
 
 def _strip(module: nn.Module) -> None:

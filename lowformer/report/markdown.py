@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._io import write_text
-from ..analyze import cells, models, predict, profile
+from ..analyze import cells, models, opkinds, predict, profile
 from ..analyze.cells import comparisons, summarize_comparison
 from ..analyze.sweep import ElementTiming
 from ..measure.env import is_busy
@@ -158,7 +158,7 @@ def _roofline_md(data: dict, image: str) -> list[str]:
 def _profile_md(data: dict, image: str, roofline_image: str) -> list[str]:
     s = data["settings"]
     top = [
-        [o["op"], profile.KINDS.get(o["kind"], o["kind"]), str(o["calls"]), f"{o['time_ms']:.3f}"]
+        [o["op"], opkinds.KINDS.get(o["kind"], o["kind"]), str(o["calls"]), f"{o['time_ms']:.3f}"]
         for o in data["top_ops"]
     ]
     return [

@@ -315,7 +315,7 @@ def plot_roofline(data: dict, path: str | Path, dpi: int = 100) -> Path:
     FLOPs or bytes (views, copies) have no place on it and are counted in the legend."""
     import numpy as np
 
-    from ..analyze.profile import KINDS
+    from ..analyze.opkinds import KINDS
 
     roof = data["roofline"]
     c = roof["ceilings"]

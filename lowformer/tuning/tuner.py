@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..bench import backends
+from ..deploy.mode import check_deployable, deploy, layouts
 from ..errors import LowformerRuntimeError, VerificationError
 from ..measure import stats
 from ..measure.env import environment
 from ..measure.session import classify_failure, make_input, run_context
 from ..measure.timing import Rounds, TimingPolicy, interleave
-from .mode import check_deployable, deploy, layouts
 
 _logger = logging.getLogger(__name__)
 
@@ -450,3 +451,26 @@ def require_best(result: TuneResult) -> CandidateResult:
     if any(c.status == "mismatch" for c in result.candidates):
         raise VerificationError(result.no_winner_reason())
     raise LowformerRuntimeError(result.no_winner_reason())
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark's "tuned" backend
+# --------------------------------------------------------------------------------------------
+
+# rounds the tuner times its candidates in, inside a benchmark (which then times the winner itself)
+TUNED_ROUNDS = 3
+
+
+def prepare_tuned(model: nn.Module, x: torch.Tensor, precision: str, threads: int | None) -> backends.Prepared:
+    """The fastest verified candidate `tune` finds for this model, input and precision, ready to time:
+    what `lowformer bench --tuned` runs."""
+    objective = "latency" if x.shape[0] == 1 else "throughput"
+    result = tune(model, x, precision, objective, rounds=TUNED_ROUNDS, threads=threads, keep=())
+    best = require_best(result)
+    prepared = result.prepared[best.name]
+    prepared.note = f"tuned: {best.name}" + (f" ({prepared.note})" if prepared.note else "")
+    prepared.tuning = {k: v for k, v in result.to_dict().items() if k != "environment"}
+    return prepared
+
+
+backends.register_tuned(prepare_tuned)

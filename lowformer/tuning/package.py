@@ -80,37 +80,6 @@ def weights_sha256(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _Autocast(nn.Module):
-    """`model` under autocast, so `torch.export` records the precision's casts in the graph."""
-
-    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model = model
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.model(x)
-
-
-def compile_aoti_package(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, precision: str = "fp32") -> Path:
-    """`torch.export` `model` at `x`'s shape and compile it with AOTInductor into a package at `path`
-    (freezing on CPU). fp16/bf16 are autocast inside the graph; tf32 is the caller's switch.
-    Takes tens of seconds on a small CPU."""
-    from ..bench.backends import AUTOCAST_DTYPES, compile_options
-
-    device_type = x.device.type
-    module = model
-    if precision in AUTOCAST_DTYPES:
-        module = _Autocast(model, device_type, AUTOCAST_DTYPES[precision])
-    configs = {"freezing": True} if compile_options(device_type) else {}
-    with torch.no_grad():
-        program = torch.export.export(module, (x,))
-        built = torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
-    return Path(built)
-
-
 # --------------------------------------------------------------------------------------------
 # A tuning's winner as a package
 # --------------------------------------------------------------------------------------------
