@@ -57,9 +57,10 @@ def link_or_copy(src: Path, dst: Path) -> Path:
     return atomic_write(dst, write)
 
 
-def load(path: str | os.PathLike, task: str = "classification") -> dict[str, Any]:
-    """A training checkpoint of `task`, opened with `weights_only=True`; CheckpointError when it is
-    not one (or is one of another task: a detector's checkpoint cannot continue a classifier's run)."""
+def load(path: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
+    """A training checkpoint (of `task`, when given), opened with `weights_only=True`; CheckpointError
+    when it is not one (or is one of another task: a detector's checkpoint cannot continue a
+    classifier's run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -73,7 +74,7 @@ def load(path: str | os.PathLike, task: str = "classification") -> dict[str, Any
             "to start from its weights use --checkpoint (fine-tuning) instead of --resume"
         )
     found = obj.get("task", "classification")
-    if found != task:
+    if task is not None and found != task:
         command = {"detection": "detect", "segmentation": "segment"}.get(found, "train")
         raise CheckpointError(f"{path} is a {found} checkpoint, not a {task} one; use `lowformer {command}`")
     return obj

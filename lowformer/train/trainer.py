@@ -359,7 +359,7 @@ def _resume_from(
     if init_checkpoint is not None or pretrained:
         raise ValueError("--resume continues a run; it cannot be combined with --checkpoint or --pretrained")
     path = out / "last.pt" if str(resume) == "auto" else Path(resume)
-    saved = ckpt_io.load(path)
+    saved = ckpt_io.load(path, task="classification")
     recipe = merge_for_resume(saved["recipe"], recipe, explicit_keys)
     if model_name not in (None, saved["model_name"]):
         raise ValueError(f"{path} trains {saved['model_name']!r}, not {model_name!r}")
