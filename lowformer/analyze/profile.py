@@ -22,6 +22,7 @@ as shares of the ceilings, and what bounds it, summarised per kind and per stage
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,26 @@ def safe_name(model: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model)
 
 
+def check_profile_args(
+    model: nn.Module | str, device: str, mode: str, batch_size: int | None, image_size: int | Sequence[int],
+    precision: str = "fp32", channels_last: bool = False, iters: int | None = None, clock: str = "wall",
+    threads: int | None = None,
+) -> tuple[int, tuple[int, int]]:  # fmt: skip
+    """The batch size and (H, W) `profile_model` would use, or the ValueError it would raise for these
+    arguments: a command asks this before work that takes minutes (a calibration)."""
+    check_modes([mode])
+    batch = batch_size_for(mode, batch_size, default_batch_size(device))
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    reason = unsupported_reason("eager", precision, device, channels_last)
+    if reason is not None:
+        raise ValueError(reason)
+    if iters is not None and iters < 1:
+        raise ValueError(f"at least one profiled call is needed, got iters={iters}")
+    check_clock(clock, device, threads)
+    return batch, check_image_size(model, image_size)
+
+
 def profile_model(
     model: str | nn.Module,
     *,
@@ -133,17 +154,8 @@ def profile_model(
         ceilings: the device's calibration (`lowformer.measure.calibrate.calibrated`) for the roofline.
     """
     device = resolve_device(device)
-    check_modes([mode])
-    batch = batch_size_for(mode, batch_size, default_batch_size(device))
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    reason = unsupported_reason("eager", precision, device, channels_last)
-    if reason is not None:
-        raise ValueError(reason)
-    if iters is not None and iters < 1:
-        raise ValueError(f"at least one profiled call is needed, got iters={iters}")
-    check_clock(clock, device, threads)
-    h, w = check_image_size(model, image_size)
+    batch, (h, w) = check_profile_args(model, device, mode, batch_size, image_size, precision, channels_last, iters,
+                                       clock, threads)  # fmt: skip
     cuda = device.startswith("cuda")
     iters = iters or (20 if cuda else 5)
     timing = timing or (QUICK_TIMING if quick else WALL_TIMING)

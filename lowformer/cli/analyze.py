@@ -31,7 +31,7 @@ from ..analyze.elements import MIN_CHANNELS, MIN_RESOLUTION
 from ..analyze.latency import LatencyModel, cached_latency_model, latency_model_path
 from ..analyze.models import MODEL_SETS, model_set
 from ..analyze.predict import predict_models
-from ..analyze.profile import safe_name
+from ..analyze.profile import check_profile_args, safe_name
 from ..analyze.sweep import MIN_ROUNDS
 from ..bench import BACKENDS, MODES, PRECISIONS
 from ..errors import LowformerRuntimeError
@@ -420,6 +420,8 @@ def _run_model(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before a calibration that may take minutes
     device = resolve_device(args.device)
     _check_measuring(args, device)
+    check_profile_args(args.model, device, args.mode, args.batch_size, args.image_size, args.precision,
+                       args.channels_last, args.iters, args.clock, args.threads)  # fmt: skip
     check_outputs([*files, out / REPORT_NAME], folders=[out])
     with keep_freed_memory(args.keep_memory):
         ceilings = None if args.no_roofline else _latency_model(args, device)[0].ceilings
