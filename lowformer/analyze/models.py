@@ -31,9 +31,9 @@ from ..bench.models import DEFAULT_MODELS, build_source
 from ..bench.planner import ModelArg, Plan, plan
 from ..bench.presets import QUICK_TIMING, default_timing
 from ..bench.result import BenchConfig, BenchReport, BenchResult
-from ..bench.runner import config_context, inference_form, params_and_macs, prepare_config
+from ..bench.runner import config_context, inference_form, new_result, params_and_macs, prepare_config
 from ..measure import stats
-from ..measure.env import device_name, environment, keep_freed_memory, memory_mode
+from ..measure.env import environment, keep_freed_memory, memory_mode
 from ..measure.session import classify_failure, frozen_heap
 from ..measure.timing import Candidate, Rounds, TimingPolicy, check_clock, device_timer, interleave
 
@@ -296,30 +296,6 @@ def _groups(configs: Sequence[BenchConfig]) -> list[list[BenchConfig]]:
     return list(groups.values())
 
 
-def _result(config: BenchConfig, source) -> BenchResult:
-    from ..bench.models import source_kind
-
-    return BenchResult(
-        model=config.model,
-        source=source_kind(source),
-        task=config.task,
-        mode=config.mode,
-        device=config.device,
-        device_name=device_name(config.device),
-        batch_size=config.batch_size,
-        image_height=config.image_size[0],
-        image_width=config.image_size[1],
-        precision=config.precision,
-        backend=config.backend,
-        compile_mode=config.compile_mode,
-        channels_last=config.channels_last,
-        reparam=config.reparam,
-        reparam_applied=None,
-        threads=config.threads or torch.get_num_threads(),
-        jobs=config.jobs,
-    )
-
-
 def _fill(result: BenchResult, samples: list[float], warmup, timer: str) -> None:
     result.iterations = len(samples)
     result.timer = timer
@@ -337,7 +313,7 @@ def _time_group(group: list[BenchConfig], plan: ModelsPlan, pristine: dict, macs
     results, candidates = [], []
     for config in group:
         source = plan.bench.sources[config.model]
-        result = _result(config, source)
+        result = new_result(config, source)
         results.append(result)
         try:
             if config.model not in pristine:

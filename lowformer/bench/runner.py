@@ -114,7 +114,7 @@ def run_config(
         pristine: an already built CPU model for `source` (copied, never changed); built if None.
         macs_cache: shared across calls so each (model, image size, reparam) is counted once.
     """
-    result = _new_result(config, source)
+    result = new_result(config, source)
     reason = unsupported_reason(config.backend, config.precision, config.device, config.channels_last)
     if reason is not None:
         result.status, result.error = "skipped", reason
@@ -140,7 +140,8 @@ def run_config(
     return result
 
 
-def _new_result(config: BenchConfig, source: Source) -> BenchResult:
+def new_result(config: BenchConfig, source: Source) -> BenchResult:
+    """The record of one configuration before it is timed (analyze's model sets start from it too)."""
     return BenchResult(
         model=config.model,
         source=source_kind(source),
@@ -296,7 +297,7 @@ def run_plan(plan: Plan, progress: bool = False, stop: Callable[[], bool] | None
                 except Exception as e:
                     build_error = e
             if build_error is not None:
-                result = _new_result(config, source)
+                result = new_result(config, source)
                 result.status, result.error = classify_failure(build_error)
             else:
                 result = run_config(config, source, pristine, macs_cache)
