@@ -76,7 +76,10 @@ class _Packed:
     _packed: tuple[tuple, torch.Tensor] | None = None
 
     def _cache_key(self) -> tuple:
-        return (self.weight._version, self.weight.data_ptr())
+        # NOTE: a weight made under `torch.inference_mode` (a model deployed inside it) has no version
+        # counter; it is keyed by its storage alone, so an in-place change of it is not seen
+        version = None if self.weight.is_inference() else self.weight._version
+        return (version, self.weight.data_ptr())
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: the packed weight is an opaque oneDNN tensor
         state = self.__dict__.copy()

@@ -80,6 +80,21 @@ def test_cache_follows_weight_changes():
         assert _rel(other(x), packed(x)) <= 1e-6
 
 
+def test_deploy_inside_inference_mode():
+    """A model deployed under `torch.inference_mode` has inference-tensor weights (no version
+    counter); its packed convs must still run, and compute what the plain model computes."""
+    torch.manual_seed(0)
+    model = lowformer.create_model("lowformer_b0", num_classes=10).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        deployed = deploy(copy.deepcopy(model))
+        assert any(isinstance(m, onednn.PACKED_LAYERS) for m in deployed.modules())
+        assert _rel(expected, deployed(x)) <= 1e-5
+        assert _rel(expected, deployed(x)) <= 1e-5  # the cached packed weights
+
+
 @pytest.mark.parametrize("name", ["lowformer_b0", "lowformer_e3", "edgevit_xxs"])
 def test_deployed_packed_model_behaves_like_the_plain_one(name, tmp_path):
     model = lowformer.create_model(name).eval()
