@@ -9,6 +9,9 @@ small sizes and short policies: nothing here depends on how fast this machine is
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -387,6 +390,22 @@ def test_models_judge_macs_params_and_the_prediction(latency_model):
     assert data["ranks"][0]["predicted_latency_ms"] > 0
 
 
+def test_isomacs_set_keeps_to_its_band():
+    """`--set isomacs24` is defined by a MAC band (0.75-1.45 GMACs at 224 px), chosen before any
+    timing: every member must lie in it, counted on the meta device (no weights, no compute)."""
+    from lowformer import create_model
+    from lowformer.analyze.models import model_set
+    from lowformer.measure.macs import count_macs
+
+    names = model_set("isomacs24")
+    assert len(set(names)) == 24
+    for name in names:
+        with torch.device("meta"):
+            model = create_model(name)
+        gmacs = count_macs(model, 224, device="meta").macs / 1e9
+        assert 0.75 <= gmacs <= 1.45, (name, gmacs)
+
+
 # --------------------------------------------------------------------------------------------
 # Clock and allocator
 # --------------------------------------------------------------------------------------------
@@ -507,3 +526,16 @@ def test_cli_ctrl_c_exits_130(calibration_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("lowformer.cli.analyze.predict_models", interrupted)
     code = _cli("predict", "timm:test_resnet", "--image-size", "32", "--out", str(tmp_path), folder=calibration_dir)
     assert code == 130 and capsys.readouterr().err == "lowformer analyze: interrupted\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the profiler's log is left on where CUDA is")
+def test_profiler_log_stays_off_stderr():
+    """Counting costs starts the profiler; its per-start log lines must not reach the user's terminal."""
+    code = (
+        "from torch import nn; from lowformer.measure.opcost import count_op_costs; "
+        "count_op_costs(nn.Linear(4, 4), (1, 4)); count_op_costs(nn.Linear(4, 4), (1, 4))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "USDT" not in done.stderr and "profiler_start" not in done.stderr, done.stderr

@@ -74,6 +74,35 @@ MODEL_SETS: dict[str, tuple[str, ...]] = {
         "timm:levit_128s",
         "timm:shvit_s1",
     ),
+    # models of about the same MACs, where MACs cannot rank them: ours and one model per timm
+    # efficient family (RegNet X and Y both) with 0.75-1.45 GMACs at 224 px (a 1.9x range), the
+    # band chosen before timing anything; MobileViTv2 is the 0.75x width
+    "isomacs24": (
+        "lowformer_b0",
+        "lowformer_b1",
+        "lowformer_e1",
+        "edgevit_xs",
+        "timm:mobilenetv3_large_150d",
+        "timm:mobilenetv4_conv_medium",
+        "timm:mobilenetv4_hybrid_medium",
+        "timm:efficientformer_l1",
+        "timm:efficientformerv2_s2",
+        "timm:fastvit_t12",
+        "timm:mobileone_s1",
+        "timm:repvit_m1_1",
+        "timm:edgenext_small",
+        "timm:regnetx_008",
+        "timm:regnety_008",
+        "timm:convnext_femto",
+        "timm:levit_256",
+        "timm:tf_efficientnetv2_b1",
+        "timm:hgnetv2_b2",
+        "timm:resnet10t",
+        "timm:rexnet_150",
+        "timm:shvit_s4",
+        "timm:starnet_s3",
+        "timm:mobilevitv2_075",
+    ),
 }
 DEFAULT_ROUNDS = 5
 QUICK_ROUNDS = 2

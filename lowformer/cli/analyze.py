@@ -68,10 +68,11 @@ EXAMPLES = """examples:
   lowformer analyze elements --quick                        # every pair, small grid, < 1 min on a CPU
   lowformer analyze elements fused-mbconv depthwise-conv --channels 16 32 64 128 --resolutions 14 28 56
   lowformer analyze elements --mode throughput --batch-size 32 --budget 600 --out results
-  lowformer analyze calibrate --threads 1 --clock cpu --keep-memory   # ceilings + latency model, ~2 min, cached
+  lowformer analyze calibrate                                # ceilings + latency model, < 1 min when quiet, cached
   lowformer analyze model lowformer_b1 --mode throughput
   lowformer analyze predict lowformer_b1 timm:fastvit_t8 --batch-size 16
   lowformer analyze models lowformer_b1 lowformer_e1 timm:fastvit_t8 timm:repvit_m1_1 timm:mobilenetv3_large_100
+  lowformer analyze models --set isomacs24                   # 24 models of similar MACs: MACs vs the prediction
   lowformer analyze models --set efficient24 --threads 1 --clock cpu --keep-memory
 """
 
@@ -232,7 +233,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="model_set",
         choices=list(MODEL_SETS),
         help="a named model set: bench (the benchmark's 9 models, the default), efficient24 (ours and timm's "
-        "efficient families, 24 models)",
+        "efficient families, 24 models, 0.06-2.6 GMACs), isomacs24 (24 models of 0.75-1.45 GMACs, where MACs "
+        "cannot rank them)",
     )
     s.add_argument("--rounds", type=positive_int, metavar="N", help="interleaved rounds per mode (default 5)")
     s.add_argument("--no-predict", action="store_true", help="no latency-model prediction (needs no calibration)")

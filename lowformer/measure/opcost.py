@@ -275,8 +275,9 @@ def op_costs(model: nn.Module, x: torch.Tensor) -> list[OpCost]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from .profiler import is_top_level, transposed_arg
+    from .profiler import is_top_level, quiet_profiler, transposed_arg
 
+    quiet_profiler()
     weights = {_storage(t) for t in list(model.parameters()) + list(model.buffers())}
     walk = _CostWalk(weights)
     was_training = model.training

@@ -12,6 +12,7 @@ without it (`lowformer.measure.timing.measure`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +30,20 @@ class OpCall:
     time_us: float
 
 
+def quiet_profiler() -> None:
+    """Keep the profiler's C++ log (Kineto) off stderr on a machine without CUDA, where all it prints
+    is a line per profiler start and stop and that no GPU was found. Kineto reads the level once,
+    when the first profiler starts in the process; a user's own `KINETO_LOG_LEVEL` wins, and with
+    CUDA the log is left as it is (its errors there can matter)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above USDT (5) and ERROR (4): nothing
+
+
 def top_level_ops(step: Callable[[], Any], iters: int, device: str) -> list[OpCall]:
     """Run `step` `iters` times under the profiler; every top-level ATen call of all the runs."""
     from torch.profiler import ProfilerActivity, profile
 
+    quiet_profiler()
     cuda = str(device).startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=True) as prof:
