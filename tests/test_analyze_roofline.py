@@ -191,6 +191,24 @@ def test_calibration_cache(tmp_path, monkeypatch):
     assert cal.calibration_dir() == tmp_path / "env"
 
 
+def test_staleness_says_when_to_calibrate_again(monkeypatch):
+    """A cached calibration is flagged when it is old or was measured at another load."""
+    import datetime
+
+    monkeypatch.setattr(cal, "cpu_load", lambda: (1.0, 2))
+    now = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    fresh = synthetic_ceilings(date="2026-12-01T11:00:00+00:00", details={"load_avg_1m": 0.8})
+    line, stale = cal.staleness(fresh, now)
+    assert not stale and line == "calibrated 2026-12-01T11:00:00+00:00, 1.0 h ago, at load 0.8, now 1.0"
+    old = synthetic_ceilings(date="2026-11-30T11:00:00+00:00", details={"load_avg_1m": 0.8})
+    assert cal.staleness(old, now)[1]  # 25 h
+    busy = synthetic_ceilings(date="2026-12-01T11:00:00+00:00", details={"load_avg_1m": 6.0})
+    assert cal.staleness(busy, now)[1]  # load 6 then, 1 now, on 2 CPUs
+    unknown = synthetic_ceilings(date="")  # an old cache without a date or load: no claim either way
+    assert cal.staleness(unknown, now) == ("calibrated at an unknown time", False)
+    assert "load_avg_1m" in cal.calibrate("cpu", "fp32", threads=1, sizes=TINY_SIZES).details
+
+
 def test_bandwidth_curve_interpolates_in_log_size():
     c = synthetic_ceilings(bandwidth_curve={"1000": 40e9, "100000": 20e9}, details={"sizes": {"copy_bytes": 10**7}})
     assert c.bandwidth_at(10) == 40e9 and c.bandwidth_at(1000) == 40e9
@@ -470,7 +488,9 @@ def test_cli_calibrate_predict_and_model(calibration_dir, tmp_path, capsys, monk
     assert (out / "calibration-cpu-fp32-quick.json").exists()
     assert _cli("predict", "timm:test_resnet", "--batch-size", "2", "--image-size", "32", "--out", str(out),
                 folder=calibration_dir) == 0  # fmt: skip
-    assert "test_resnet" in capsys.readouterr().out and (out / "predict-b2.json").exists()
+    printed = capsys.readouterr().out
+    assert "test_resnet" in printed and (out / "predict-b2.json").exists()
+    assert "using the cached calibration (calibrated 20" in printed  # the user sees how old it is
     args = ["model", "timm:test_resnet", "--image-size", "32", "--iters", "1", "--out", str(out)]
     assert _cli(*args, folder=calibration_dir) == 0
     assert "bound (share of time)" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from ..analyze.sweep import MIN_ROUNDS
 from ..bench import BACKENDS, MODES, PRECISIONS
 from ..errors import LowformerRuntimeError
 from ..factory import check_model_name
-from ..measure.calibrate import calibrated, calibration_dir, calibration_path
+from ..measure.calibrate import calibrated, calibration_dir, calibration_path, staleness
 from ..measure.env import environment, keep_freed_memory, resolve_device
 from ..measure.timing import CLOCKS, check_clock
 from ..report import (
@@ -357,9 +357,13 @@ def _latency_model(args: argparse.Namespace, device: str, fresh: bool = False) -
     path = calibration_path(device, args.precision, args.threads, args.clock, args.quick, folder)
     if fresh or not path.exists():
         print(f"calibrating {device} (ceilings, then the operator sweep; cached in {folder}) ...", flush=True)
-    ceilings, _ = calibrated(
+    ceilings, cached = calibrated(
         device, args.precision, args.threads, args.clock, fresh=fresh, quick=args.quick, folder=folder
     )
+    if cached:
+        when, stale = staleness(ceilings)
+        advice = "the machine may have changed since: measure again with `lowformer analyze calibrate --fresh`"
+        print(f"using the cached calibration ({when})" + (f"; {advice}" if stale else ""), flush=True)
     progress = _progress_bar("operator sweep") if not getattr(args, "no_progress", False) else None
     try:
         return cached_latency_model(ceilings, fresh=fresh, folder=folder, progress=progress)

@@ -37,7 +37,7 @@ import torch
 
 from .._io import write_json
 from . import stats
-from .env import device_name, memory_mode
+from .env import cpu_load, device_name, memory_mode
 from .session import run_context
 from .timing import PerfCounterTimer, ThreadCpuTimer, TimingPolicy, check_clock, device_timer, measure
 
@@ -243,6 +243,7 @@ def calibrate(
         bandwidth_curve=curve,
         spread={"flops_per_s": flops_spread, "bytes_per_s": bw_spread, "overhead_s": oh_spread},
         details={
+            "load_avg_1m": None if cuda else cpu_load()[0],  # how busy the machine was (`staleness`)
             "sizes": sizes.to_dict(),
             "matmul_flops_per_s_by_size": {str(n): v[0] for n, v in per_size.items()},
             "matmul_size": best,
@@ -328,6 +329,33 @@ def calibrated(
     ceilings.details["quick"] = quick
     write_json(path, ceilings.to_dict())
     return ceilings, False
+
+
+STALE_HOURS = 12.0  # an older calibration may describe another state of the machine
+STALE_LOAD_CHANGE = 1.0  # per CPU: a load that changed by more than this since calibrating
+
+
+def staleness(ceilings: Ceilings, now: datetime.datetime | None = None) -> tuple[str, bool]:
+    """(a line saying when and at what load `ceilings` were measured, whether to measure again).
+
+    A calibration measures the machine as it was: on a CPU, other jobs lower every ceiling (a
+    two-thread calibration at load 6 read 27 GFLOP/s where the quiet machine gives 198). Measure again
+    when it is older than `STALE_HOURS` or the load per CPU changed by more than `STALE_LOAD_CHANGE`.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    parts, stale = [f"calibrated {ceilings.date or 'at an unknown time'}"], False
+    try:
+        hours = (now - datetime.datetime.fromisoformat(ceilings.date)).total_seconds() / 3600
+    except (TypeError, ValueError):
+        hours = None
+    if hours is not None:
+        parts.append(f"{hours:.1f} h ago")
+        stale = hours > STALE_HOURS
+    then, (load, cpus) = ceilings.details.get("load_avg_1m"), cpu_load()
+    if then is not None and load is not None and not str(ceilings.device).startswith("cuda"):
+        parts.append(f"at load {then:.1f}, now {load:.1f}")
+        stale = stale or abs(load - then) / cpus > STALE_LOAD_CHANGE
+    return ", ".join(parts), stale
 
 
 def calibration_path(
