@@ -80,6 +80,25 @@ def test_cache_follows_weight_changes():
         assert _rel(other(x), packed(x)) <= 1e-6
 
 
+def test_cache_packs_per_input_shape():
+    """oneDNN packs a weight for one input shape; another shape gets its own packing (the last
+    MAX_SHAPES are kept), and every shape computes what the conv computes."""
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    packed = onednn.PackedConv2d.from_conv(copy.deepcopy(conv))
+    shapes = [(4, 8, 12, 12), (1, 8, 12, 12), (1, 8, 20, 20), (2, 8, 9, 9), (3, 8, 7, 7), (1, 8, 12, 12)]
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape)
+            assert _rel(conv(x), packed(x)) <= 1e-5
+    kept = list(packed._packed)
+    assert len(kept) == onednn.PackedConv2d.MAX_SHAPES
+    assert kept[-1] == (1, 8, 12, 12) and (4, 8, 12, 12) not in kept  # used last; least recently used out
+    first = packed._packed[(1, 8, 12, 12)][1]
+    with torch.no_grad():
+        packed(torch.randn(1, 8, 12, 12))
+    assert packed._packed[(1, 8, 12, 12)][1] is first  # a hit does not pack again
+
+
 def test_deploy_inside_inference_mode():
     """A model deployed under `torch.inference_mode` has inference-tensor weights (no version
     counter); its packed convs must still run, and compute what the plain model computes."""
