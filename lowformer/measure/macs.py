@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,11 +27,12 @@ CONVENTION = "1 MAC = 1 fused multiply-add; convs, transposed convs, linears and
 
 OP_KINDS = ("conv", "depthwise_conv", "transposed_conv", "linear", "attention_matmul")
 
-# ATen ops that only move or view memory (or allocate): neither counted nor worth listing.
-LAYOUT_OPS = {
+# ATen ops that return a view of their input: no arithmetic, no traffic
+VIEW_OPS = {
     "view",
     "_unsafe_view",
     "reshape",
+    "_reshape_alias",
     "permute",
     "transpose",
     "t",
@@ -47,6 +48,11 @@ LAYOUT_OPS = {
     "flatten",
     "alias",
     "detach",
+    "as_strided",
+    "lift_fresh",
+}
+# ATen ops that only move or view memory (or allocate): neither counted nor worth listing.
+LAYOUT_OPS = VIEW_OPS | {
     "clone",
     "contiguous",
     "_to_copy",
@@ -59,9 +65,6 @@ LAYOUT_OPS = {
     "full",
     "new_empty",
     "new_zeros",
-    "as_strided",
-    "lift_fresh",
-    "_reshape_alias",
     "cat",
     "stack",
     "pad",
@@ -157,6 +160,21 @@ class _MacCounter(TorchDispatchMode):
 
 
 @contextmanager
+def forward_hooks(modules: Iterable[nn.Module], enter, leave) -> Iterator[None]:
+    """While the block runs, call `enter(module, inputs)` before and `leave(module, inputs, output)`
+    after the forward of each of `modules`."""
+    handles = []
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def linear_scope(model: nn.Module, counter) -> Iterator[None]:
     """Keep `counter.linear_depth` above 0 while an `nn.Linear` of `model` runs, so that its matrix
     product counts as "linear" rather than "attention_matmul"."""
@@ -167,16 +185,8 @@ def linear_scope(model: nn.Module, counter) -> Iterator[None]:
     def leave(module, inputs, output):
         counter.linear_depth -= 1
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_pre_hook(enter))
-            handles.append(m.register_forward_hook(leave))
-    try:
+    with forward_hooks((m for m in model.modules() if isinstance(m, nn.Linear)), enter, leave):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def count_params(model: nn.Module, head_prefix: str = "head") -> tuple[int, int]:

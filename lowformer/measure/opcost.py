@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .macs import leaf_macs, linear_scope
+from .macs import VIEW_OPS as MAC_VIEW_OPS
+from .macs import forward_hooks, leaf_macs, linear_scope
 
 LEAF_TAG = "lowformer.op#"  # profiler range of one ATen call seen by the walk
 MODULE_TAG = "lowformer.module#"  # profiler range of one module's forward
@@ -42,29 +43,8 @@ COST_CONVENTION = (
     "once, outputs written once, no reuse through caches between calls, intermediates inside a call not counted)"
 )
 
-# ATen calls that create a view of their input: no traffic
-VIEW_OPS = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "_reshape_alias",
-    "permute",
-    "transpose",
-    "t",
-    "expand",
-    "slice",
-    "select",
-    "split",
-    "split_with_sizes",
-    "chunk",
-    "unbind",
-    "squeeze",
-    "unsqueeze",
-    "flatten",
-    "alias",
-    "detach",
-    "as_strided",
-    "lift_fresh",
+# ATen calls that create a view of their input: no traffic (the MAC counter's views and a few more)
+VIEW_OPS = MAC_VIEW_OPS | {
     "unfold",
     "view_as_real",
     "view_as_complex",
@@ -245,24 +225,18 @@ def _module_ranges(model: nn.Module) -> Iterator[None]:
     """Mark each module's forward as a profiler range (`lowformer.module#PATH`), so that every top-level
     call can be attributed to the innermost module it ran in, calls without ATen work included."""
     open_ranges: list = []
-    handles = []
-    for path, m in model.named_modules():
+    paths = {m: path for path, m in model.named_modules()}
 
-        def enter(module, inputs, path=path):
-            rf = torch.profiler.record_function(f"{MODULE_TAG}{path}")
-            rf.__enter__()
-            open_ranges.append(rf)
+    def enter(module, inputs):
+        rf = torch.profiler.record_function(f"{MODULE_TAG}{paths[module]}")
+        rf.__enter__()
+        open_ranges.append(rf)
 
-        def leave(module, inputs, output):
-            open_ranges.pop().__exit__(None, None, None)
+    def leave(module, inputs, output):
+        open_ranges.pop().__exit__(None, None, None)
 
-        handles.append(m.register_forward_pre_hook(enter))
-        handles.append(m.register_forward_hook(leave))
-    try:
+    with forward_hooks(paths, enter, leave):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
