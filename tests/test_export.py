@@ -80,9 +80,9 @@ def test_onnx_every_model_dynamic_batch_fp32_and_fp16(name, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dynamic_exports(tmp_path_factory):
+def dynamic_exports(module_dir):
     """SUBSET exported once by the dynamo exporter with batch, height and width dynamic: {name: (model, path)}."""
-    folder = tmp_path_factory.mktemp("dynamic")
+    folder = module_dir
     sizes = {"lowformer_b0": (64, 96), "lowformer_e3": (64, 64), "edgevit_xxs": (64, 64)}
     exports = {}
     for name in SUBSET:

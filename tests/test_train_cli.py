@@ -43,9 +43,9 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> tuple[Path, Path]:
+def digits_run(module_dir) -> tuple[Path, Path]:
     """(data, run folder) of a finished 2-epoch run at 32 px, made by the command line."""
-    root = tmp_path_factory.mktemp("digits")
+    root = module_dir
     data = make_image_folder(root / "data", classes=(0, 1, 2), per_class_train=8, per_class_val=4)
     out = root / "run"
     args = ["train", "--model", "lowformer_b0", "--data", data, *TINY, "--epochs", "2", "--output", out]

@@ -76,9 +76,9 @@ def test_digits_demo_reaches_95_percent_and_eval_reports_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[list, dict, object]:
+def reference(module_dir) -> tuple[list, dict, object]:
     """(training arguments, environment, the run folder of an uninterrupted run with them)."""
-    root = tmp_path_factory.mktemp("reference")
+    root = module_dir
     data = make_image_folder(root / "data", classes=(0, 1, 2, 3), per_class_train=16, per_class_val=2)
     args = ["train", "--model", "lowformer_b0", "--data", data, *TINY, "--epochs", "3", "--no-progress"]
     args += ["--set", "ema_decay=0.99", "--set", "drop_path=0.1", "--checkpoint-every", "3", "--keep-last", "100"]
