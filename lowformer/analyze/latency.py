@@ -5,12 +5,13 @@ For one top-level operator call of kind k (`lowformer.analyze.opkinds.fit_kind`)
 bytes moved (`lowformer.measure.opcost`), on a device with compute ceiling C, bandwidth M and
 per-call overhead O (`lowformer.measure.calibrate`):
 
-    t = max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O
+    t = s[k] * (max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O)
 
 and a model's predicted time is the sum over its calls. M(B) is the copy bandwidth the calibration
 measured at B bytes (`Ceilings.bandwidth_at`: caches make small copies faster); e_c and e_m are the
 shares of the ceilings the kind reaches; o is its overhead per call in units of O (a convolution's
-primitive set-up costs more than a tiny add's dispatch).
+primitive set-up costs more than a tiny add's dispatch). s is 1 unless the model was refined on
+design-element sweeps (`lowformer.analyze.element_fit`): a kind's scale inside whole blocks.
 
 The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
 3x3 convs, depthwise convs of 1-7 px kernels, linears on tokens, attention products, norms,
@@ -317,6 +318,7 @@ class KindFactors:
     overhead_calls: float  # o: overhead per call in units of the calibrated overhead
     samples: int = 0
     median_abs_error: float | None = None  # of the fit on its own samples
+    element_scale: float = 1.0  # s: fitted on design-element sweeps (`lowformer.analyze.element_fit`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,13 +385,13 @@ class LatencyModel:
         return self.factors.get(kind) or self.factors.get("elementwise") or DEFAULT_FACTORS
 
     def op_time_s(self, kind: str, flops: float, nbytes: float) -> tuple[float, float, float]:
-        """(compute, memory, overhead) seconds of one call at this kind's factors."""
+        """(compute, memory, overhead) seconds of one call at this kind's factors, times its element scale."""
         f = self.factors_of(kind)
         c = self.ceilings
         return (
-            flops / (f.compute_efficiency * c.flops_per_s),
-            nbytes / (f.memory_efficiency * c.bandwidth_at(nbytes)),
-            f.overhead_calls * c.overhead_s,
+            f.element_scale * flops / (f.compute_efficiency * c.flops_per_s),
+            f.element_scale * nbytes / (f.memory_efficiency * c.bandwidth_at(nbytes)),
+            f.element_scale * f.overhead_calls * c.overhead_s,
         )
 
     def predict(self, costs: Sequence[OpCost]) -> list[dict]:

@@ -4,7 +4,8 @@
              MHSA vs none, attention stride, norms, activations, upsampling) over a channels x
              resolution grid: heatmaps of time ratio | MAC ratio, CSV/JSON of every cell
   calibrate  this device's measured ceilings (matmul FLOP/s, copy bandwidth, per-call overhead) and
-             the latency model's per-kind factors, fitted on single operators; cached
+             the latency model's per-kind factors, fitted on single operators (and, with
+             --elements, refitted on element sweeps); cached
   model      where one model's time goes per operator kind, against its share of MACs, and every
              operator call on the roofline (FLOPs, bytes, intensity, achieved share, bound)
   predict    predicted time of models from their operators and the calibration, nothing timed
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from .._io import write_json
 from ..analyze import get_pair, list_pairs, plan_elements, plan_models, profile_model, run_elements, run_models
+from ..analyze.element_fit import read_element_results, refine_latency_model
 from ..analyze.elements import MIN_CHANNELS, MIN_RESOLUTION
 from ..analyze.latency import LatencyModel, cached_latency_model, latency_model_path
 from ..analyze.models import MODEL_SETS, model_set
@@ -69,6 +71,7 @@ EXAMPLES = """examples:
   lowformer analyze elements fused-mbconv depthwise-conv --channels 16 32 64 128 --resolutions 14 28 56
   lowformer analyze elements --mode throughput --batch-size 32 --budget 600 --out results
   lowformer analyze calibrate                                # ceilings + latency model, < 1 min when quiet, cached
+  lowformer analyze calibrate --elements results             # refit its factors on element sweeps in results/
   lowformer analyze model lowformer_b1 --mode throughput
   lowformer analyze predict lowformer_b1 timm:fastvit_t8 --batch-size 16
   lowformer analyze models lowformer_b1 lowformer_e1 timm:fastvit_t8 timm:repvit_m1_1 timm:mobilenetv3_large_100
@@ -194,6 +197,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--fresh", action="store_true", help="measure again, replacing the cached calibration")
     c.add_argument(
         "--quick", action="store_true", help="small sizes and a small operator sweep (seconds; a first look)"
+    )
+    c.add_argument(
+        "--elements",
+        nargs="+",
+        metavar="PATH",
+        help="refine the latency model on `analyze elements` results (their JSON files or folders), measured "
+        "with the same device, precision and threads: one time scale per operator kind, cached with the model",
     )
     c.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -407,13 +417,20 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     slug = f"{device.replace(':', '')}-{args.precision}" + ("-quick" if args.quick else "")
     target = out / f"calibration-{slug}.json"
     check_outputs([target, out / REPORT_NAME], folders=[out, _calibration_folder(args)])
+    if args.elements:
+        read_element_results(args.elements)  # a wrong path is said before a calibration that takes a minute
     start = time.perf_counter()
     with keep_freed_memory(args.keep_memory):
         model, cached = _latency_model(args, device, fresh=args.fresh)
+    took = "from the cache" if cached else f"measured in {time.perf_counter() - start:.0f} s"
+    path = latency_model_path(model.ceilings, _calibration_folder(args))
+    if args.elements:
+        print(f"refining on the element sweeps of {', '.join(args.elements)} ...", flush=True)
+        model, _ = refine_latency_model(model, args.elements)
+        write_json(path, model.to_dict())
     data = model.to_dict()
     print(format_calibration(data["ceilings"], data))
-    took = "from the cache" if cached else f"measured in {time.perf_counter() - start:.0f} s"
-    print(f"calibration {took}: {latency_model_path(model.ceilings, _calibration_folder(args))}")
+    print(f"calibration {took}: {path}")
     record = {"schema": CALIBRATION_SCHEMA, "environment": environment(device), "latency_model": data}
     _print_written(out, [write_json(target, record)])
     return 0

@@ -25,6 +25,7 @@ from .tables import (
     ROOFLINE_HEADERS,
     calibration_rows,
     ceilings_line,
+    element_fit_line,
     format_number,
     format_ratio,
     models_rows,
@@ -258,8 +259,9 @@ def _judgement_md(data: dict) -> str:
     if lm:
         text += (
             "\n\nPrediction: the analytic latency model (`lowformer analyze predict`), calibrated on "
-            f"{ceilings_line(lm['ceilings'])}; its per-kind factors were fitted on single operators, never on "
-            "these models."
+            f"{ceilings_line(lm['ceilings'])}; its per-kind factors were fitted on single operators"
+            + (" and design-element sweeps" if lm.get("settings", {}).get("elements") else "")
+            + ", never on these models."
         )
     return text
 
@@ -277,8 +279,17 @@ def _predict_md(data: dict) -> list[str]:
         "",
         _md_table([*PREDICT_HEADERS, "overhead"], prediction_rows(data["models"]), [False] + [True] * 9),
         "",
-        _md_table(*calibration_rows(lm), [False] + [True] * 5),
+        *_factors_md(lm),
     ]
+
+
+def _factors_md(lm: dict) -> list[str]:
+    """The latency model's per-kind factors, and its refinement on element sweeps if it has one."""
+    headers, rows = calibration_rows(lm)
+    refined = element_fit_line(lm)
+    return [_md_table(headers, rows, [False] + [True] * (len(headers) - 1))] + (
+        ["", refined.replace("\n", "  \n") + "."] if refined else []
+    )
 
 
 def _calibration_md(data: dict) -> list[str]:
@@ -299,7 +310,7 @@ def _calibration_md(data: dict) -> list[str]:
         f"Per-kind factors of the latency model, fitted on {len(lm.get('samples', []))} single-operator cases at batch "
         f"{', '.join(map(str, s.get('batch_sizes', [])))} ({s.get('seconds', 0):.0f} s):",
         "",
-        _md_table(*calibration_rows(lm), [False] + [True] * 5),
+        *_factors_md(lm),
     ]
     return out
 

@@ -432,20 +432,38 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
 
     overhead = model["ceilings"]["overhead_s"]
     headers = ["kind", "compute eff.", "memory eff.", "overhead us/call", "cases", "fit error (median)"]
+    refined = "elements" in model.get("settings", {})
+    if refined:
+        headers.append("element scale")
     rows = []
     order = {k: i for i, k in enumerate(FIT_KINDS)}
     for kind, f in sorted(model["factors"].items(), key=lambda kv: order.get(kv[0], len(order))):
-        rows.append(
-            [
-                FIT_KINDS.get(kind, kind),
-                format_share(f["compute_efficiency"]),
-                format_share(f["memory_efficiency"]),
-                f"{f['overhead_calls'] * overhead * 1e6:.1f}",
-                str(f["samples"]),
-                format_share(f.get("median_abs_error")),
-            ]
-        )
+        row = [
+            FIT_KINDS.get(kind, kind),
+            format_share(f["compute_efficiency"]),
+            format_share(f["memory_efficiency"]),
+            f"{f['overhead_calls'] * overhead * 1e6:.1f}",
+            str(f["samples"]),
+            format_share(f.get("median_abs_error")),
+        ]
+        if refined:
+            row.append(f"{f.get('element_scale', 1.0):.2f}")
+        rows.append(row)
     return headers, rows
+
+
+def element_fit_line(model: dict) -> str | None:
+    """One line on the refinement on element sweeps of a latency model (`LatencyModel.to_dict()`), if any."""
+    e = model.get("settings", {}).get("elements")
+    if not e:
+        return None
+    line = (
+        f"refined on {e['sides']} measured sides of design-element sweeps ({', '.join(e['pairs'])}; batch "
+        f"{', '.join(map(str, e['batch_sizes']))}; measured {', '.join(d[:16] for d in e['dates'] if d)}): median "
+        f"error of those sides {format_share(e['median_abs_error_before'])} with the operator fit alone, "
+        f"{format_share(e['median_abs_error_after'])} with the element scales"
+    )
+    return "\n".join([line, *e.get("notes", [])])
 
 
 def format_calibration(ceilings: dict, model: dict | None = None) -> str:
@@ -462,10 +480,12 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             f"single-operator cases at batch {', '.join(map(str, s.get('batch_sizes', [])))}"
         )
         headers, rows = calibration_rows(model)
-        lines.append(render_table(headers, rows, [False] + [True] * 5))
+        lines.append(render_table(headers, rows, [False] + [True] * (len(headers) - 1)))
+        if (refined := element_fit_line(model)) is not None:
+            lines.append(refined)
         lines.append(
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
-            "that size)) + overhead)"
+            "that size)) + overhead" + (", times the element scale)" if refined is not None else ")")
         )
     return "\n".join(lines)
 

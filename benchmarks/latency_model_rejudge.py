@@ -1,0 +1,114 @@
+"""Judge latency models against timings already measured: the same stored `analyze models` runs, predicted
+by each model, so that two latency models are compared on identical measurements (no timing noise
+between them).
+
+    python benchmarks/latency_model_rejudge.py \
+        --runs docs/analysis/cpu-latency-model/isomacs24 docs/analysis/cpu-latency-model/default-protocol \
+        --models operators=OPERATOR_FIT.json elements=REFINED.json --out docs/analysis/cpu-latency-model/rejudged
+
+A latency model file is what `lowformer analyze calibrate` caches (its path is printed), or the
+calibration-*.json it writes to --out. Per run, mode and
+batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
+measured time, and each prediction's median and largest absolute error; written as rejudged.json and
+rejudged.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lowformer._io import write_json, write_text
+from lowformer.analyze.latency import LatencyModel
+from lowformer.analyze.predict import predict_model
+from lowformer.measure import stats
+
+
+def _measured(run: Path) -> list[dict]:
+    data = json.loads((run / "models.json").read_text())
+    return [r for r in data["bench"]["results"] if r.get("status") == "ok" and r.get("latency_ms_p50")]
+
+
+def judge(runs: list[Path], models: dict[str, LatencyModel]) -> list[dict]:
+    cache: dict[tuple[str, str, int, tuple[int, int]], float] = {}
+    out = []
+    for run in runs:
+        groups: dict[tuple[str, int], list[dict]] = {}
+        for r in _measured(run):
+            groups.setdefault((r["mode"], r["batch_size"]), []).append(r)
+        for (mode, batch), rs in sorted(groups.items(), key=lambda kv: kv[0][1], reverse=True):
+            measured = [r["latency_ms_p50"] for r in rs]
+            entry = {"run": str(run), "mode": mode, "batch_size": batch, "models": len(rs)}
+            entry["spearman_macs"] = stats.spearman([float(r["macs"]) for r in rs], measured)
+            entry["kendall_macs"] = stats.kendall([float(r["macs"]) for r in rs], measured)
+            for name, model in models.items():
+                predicted = []
+                for r in rs:
+                    key = (name, r["model"], batch, (r["image_height"], r["image_width"]))
+                    if key not in cache:
+                        cache[key] = predict_model(r["model"], model, batch, key[3])["predicted_ms"]
+                    predicted.append(cache[key])
+                errors = [p / m - 1 for p, m in zip(predicted, measured)]
+                entry[name] = {
+                    "spearman": stats.spearman(predicted, measured),
+                    "kendall": stats.kendall(predicted, measured),
+                    "median_abs_error": stats.median([abs(e) for e in errors]),
+                    "max_abs_error": max(abs(e) for e in errors),
+                    "errors": {r["model"]: e for r, e in zip(rs, errors)},
+                }
+            out.append(entry)
+    return out
+
+
+def to_markdown(entries: list[dict], names: list[str], command: str) -> str:
+    head = ["run", "mode", "models", "Spearman: MACs"] + [f"Spearman: {n}" for n in names]
+    head += [f"Kendall: {n}" for n in names] + [f"median error: {n}" for n in names]
+    rows = []
+    for e in entries:
+        row = [
+            Path(e["run"]).name,
+            f"{e['mode']}, batch {e['batch_size']}",
+            str(e["models"]),
+            f"{e['spearman_macs']:.2f}",
+        ]
+        row += [f"{e[n]['spearman']:.2f}" for n in names] + [f"{e[n]['kendall']:.2f}" for n in names]
+        row += [f"{100 * e[n]['median_abs_error']:.0f}%" for n in names]
+        rows.append(row)
+    lines = [f"Command: `{command}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--runs", nargs="+", required=True, metavar="DIR", help="folders holding an `analyze models` models.json"
+    )
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=FILE", help="latency model files to compare")
+    p.add_argument("--out", required=True, metavar="DIR")
+    args = p.parse_args(argv)
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not (r / "models.json").is_file():
+            p.error(f"{r}: no models.json here")
+    models = {}
+    for spec in args.models:
+        name, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_file():
+            p.error(f"--models {spec!r}: give NAME=FILE with an existing latency model file")
+        data = json.loads(Path(path).read_text())
+        models[name] = LatencyModel.from_dict(data.get("latency_model", data))  # a calibration record holds one
+    entries = judge(runs, models)
+    out = Path(args.out)
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    write_json(out / "rejudged.json", {"command": command, "entries": entries})
+    md = to_markdown(entries, list(models), command)
+    write_text(out / "rejudged.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
