@@ -24,6 +24,7 @@ import lowformer
 from lowformer._io import write_json
 from lowformer.bench.backends import compile_model
 from lowformer.measure.env import cpu_load, environment
+from lowformer.measure.profiler import quiet_profiler
 from lowformer.measure.timing import Candidate, PerfCounterTimer, Rounds, TimingPolicy, interleave
 
 # operator groups of a frozen inductor graph on CPU, by event name
@@ -48,6 +49,7 @@ def profile_calls(fn, x: torch.Tensor, iters: int) -> dict[str, float]:
     """ms per call of each top-level event name (an event with no recorded parent)."""
     from torch.profiler import ProfilerActivity, profile
 
+    quiet_profiler()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             fn(x)

@@ -152,7 +152,9 @@ def test_bad_paths(tmp_path):
 def test_an_unregistered_pair_is_left_out_with_a_note(tmp_path):
     data = _sweep(1)
     data["cells"][0]["pair"] = "my-own-pair"
-    samples, notes = element_samples([(tmp_path / "e.json", data)], _model())
+    calls = []
+    samples, notes = element_samples([(tmp_path / "e.json", data)], _model(), lambda *a: calls.append(a))
+    assert calls[0] == (0, len(CELLS) * len(PAIRS)) and calls[-1] == (len(CELLS) * len(PAIRS),) * 2  # ok cells only
     assert len(samples) == 13 * len(CELLS) - 3  # the first cell's 3 sides are left out
     assert notes == ["e.json: pair 'my-own-pair' is not registered here (pass its --import); left out"]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -120,37 +120,45 @@ def check_compatible(path: Path, settings: dict, model: LatencyModel) -> None:
         )
 
 
-def element_samples(results: Sequence[tuple[Path, dict]], model: LatencyModel) -> tuple[list[ElementSample], list[str]]:
+def element_samples(
+    results: Sequence[tuple[Path, dict]],
+    model: LatencyModel,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[ElementSample], list[str]]:
     """(samples, notes): every measured side of every cell, predicted per kind by `model`'s operator
-    fit (its element scales left out). A pair that is not registered here is left out, with a note."""
+    fit (its element scales left out). A pair that is not registered here is left out, with a note.
+    `progress(done, total)` is called per cell."""
     base = without_element_scales(model)
-    samples, notes = [], []
     for path, data in results:
-        settings = data.get("settings", {})
-        check_compatible(path, settings, base)
-        batch = int(settings.get("batch_size") or 1)
-        for cell in data.get("cells", []):
-            if cell.get("status") != "ok":
+        check_compatible(path, data.get("settings", {}), base)
+    cells = [(path, data, cell) for path, data in results for cell in data.get("cells", [])]
+    cells = [(path, data, cell) for path, data, cell in cells if cell.get("status") == "ok"]
+    samples, notes = [], []
+    for i, (path, data, cell) in enumerate(cells):
+        if progress is not None:
+            progress(i, len(cells))
+        batch = int(data.get("settings", {}).get("batch_size") or 1)
+        try:
+            pair = get_pair(cell["pair"])
+        except ValueError:
+            note = f"{path.name}: pair {cell['pair']!r} is not registered here (pass its --import); left out"
+            if note not in notes:
+                notes.append(note)
+            continue
+        sides = {s.label: s for s in pair.sides}
+        c, r = int(cell["channels"]), int(cell["resolution"])
+        for measured in cell.get("sides", []):
+            side, t_ms = sides.get(measured.get("label")), measured.get("time_ms_p50")
+            if side is None or not t_ms or t_ms <= 0:
                 continue
-            try:
-                pair = get_pair(cell["pair"])
-            except ValueError:
-                note = f"{path.name}: pair {cell['pair']!r} is not registered here (pass its --import); left out"
-                if note not in notes:
-                    notes.append(note)
-                continue
-            sides = {s.label: s for s in pair.sides}
-            c, r = int(cell["channels"]), int(cell["resolution"])
-            for measured in cell.get("sides", []):
-                side, t_ms = sides.get(measured.get("label")), measured.get("time_ms_p50")
-                if side is None or not t_ms or t_ms <= 0:
-                    continue
-                with torch.random.fork_rng(devices=[]):
-                    module = side.build(c, r).eval()
-                by_kind: dict[str, float] = {}
-                for call in base.predict(count_op_costs(module, (batch, c, r, r))):
-                    by_kind[call["fit_kind"]] = by_kind.get(call["fit_kind"], 0.0) + call["predicted_s"]
-                samples.append(ElementSample(pair.name, side.label, c, r, batch, t_ms / 1e3, by_kind))
+            with torch.random.fork_rng(devices=[]):
+                module = side.build(c, r).eval()
+            by_kind: dict[str, float] = {}
+            for call in base.predict(count_op_costs(module, (batch, c, r, r))):
+                by_kind[call["fit_kind"]] = by_kind.get(call["fit_kind"], 0.0) + call["predicted_s"]
+            samples.append(ElementSample(pair.name, side.label, c, r, batch, t_ms / 1e3, by_kind))
+    if progress is not None:
+        progress(len(cells), len(cells))
     return samples, notes
 
 
@@ -205,12 +213,14 @@ def _median_error(samples: Sequence[ElementSample], scales: dict[str, float]) ->
     return float(np.median(np.abs(pred / np.array([s.time_s for s in samples]) - 1)))
 
 
-def refine_latency_model(model: LatencyModel, paths: Sequence[str | Path]) -> tuple[LatencyModel, dict]:
+def refine_latency_model(
+    model: LatencyModel, paths: Sequence[str | Path], progress: Callable[[int, int], None] | None = None
+) -> tuple[LatencyModel, dict]:
     """`model` with its element scales fitted on the `analyze elements` results at `paths`, and a summary
     (also kept in the model's settings["elements"]): the files, how many sides, the scales, and the
     median error of the element sides before and after."""
     results = read_element_results(paths)
-    samples, notes = element_samples(results, model)
+    samples, notes = element_samples(results, model, progress)
     scales = fit_element_scales(samples)
     base = without_element_scales(model)
     factors = dict(base.factors)

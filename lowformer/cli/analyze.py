@@ -385,8 +385,8 @@ def _latency_model(args: argparse.Namespace, device: str, fresh: bool = False) -
 class _progress_bar:
     """A progress callback (done, total) drawn with tqdm on a terminal, silent otherwise."""
 
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
+    def __init__(self, desc: str, unit: str = "op") -> None:
+        self.desc, self.unit = desc, unit
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -395,7 +395,7 @@ class _progress_bar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.desc, unit="op", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
         self.bar.n = done
         self.bar.refresh()
 
@@ -426,7 +426,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     path = latency_model_path(model.ceilings, _calibration_folder(args))
     if args.elements:
         print(f"refining on the element sweeps of {', '.join(args.elements)} ...", flush=True)
-        model, _ = refine_latency_model(model, args.elements)
+        progress = _progress_bar("element cells", unit="cell") if not args.no_progress else None
+        try:
+            model, _ = refine_latency_model(model, args.elements, progress)
+        finally:
+            if progress is not None:
+                progress.close()
         write_json(path, model.to_dict())
     data = model.to_dict()
     print(format_calibration(data["ceilings"], data))
