@@ -18,12 +18,13 @@ Layout: `elements` (pairs of design elements and their registry), `sweep` (plan 
 interleaved timing, per-cell cache, time budget), `cells` (the sweep's records and rows),
 `profile` (time per operator kind vs MAC share), `roofline` (every operator call against the
 device's measured ceilings), `opkinds` and `latency` (the analytic latency model: operator kinds,
-the single-operator sweep, the fit), `predict` (models' predicted time), `models` (MACs,
+the single-operator sweep, the fit), `element_fit` (its refit on element sweeps), `predict` (models' predicted time), `models` (MACs,
 parameters and the prediction vs latency/throughput across models). Records only: tables, figures
 and report.md are `lowformer.report`'s. Method and outputs: docs/analyze.md.
 """
 
 from .cells import ROW_COLUMNS, CellResult, ElementReport, SideResult, element_rows, summarize_comparison
+from .element_fit import refine_latency_model
 from .elements import (
     BUILTIN_PAIRS,
     ElementPair,
@@ -76,6 +77,7 @@ __all__ = [
     "analyze_elements",
     "analyze_models",
     "build_latency_model",
+    "refine_latency_model",
     "cached_latency_model",
     "classify_op",
     "count_sides",
