@@ -18,8 +18,9 @@ Layout: `elements` (pairs of design elements and their registry), `sweep` (plan 
 interleaved timing, per-cell cache, time budget), `cells` (the sweep's records and rows),
 `profile` (time per operator kind vs MAC share), `roofline` (every operator call against the
 device's measured ceilings), `opkinds` and `latency` (the analytic latency model: operator kinds,
-the single-operator sweep, the fit), `element_fit` (its refit on element sweeps), `predict` (models' predicted time), `models` (MACs,
-parameters and the prediction vs latency/throughput across models). Records only: tables, figures
+the single-operator sweep, the fit), `element_fit` (its refit on element sweeps), `predict`
+(models' predicted time), `models` (MACs, parameters and the prediction vs latency/throughput
+across models). Records only: tables, figures
 and report.md are `lowformer.report`'s. Method and outputs: docs/analyze.md.
 """
 
