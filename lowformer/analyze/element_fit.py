@@ -33,10 +33,10 @@ import torch
 
 from ..errors import LowformerRuntimeError
 from ..measure.opcost import count_op_costs
+from .cells import SCHEMA as ELEMENTS_SCHEMA
 from .elements import get_pair
 from .latency import LatencyModel
 
-ELEMENTS_SCHEMA = "lowformer.analyze.elements/1"
 PRIOR = 1e-3  # as the operator fit's: only for kinds the sweeps cannot tell
 MIN_SHARE = 0.05
 MIN_SAMPLES = 3
