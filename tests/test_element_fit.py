@@ -18,6 +18,7 @@ from lowformer.analyze.element_fit import (
 )
 from lowformer.analyze.latency import KindFactors, LatencyModel
 from lowformer.analyze.opkinds import FIT_KINDS
+from lowformer.analyze.predict import model_summary
 from lowformer.cli import main
 from lowformer.errors import LowformerRuntimeError
 from lowformer.measure import calibrate as cal
@@ -118,6 +119,9 @@ def test_refined_model_round_trips_and_prints(tmp_path):
     assert "element scale" in text and re.search(r"^1x1 conv .* 10 .*1\.(59|60|61)$", text, re.M)
     assert "refined on 130 measured sides of design-element sweeps" in text
     assert "element scale" not in format_calibration(model.ceilings.to_dict(), model.to_dict())
+    summary = model_summary(refined)  # what predictions record: no samples of either fit
+    assert "samples" not in summary and summary["settings"]["elements"]["samples"] == []
+    assert summary["factors"]["conv_1x1"]["element_scale"] == refined.factors["conv_1x1"].element_scale
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,8 @@ def model_summary(model: LatencyModel) -> dict:
     """What a prediction was made with: the ceilings and the fitted factors (not the samples)."""
     data = model.to_dict()
     data.pop("samples", None)
+    if "elements" in data["settings"]:  # the refit's summary, not its samples
+        data["settings"] = {**data["settings"], "elements": {**data["settings"]["elements"], "samples": []}}
     return data
 
 
