@@ -386,17 +386,22 @@ def test_failures_are_classified_by_the_shared_rule():
 def test_frozen_heap_makes_collections_cheap_and_nests():
     import gc
 
+    # Counts are compared with a margin: a frozen object still dies when its last reference goes
+    # (another thread of the process may drop a few), but a second freeze would add 1000 and an
+    # unfreeze would drop to 0.
     assert gc.get_freeze_count() == 0
     with frozen_heap():
         frozen = gc.get_freeze_count()
         assert frozen > 1000  # the heap alive before the block
+        made_inside = [[] for _ in range(1000)]
         with frozen_heap():
-            assert gc.get_freeze_count() == frozen
+            assert frozen - 100 < gc.get_freeze_count() < frozen + 1000  # the outer freeze, not a new one
+        assert frozen - 100 < gc.get_freeze_count() < frozen + 1000  # still frozen after the inner block
         cycle = [nn.Linear(2, 2)]
         cycle.append(cycle)  # garbage created inside is still collected
-        del cycle
+        del cycle, made_inside
         assert gc.collect() >= 1
-        assert gc.get_freeze_count() == frozen
+        assert frozen - 100 < gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == 0
 
 
