@@ -219,7 +219,15 @@ def refine_latency_model(
     """`model` with its element scales fitted on the `analyze elements` results at `paths`, and a summary
     (also kept in the model's settings["elements"]): the files, how many sides, the scales, and the
     median error of the element sides before and after."""
-    results = read_element_results(paths)
+    return refine_on_results(model, read_element_results(paths), progress)
+
+
+def refine_on_results(
+    model: LatencyModel,
+    results: Sequence[tuple[Path, dict]],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[LatencyModel, dict]:
+    """`refine_latency_model` on results already read by `read_element_results`."""
     samples, notes = element_samples(results, model, progress)
     scales = fit_element_scales(samples)
     base = without_element_scales(model)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .._io import write_json
 from ..analyze import get_pair, list_pairs, plan_elements, plan_models, profile_model, run_elements, run_models
-from ..analyze.element_fit import read_element_results, refine_latency_model
+from ..analyze.element_fit import read_element_results, refine_on_results
 from ..analyze.elements import MIN_CHANNELS, MIN_RESOLUTION
 from ..analyze.latency import LatencyModel, cached_latency_model, latency_model_path
 from ..analyze.models import MODEL_SETS, model_set
@@ -417,8 +417,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     slug = f"{device.replace(':', '')}-{args.precision}" + ("-quick" if args.quick else "")
     target = out / f"calibration-{slug}.json"
     check_outputs([target, out / REPORT_NAME], folders=[out, _calibration_folder(args)])
-    if args.elements:
-        read_element_results(args.elements)  # a wrong path is said before a calibration that takes a minute
+    # read first: a wrong path is said before a calibration that takes a minute
+    sweeps = read_element_results(args.elements) if args.elements else []
     start = time.perf_counter()
     with keep_freed_memory(args.keep_memory):
         model, cached = _latency_model(args, device, fresh=args.fresh)
@@ -428,7 +428,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print(f"refining on the element sweeps of {', '.join(args.elements)} ...", flush=True)
         progress = _progress_bar("element cells", unit="cell") if not args.no_progress else None
         try:
-            model, _ = refine_latency_model(model, args.elements, progress)
+            model, _ = refine_on_results(model, sweeps, progress)
         finally:
             if progress is not None:
                 progress.close()
