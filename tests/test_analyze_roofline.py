@@ -10,6 +10,7 @@ small sizes and short policies: nothing here depends on how fast this machine is
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -316,6 +317,47 @@ def test_fit_recovers_known_factors():
     assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
     assert fitted.overhead_calls == pytest.approx(5.0, rel=0.1)
     assert fitted.median_abs_error < 0.02 and fitted.samples == len(samples)
+
+
+def test_overhead_comes_from_the_hot_calls():
+    """e_c and e_m are fitted on the first calls of each round, o on the second (hot) calls: samples
+    made from two known factor sets, differing only in overhead, give back each where it belongs."""
+    c = synthetic_ceilings()
+    first, hot = KindFactors(0.4, 0.8, 40.0), KindFactors(0.4, 0.8, 4.0)
+    samples = []
+    for flops, nbytes in [(1e5, 1e5), (1e7, 1e5), (1e9, 1e6), (1e6, 1e7), (1e8, 1e8), (1e4, 1e3), (3e9, 1e7)]:
+        t_first = float(latency._predict_s(flops, nbytes, first, c)[0])
+        t_hot = float(latency._predict_s(flops, nbytes, hot, c)[0])
+        samples.append(Sample("conv_1x1", "x", 8, 8, 1, int(flops), int(nbytes), t_first, t_hot))
+    fitted = fit_kind_factors(samples, c)
+    assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
+    assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
+    assert fitted.overhead_calls == pytest.approx(4.0, rel=0.1)
+    assert fitted.first_call_overhead == pytest.approx(40.0, rel=0.1)
+    assert fitted.median_abs_error < 0.02  # of the first-call fit on the first calls
+
+
+def test_sweep_times_each_case_cold_then_hot(latency_model):
+    """Every sample has both calls; at batch 1, a view or an add costs less right after itself."""
+    assert all(s.time_s > 0 and s.hot_time_s > 0 for s in latency_model.samples)
+    cheap = [s for s in latency_model.samples if s.kind in ("view", "elementwise", "activation")]
+    assert statistics.median(s.hot_time_s / s.time_s for s in cheap) < 1.0
+
+
+def test_older_sweep_files_still_load(latency_model):
+    """A file of the first sweep version (one call per round, no hot times) loads and keeps its
+    version; a version this code does not know is refused with what it reads."""
+    old = latency_model.to_dict()
+    old["sweep_version"] = 1
+    for sample in old["samples"]:
+        del sample["hot_time_s"]
+    for factors in old["factors"].values():
+        del factors["first_call_overhead"]
+    model = LatencyModel.from_dict(old)
+    assert model.sweep_version == 1 and model.to_dict()["sweep_version"] == 1
+    assert all(s.hot_time_s is None for s in model.samples)
+    with pytest.raises(ValueError, match="readable: 1, 2"):
+        LatencyModel.from_dict({**old, "sweep_version": 99})
 
 
 def test_every_case_runs_one_call_of_its_kind():

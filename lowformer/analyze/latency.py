@@ -16,9 +16,14 @@ design-element sweeps (`lowformer.analyze.element_fit`): a kind's scale inside w
 The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
 3x3 convs, depthwise convs of 1-7 px kernels, linears on tokens, attention products, norms,
 activations, elementwise ops, pools, copies, views) built alone at a range of channels, resolutions
-and batch sizes, timed with the measuring core interleaved with each other (as operators run in a
-network), and fitted in log space (relative errors), so no model that the prediction is judged on
-ever informs it. The fit is cached next to the calibration.
+and batch sizes, timed with the measuring core interleaved with each other, and fitted in log space
+(relative errors), so no model that the prediction is judged on ever informs it. Each round calls
+every case twice in a row: the first call comes after all the other cases (its weights and
+activations out of the caches, as a model's weights are between two of its uses), the second right
+after itself (its code path and dispatch hot, as they are in a network that runs the same kinds of
+operator again and again). e_c and e_m are fitted on the first calls; o on the second (a model's small
+operators cost what the hot calls say: the first call of a batch norm at batch 1 is 3-5x its hot call,
+and a network's are close to hot). The fit is cached next to the calibration.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +52,9 @@ from .opkinds import fit_kind
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 1  # bump when the cases, their grid or the fit change
+SWEEP_VERSION = 2  # bump when the cases, their grid or the fit change
+# versions whose files still load: 1 timed each case once per round, so its overhead is the first call's
+READABLE_SWEEP_VERSIONS = (1, 2)
 
 # the grid every case is built at: (channels, resolution), stage-like pairs and their neighbours
 CELLS = (
@@ -220,11 +228,11 @@ def default_limits(device: str) -> SweepLimits:
 
 def sweep_rounds(device: str, quick: bool = False) -> Rounds:
     """How the cases of one cell are timed: a short warm-up each, then rounds in which every case runs
-    once, interleaved with the others (see `run_op_sweep`)."""
+    twice in a row, interleaved with the others (see `run_op_sweep`)."""
     cuda = str(device).startswith("cuda")
     warmup = TimingPolicy(warmup_iters=5 if cuda else 2, warmup_s=0.0, min_iters=1, min_s=0.0)
-    burst = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=1, min_s=0.0)
-    return Rounds(3 if quick else 7, burst=burst, warmup=warmup)
+    burst = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=2, min_s=0.0, max_iters=2)
+    return Rounds(3 if quick else 5, burst=burst, warmup=warmup)
 
 
 @dataclass
@@ -238,7 +246,8 @@ class Sample:
     batch_size: int
     flops: int
     bytes: int
-    time_s: float
+    time_s: float  # the first call of each round: after the other cases (median over rounds)
+    hot_time_s: float | None = None  # the second: right after itself
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -268,11 +277,12 @@ def run_op_sweep(
 ) -> list[Sample]:
     """Build and time every case at every cell and batch size (within `limits`); one `Sample` each.
 
-    The cases of one cell and batch size are timed together, interleaved round by round, each once
-    per round: as in a network, every operator then runs after others that used the caches, the
-    branch predictors and the allocator, not after itself (timed alone in a loop, an operator finds
-    its weights and code hot and runs up to twice as fast as inside a model at batch 1). A case's
-    time is the median of its rounds.
+    The cases of one cell and batch size are timed together, interleaved round by round, each called
+    twice per round. The first call runs after all the other cases, as an operator runs in a
+    network after others that used the caches and the allocator (timed alone in a loop, an operator
+    finds its weights hot and runs up to twice as fast as inside a model at batch 1); the second runs
+    right after itself, with its code path and dispatch hot, as a network's many calls of each kind
+    keep them. `time_s` is the median of the first calls, `hot_time_s` of the second.
     """
     limits = limits or default_limits(device)
     rounds = rounds or sweep_rounds(device)
@@ -298,7 +308,9 @@ def run_op_sweep(
                 ready.append((case, cost, Candidate(case.label, functools.partial(module, x), timer)))
             times = interleave([candidate for _, _, candidate in ready], rounds)
             for (case, cost, _), t in zip(ready, times):
-                samples.append(Sample(case.kind, case.label, c, r, b, cost.flops, cost.bytes, t.median_s))
+                first = statistics.median(burst[0] for burst in t.rounds)
+                second = statistics.median(burst[-1] for burst in t.rounds)
+                samples.append(Sample(case.kind, case.label, c, r, b, cost.flops, cost.bytes, first, second))
         if progress is not None:
             progress(len(groups), len(groups))
     return samples
@@ -315,10 +327,11 @@ class KindFactors:
 
     compute_efficiency: float  # e_c: share of the compute ceiling
     memory_efficiency: float  # e_m: share of the bandwidth ceiling
-    overhead_calls: float  # o: overhead per call in units of the calibrated overhead
+    overhead_calls: float  # o: overhead per call in units of the calibrated overhead (hot calls)
     samples: int = 0
-    median_abs_error: float | None = None  # of the fit on its own samples
+    median_abs_error: float | None = None  # of the fit on its own first calls (e_c, e_m and their own o)
     element_scale: float = 1.0  # s: fitted on design-element sweeps (`lowformer.analyze.element_fit`)
+    first_call_overhead: float | None = None  # o fitted on the first calls, for comparison; unused
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -341,11 +354,9 @@ def _predict_s(flops, nbytes, f: KindFactors, ceilings: Ceilings):
     return np.maximum(compute, memory) + f.overhead_calls * ceilings.overhead_s
 
 
-def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings) -> KindFactors:
-    """Least squares in log time over a grid of (e_c, e_m, o), refined around the best point."""
-    flops = np.array([s.flops for s in samples], dtype=float)
-    nbytes = np.array([s.bytes for s in samples], dtype=float)
-    log_t = np.log(np.array([s.time_s for s in samples], dtype=float))
+def _fit_grid(flops: np.ndarray, nbytes: np.ndarray, times: np.ndarray, ceilings: Ceilings) -> tuple[float, ...]:
+    """(e_c, e_m, o) by least squares in log time over a grid, refined around the best point."""
+    log_t = np.log(times)
     bandwidth = _bandwidths(nbytes, ceilings)
     lc, lm = np.linspace(-3.5, 0.5, 41), np.linspace(-2.5, 2.0, 46)
     lo = np.linspace(-1.0, 3.5, 46)  # log10 of o; o = 0 is tried too
@@ -366,9 +377,23 @@ def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings) -> KindFacto
         lm = np.linspace(lm[j] - 2 * step_m, lm[j] + 2 * step_m, 21)
         centre = lo[max(k - 1, 0)] if k else lo[0] - 2 * step_o
         lo = np.linspace(centre - 2 * step_o, centre + 2 * step_o, 21)
-    factors = KindFactors(*best, samples=len(samples))
-    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings) / np.exp(log_t) - 1)
+    return tuple(float(v) for v in best)
+
+
+def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings) -> KindFactors:
+    """e_c and e_m fitted on the samples' first calls; o on their hot calls where every sample has
+    one (else on the first calls too). Each fit is least squares in log time over (e_c, e_m, o)."""
+    flops = np.array([s.flops for s in samples], dtype=float)
+    nbytes = np.array([s.bytes for s in samples], dtype=float)
+    first = np.array([s.time_s for s in samples], dtype=float)
+    compute, memory, first_o = _fit_grid(flops, nbytes, first, ceilings)
+    factors = KindFactors(compute, memory, first_o, samples=len(samples))
+    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings) / first - 1)
     factors.median_abs_error = float(np.median(errors))
+    if all(s.hot_time_s for s in samples):
+        hot = np.array([s.hot_time_s for s in samples], dtype=float)
+        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings)[2]
+        factors.first_call_overhead = first_o
     return factors
 
 
@@ -380,6 +405,7 @@ class LatencyModel:
     factors: dict[str, KindFactors]
     settings: dict = field(default_factory=dict)  # how the sweep ran: batch sizes, cells, timing, clock
     samples: list[Sample] = field(default_factory=list)
+    sweep_version: int = SWEEP_VERSION  # of the sweep that the factors were fitted on
 
     def factors_of(self, kind: str) -> KindFactors:
         return self.factors.get(kind) or self.factors.get("elementwise") or DEFAULT_FACTORS
@@ -421,7 +447,7 @@ class LatencyModel:
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,
-            "sweep_version": SWEEP_VERSION,
+            "sweep_version": self.sweep_version,
             "ceilings": self.ceilings.to_dict(),
             "factors": {k: f.to_dict() for k, f in self.factors.items()},
             "settings": self.settings,
@@ -431,13 +457,17 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyModel:
-        if d.get("schema") != SCHEMA or d.get("sweep_version") != SWEEP_VERSION:
-            raise ValueError(f"not a latency model of this version (schema {d.get('schema')!r})")
+        if d.get("schema") != SCHEMA or d.get("sweep_version") not in READABLE_SWEEP_VERSIONS:
+            raise ValueError(
+                f"not a latency model this version reads (schema {d.get('schema')!r}, sweep version "
+                f"{d.get('sweep_version')!r}; readable: {', '.join(map(str, READABLE_SWEEP_VERSIONS))})"
+            )
         return cls(
             ceilings=Ceilings.from_dict(d["ceilings"]),
             factors={k: KindFactors(**f) for k, f in d["factors"].items()},
             settings=d.get("settings", {}),
             samples=[Sample(**s) for s in d.get("samples", [])],
+            sweep_version=d["sweep_version"],
         )
 
 

@@ -308,7 +308,13 @@ def _calibration_md(data: dict) -> list[str]:
     out += [
         "",
         f"Per-kind factors of the latency model, fitted on {len(lm.get('samples', []))} single-operator cases at batch "
-        f"{', '.join(map(str, s.get('batch_sizes', [])))} ({s.get('seconds', 0):.0f} s):",
+        f"{', '.join(map(str, s.get('batch_sizes', [])))} ({s.get('seconds', 0):.0f} s)"
+        + (
+            "; the efficiencies on each case's first call of a round (after the other cases), the overhead on its "
+            "second (right after itself):"
+            if any(f.get("first_call_overhead") is not None for f in lm["factors"].values())
+            else ":"
+        ),
         "",
         *_factors_md(lm),
     ]

@@ -432,6 +432,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
 
     overhead = model["ceilings"]["overhead_s"]
     headers = ["kind", "compute eff.", "memory eff.", "overhead us/call", "cases", "fit error (median)"]
+    first_calls = any(f.get("first_call_overhead") is not None for f in model["factors"].values())
+    if first_calls:  # the overhead is the hot calls'; the first calls' beside it
+        headers.insert(4, "1st-call overhead")
     refined = "elements" in model.get("settings", {})
     if refined:
         headers.append("element scale")
@@ -446,6 +449,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
             str(f["samples"]),
             format_share(f.get("median_abs_error")),
         ]
+        if first_calls:
+            first = f.get("first_call_overhead")
+            row.insert(4, "-" if first is None else f"{first * overhead * 1e6:.1f}")
         if refined:
             row.append(f"{f.get('element_scale', 1.0):.2f}")
         rows.append(row)
@@ -485,7 +491,9 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             lines.append(refined)
         lines.append(
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
-            "that size)) + overhead" + (", times the element scale)" if refined is not None else ")")
+            "that size)) + overhead" + (", times the element scale" if refined is not None else "") + "; "
+            "efficiencies fitted on each case's first call of a round, after the other cases; overhead on its "
+            "second, right after itself)"
         )
     return "\n".join(lines)
 
