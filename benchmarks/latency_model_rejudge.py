@@ -7,7 +7,10 @@ between them).
         --models operators=OPERATOR_FIT.json elements=REFINED.json --out docs/analysis/cpu-latency-model/rejudged
 
 A latency model file is what `lowformer analyze calibrate` caches (its path is printed), or the
-calibration-*.json it writes to --out. Per run, mode and
+calibration-*.json it writes to --out. `--first-calls` adds, for each model whose sweep timed a hot
+call, the same samples refitted on their first calls alone (NAME-first: the overhead as well as the
+efficiencies from the first calls, as the first sweep version did), so the two fits compare on one
+sweep. Per run, mode and
 batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
 measured time, and each prediction's median and largest absolute error; written as rejudged.json and
 rejudged.md in --out.
@@ -21,9 +24,12 @@ import sys
 from pathlib import Path
 
 from lowformer._io import write_json, write_text
-from lowformer.analyze.latency import LatencyModel
-from lowformer.analyze.predict import predict_model
+from lowformer.analyze.latency import LatencyModel, Sample, fit_latency_model
+from lowformer.analyze.predict import predict_costs
+from lowformer.bench.models import build_source
 from lowformer.measure import stats
+from lowformer.measure.opcost import count_op_costs
+from lowformer.measure.session import input_shape
 
 
 def _measured(run: Path) -> list[dict]:
@@ -31,8 +37,17 @@ def _measured(run: Path) -> list[dict]:
     return [r for r in data["bench"]["results"] if r.get("status") == "ok" and r.get("latency_ms_p50")]
 
 
+def _costs(source: str, batch: int, size: tuple[int, int], cache: dict) -> list:
+    """A model's operator costs at this batch and size, counted once for every latency model."""
+    key = (source, batch, size)
+    if key not in cache:
+        module = build_source(source)
+        cache[key] = count_op_costs(module, input_shape(module, batch, size))
+    return cache[key]
+
+
 def judge(runs: list[Path], models: dict[str, LatencyModel]) -> list[dict]:
-    cache: dict[tuple[str, str, int, tuple[int, int]], float] = {}
+    cache: dict = {}
     out = []
     for run in runs:
         groups: dict[tuple[str, int], list[dict]] = {}
@@ -46,10 +61,8 @@ def judge(runs: list[Path], models: dict[str, LatencyModel]) -> list[dict]:
             for name, model in models.items():
                 predicted = []
                 for r in rs:
-                    key = (name, r["model"], batch, (r["image_height"], r["image_width"]))
-                    if key not in cache:
-                        cache[key] = predict_model(r["model"], model, batch, key[3])["predicted_ms"]
-                    predicted.append(cache[key])
+                    costs = _costs(r["model"], batch, (r["image_height"], r["image_width"]), cache)
+                    predicted.append(predict_costs(costs, model)["predicted_ms"])
                 errors = [p / m - 1 for p, m in zip(predicted, measured)]
                 entry[name] = {
                     "spearman": stats.spearman(predicted, measured),
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=FILE", help="latency model files to compare")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--first-calls", action="store_true", help="also refit each model on its first calls alone")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     for r in runs:
@@ -100,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--models {spec!r}: give NAME=FILE with an existing latency model file")
         data = json.loads(Path(path).read_text())
         models[name] = LatencyModel.from_dict(data.get("latency_model", data))  # a calibration record holds one
+        if args.first_calls and all(x.hot_time_s for x in models[name].samples):
+            first = [Sample(**{**x.to_dict(), "hot_time_s": None}) for x in models[name].samples]
+            models[f"{name}-first"] = fit_latency_model(first, models[name].ceilings, models[name].settings)
     entries = judge(runs, models)
     out = Path(args.out)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
