@@ -30,6 +30,7 @@ from .tables import (
     format_ratio,
     models_rows,
     not_measured,
+    overhead_from_hot_calls,
     prediction_rows,
     profile_head,
     profile_rows,
@@ -312,7 +313,7 @@ def _calibration_md(data: dict) -> list[str]:
         + (
             "; the efficiencies on each case's first call of a round (after the other cases), the overhead on its "
             "second (right after itself):"
-            if any(f.get("first_call_overhead") is not None for f in lm["factors"].values())
+            if overhead_from_hot_calls(lm)
             else ":"
         ),
         "",

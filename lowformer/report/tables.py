@@ -426,13 +426,19 @@ def ceilings_line(c: dict) -> str:
     )
 
 
+def overhead_from_hot_calls(model: dict) -> bool:
+    """Whether a latency model (`LatencyModel.to_dict()`) fitted its overheads on hot calls (sweep
+    version 2 on), keeping the first calls' beside them."""
+    return any(f.get("first_call_overhead") is not None for f in model["factors"].values())
+
+
 def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     """The fitted factors of a latency model (`LatencyModel.to_dict()`), one row per kind."""
     from ..analyze.opkinds import FIT_KINDS
 
     overhead = model["ceilings"]["overhead_s"]
     headers = ["kind", "compute eff.", "memory eff.", "overhead us/call", "cases", "fit error (median)"]
-    first_calls = any(f.get("first_call_overhead") is not None for f in model["factors"].values())
+    first_calls = overhead_from_hot_calls(model)
     if first_calls:  # the overhead is the hot calls'; the first calls' beside it
         headers.insert(4, "1st-call overhead")
     refined = "elements" in model.get("settings", {})
@@ -491,9 +497,14 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             lines.append(refined)
         lines.append(
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
-            "that size)) + overhead" + (", times the element scale" if refined is not None else "") + "; "
-            "efficiencies fitted on each case's first call of a round, after the other cases; overhead on its "
-            "second, right after itself)"
+            "that size)) + overhead"
+            + (", times the element scale" if refined is not None else "")
+            + (
+                "; efficiencies fitted on each case's first call of a round, after the other cases; overhead on "
+                "its second, right after itself)"
+                if overhead_from_hot_calls(model)
+                else ")"
+            )
         )
     return "\n".join(lines)
 
