@@ -1,6 +1,7 @@
 """Where a latency model's prediction of whole models goes wrong, per kind of operator: each model is
-profiled (`torch.profiler`, every top-level ATen call, its median over the profiled passes) and each
-call predicted by the latency model; both are summed per fit kind and printed side by side.
+profiled by `lowformer.analyze.profile_model` (every top-level ATen call, its median over the
+profiled passes, after the wall-clock measurement that warms it up) and each call predicted by the
+latency model; both are summed per fit kind and printed side by side.
 
     python benchmarks/kind_profile.py lowformer_b1 timm:shvit_s4 timm:mobileone_s1 \
         --latency-model CALIBRATION.json --threads 2 --out docs/analysis/cpu-latency-model/kind-profile
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,40 +24,35 @@ import torch
 from lowformer._io import write_json, write_text
 from lowformer.analyze.latency import LatencyModel
 from lowformer.analyze.opkinds import FIT_KINDS
-from lowformer.analyze.roofline import match_calls
+from lowformer.analyze.profile import profile_model
 from lowformer.bench.models import build_source
 from lowformer.measure.opcost import count_op_costs
-from lowformer.measure.profiler import top_level_ops
-from lowformer.measure.session import input_shape, make_input, run_context
+from lowformer.measure.session import input_shape
 
 
 def profile_kinds(name: str, model: LatencyModel, batch: int, threads: int, iters: int) -> dict:
-    module = build_source(name).eval()
-    shape = input_shape(module, batch, (224, 224))
-    costs = count_op_costs(module, shape)
-    predicted = {op["index"]: op for op in model.predict(costs)}
-    with run_context("cpu", "fp32", threads):
-        x = make_input(shape, "cpu")
-        for _ in range(10):
-            module(x)
-        wall = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            module(x)
-            wall.append(time.perf_counter() - start)
-        calls = top_level_ops(lambda: module(x), iters, "cpu")
-    times = match_calls(costs, calls, iters)
+    """`lowformer.analyze.profile_model` with the latency model's ceilings (its roofline joins each
+    profiled call to its cost), and the latency model's prediction of the same calls, per fit kind."""
+    mode = "latency" if batch == 1 else "throughput"
+    profile = profile_model(
+        name, device="cpu", mode=mode, batch_size=None if batch == 1 else batch, threads=threads, iters=iters,
+        ceilings=model.ceilings,
+    )  # fmt: skip
+    module = build_source(name)
+    predicted = {
+        op["index"]: op for op in model.predict(count_op_costs(module, input_shape(module, batch, (224, 224))))
+    }
     kinds: dict[str, dict] = {}
-    for cost, t in zip(costs, times):
-        op = predicted[cost.index]
+    for record in profile.roofline["ops"]:
+        op = predicted[record["index"]]
         k = kinds.setdefault(op["fit_kind"], {"calls": 0, "predicted_ms": 0.0, "profiled_ms": 0.0})
         k["calls"] += 1
         k["predicted_ms"] += op["predicted_s"] * 1e3
-        k["profiled_ms"] += statistics.median(t) / 1e3 if t else 0.0
+        k["profiled_ms"] += record["time_ms"] or 0.0
     return {
         "model": name,
         "batch_size": batch,
-        "wall_ms": statistics.median(wall) * 1e3,
+        "wall_ms": profile.wall_ms["p50"],
         "predicted_ms": sum(k["predicted_ms"] for k in kinds.values()),
         "profiled_ms": sum(k["profiled_ms"] for k in kinds.values()),
         "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["profiled_ms"])),

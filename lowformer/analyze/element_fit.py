@@ -1,8 +1,8 @@
 """Refining the latency model on design-element sweeps: one time scale per operator kind, fitted so
 that the predicted time of whole blocks (`lowformer analyze elements`) matches their measured time.
 
-The operator sweep (`lowformer.analyze.latency`) times each kind alone, one call per case. Inside a
-block an operator runs after its neighbours: its input is often still in the caches, the threads are
+The operator sweep (`lowformer.analyze.latency`) times each kind alone, two calls per case and round.
+Inside a block an operator runs after its neighbours: its input is often still in the caches, the threads are
 already awake, and a convolution may pick another kernel for the shapes a block gives it. The element
 sweeps time exactly such blocks (fused and unfused MBConvs, LowFormer blocks with and without
 attention, norms and activations after a conv, upsamplers) over a channels x resolution grid, so they
