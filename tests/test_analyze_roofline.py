@@ -7,6 +7,7 @@ and the prediction, `analyze models` and the command line end to end on tiny mod
 small sizes and short policies: nothing here depends on how fast this machine is.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,14 @@ from lowformer.measure.env import keep_freed_memory, memory_mode
 from lowformer.measure.opcost import count_op_costs, op_costs
 from lowformer.measure.profiler import OpCall
 from lowformer.measure.timing import ThreadCpuTimer, check_clock
-from lowformer.report import format_calibration, format_predictions, format_roofline, plot_roofline, write_report
+from lowformer.report import (
+    format_calibration,
+    format_models,
+    format_predictions,
+    format_roofline,
+    plot_roofline,
+    write_report,
+)
 
 F32 = 4  # bytes per element
 
@@ -448,22 +456,53 @@ def test_models_judge_macs_params_and_the_prediction(latency_model):
         assert j["max_abs_error"] == pytest.approx(errors[-1])
     assert all(r["iterations"] >= 2 and r["timer"] == "thread_cpu_time" for r in data["bench"]["results"])
     assert data["ranks"][0]["predicted_latency_ms"] > 0
+    # the compute probe ran in each mode's rounds (before each of the 4 models, 2 rounds, >= 1 call each)
+    # and every prediction is also given at the speed it found
+    assert [(p["mode"], p["batch_size"]) for p in data["probes"]] == [("throughput", 2), ("latency", 1)]
+    scales = {}
+    for probe in data["probes"]:
+        assert probe["calls"] >= 4 * 2 and probe["flops_per_s"] > 0
+        assert probe["time_scale"] == pytest.approx(latency_model.ceilings.flops_per_s / probe["flops_per_s"])
+        scales[probe["batch_size"]] = probe["time_scale"]
+    for p in data["predictions"]:
+        assert p["time_scale"] == scales[p["batch_size"]]
+        assert p["predicted_ms_at_probe_speed"] == pytest.approx(p["predicted_ms"] * p["time_scale"])
+        assert sum(k["predicted_ms"] for k in p["by_kind"].values()) == pytest.approx(p["predicted_ms"])
+    assert all("median_abs_error_at_probe_speed" in j for j in data["judgement"])
+    assert "compute ceiling re-measured between the models" in format_models(data)
 
 
-def test_isomacs_set_keeps_to_its_band():
-    """`--set isomacs24` is defined by a MAC band (0.75-1.45 GMACs at 224 px), chosen before any
-    timing: every member must lie in it, counted on the meta device (no weights, no compute)."""
+def test_probes_are_spread_between_the_models(ceilings):
+    from lowformer.analyze.models import _with_probes
+    from lowformer.measure.calibrate import compute_probe
+
+    mixed, at = _with_probes(list("abcdefghij"), "P", 4)  # every 3rd model
+    assert "".join(mixed) == "PabcPdefPghiPj" and [mixed[i] for i in at] == ["P"] * 4
+    assert _with_probes(["a"], "P", 4) == (["P", "a"], [0])
+    step, flops = compute_probe(ceilings)
+    n = ceilings.details["matmul_size"]
+    assert step().shape == (n, n) and flops == 2 * n**3
+    with pytest.raises(ValueError, match="calibrate"):
+        compute_probe(dataclasses.replace(ceilings, details={}))
+
+
+@pytest.mark.parametrize("name, band", [("isomacs24", (0.75, 1.45)), ("isomacs24-large", (1.45, 2.6))])
+def test_isomacs_sets_keep_to_their_band(name, band):
+    """`--set isomacs24` and `isomacs24-large` are defined by a MAC band at 224 px, chosen before any
+    timing: every member must lie in it, counted on the meta device (no weights, no compute), and
+    the two sets share no model."""
     from lowformer import create_model
     from lowformer.analyze.models import model_set
     from lowformer.measure.macs import count_macs
 
-    names = model_set("isomacs24")
+    names = model_set(name)
     assert len(set(names)) == 24
-    for name in names:
+    assert not set(model_set("isomacs24")) & set(model_set("isomacs24-large"))
+    for model_name in names:
         with torch.device("meta"):
-            model = create_model(name)
+            model = create_model(model_name)
         gmacs = count_macs(model, 224, device="meta").macs / 1e9
-        assert 0.75 <= gmacs <= 1.45, (name, gmacs)
+        assert band[0] <= gmacs <= band[1], (model_name, gmacs)
 
 
 # --------------------------------------------------------------------------------------------

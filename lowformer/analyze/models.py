@@ -10,6 +10,14 @@ measured time, and, per mode, the rank correlations (Spearman's rho, Kendall's t
 time of MACs, of parameters and of the latency model's prediction (`lowformer.analyze.predict`),
 and the prediction's median absolute percentage error. A correlation of 1 means the quantity orders
 the models exactly as the clock does.
+
+With a latency model, its compute ceiling is measured again while the models run: the calibration's
+matmul (`lowformer.measure.calibrate.compute_probe`) joins the rounds, between every few models, and
+says how much slower (or faster) the device ran each mode than at the calibration (`probes`). The
+prediction stays the calibration's; the same prediction at the probed speed (every term of the model
+divides by a ceiling or multiplies the overhead, so a uniformly slower device scales it alike) is
+recorded beside it, `predicted_ms_at_probe_speed`, with its error: on the development CPU it did not
+predict better (docs/analyze.md).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from ..bench.presets import QUICK_TIMING, default_timing
 from ..bench.result import BenchConfig, BenchReport, BenchResult
 from ..bench.runner import config_context, inference_form, new_result, params_and_macs, prepare_config
 from ..measure import stats
+from ..measure.calibrate import compute_probe
 from ..measure.env import environment, keep_freed_memory, memory_mode
 from ..measure.session import classify_failure, frozen_heap
 from ..measure.timing import Candidate, Rounds, TimingPolicy, check_clock, device_timer, interleave
@@ -103,6 +112,35 @@ MODEL_SETS: dict[str, tuple[str, ...]] = {
         "timm:starnet_s3",
         "timm:mobilevitv2_075",
     ),
+    # the same rule one band up, 1.45-2.6 GMACs (a 1.8x range): ours in that band and one model per
+    # timm family, none of them in the sets above; fixed before any of them was timed, to judge the
+    # latency model on models that no choice about it was made by looking at
+    "isomacs24-large": (
+        "lowformer_b15",
+        "edgevit_s",
+        "timm:resnet18",
+        "timm:regnetx_016",
+        "timm:regnety_016",
+        "timm:efficientvit_b2",
+        "timm:fastvit_sa12",
+        "timm:repvit_m1_5",
+        "timm:efficientformerv2_l",
+        "timm:levit_384",
+        "timm:mobilevitv2_125",
+        "timm:mobilevit_s",
+        "timm:hgnetv2_b3",
+        "timm:tf_efficientnetv2_b3",
+        "timm:mobileone_s3",
+        "timm:rexnet_200",
+        "timm:convnext_nano",
+        "timm:mobilenetv4_conv_large",
+        "timm:mobilenetv4_hybrid_large",
+        "timm:fasternet_t2",
+        "timm:coatnet_nano_rw_224",
+        "timm:pvt_v2_b1",
+        "timm:poolformerv2_s12",
+        "timm:gcvit_xxtiny",
+    ),
 }
 DEFAULT_ROUNDS = 5
 QUICK_ROUNDS = 2
@@ -131,11 +169,12 @@ class ModelsReport:
     not_run: list[str] = field(default_factory=list)  # those configurations, described
     predictions: list[dict] = field(default_factory=list)  # lowformer.analyze.predict.predict_model records
     latency_model: dict | None = None  # ceilings and factors the predictions used
+    probes: list[dict] = field(default_factory=list)  # per mode: the compute ceiling re-measured (`probe_record`)
 
-    def predicted_ms(self, model: str, batch_size: int) -> float | None:
+    def predicted_ms(self, model: str, batch_size: int, key: str = "predicted_ms") -> float | None:
         for p in self.predictions:
             if p["model"] == model and p["batch_size"] == batch_size:
-                return p["predicted_ms"]
+                return p.get(key)
         return None
 
     def ranks(self) -> list[dict]:
@@ -189,6 +228,10 @@ class ModelsReport:
                 entry["median_abs_error"] = stats.median(errors)
                 entry["max_abs_error"] = max(errors)
                 entry["errors"] = {r.model: p / m - 1 for r, p, m in zip(rs, predicted, measured)}
+                probed = [self.predicted_ms(r.model, batch, "predicted_ms_at_probe_speed") for r in rs]
+                if all(p is not None for p in probed):
+                    at_probe = [abs(p / m - 1) for p, m in zip(probed, measured)]
+                    entry["median_abs_error_at_probe_speed"] = stats.median(at_probe)
             out.append(entry)
         return sorted(out, key=lambda e: (e["mode"] != "throughput", e["batch_size"]))
 
@@ -201,6 +244,7 @@ class ModelsReport:
             "judgement": self.judgement(),
             "predictions": self.predictions,
             "latency_model": self.latency_model,
+            "probes": self.probes,
             "bench": self.bench.to_dict(),
         }
 
@@ -337,8 +381,40 @@ def _fill(result: BenchResult, samples: list[float], warmup, timer: str) -> None
         result.achieved_tflops = 2 * result.macs * result.throughput_img_s / 1e12
 
 
-def _time_group(group: list[BenchConfig], plan: ModelsPlan, pristine: dict, macs_cache: dict) -> list[BenchResult]:
-    """Prepare every model of one mode and time them in interleaved rounds."""
+PROBES_PER_ROUND = 4  # the compute probe's visits per round, spread between the models
+
+
+def _with_probes(timed: list[Candidate], probe: Candidate, count: int) -> tuple[list[Candidate], list[int]]:
+    """`timed` with `probe` placed before every len/count of them (at least once); and where it is."""
+    every = max(1, math.ceil(len(timed) / count))
+    mixed, at = [], []
+    for i, candidate in enumerate(timed):
+        if i % every == 0:
+            at.append(len(mixed))
+            mixed.append(probe)
+        mixed.append(candidate)
+    return mixed, at
+
+
+def probe_record(config: BenchConfig, samples_s: list[float], flops: float, calibrated_flops_per_s: float) -> dict:
+    """The compute ceiling measured during one mode's rounds against the calibration's: `time_scale`
+    is how many times longer than at the calibration the device took for the same work."""
+    now = flops / stats.median(samples_s)
+    return {
+        "mode": config.mode,
+        "batch_size": config.batch_size,
+        "flops_per_s": now,
+        "calibrated_flops_per_s": calibrated_flops_per_s,
+        "time_scale": calibrated_flops_per_s / now,
+        "calls": len(samples_s),
+    }
+
+
+def _time_group(
+    group: list[BenchConfig], plan: ModelsPlan, pristine: dict, macs_cache: dict, probe=None
+) -> tuple[list[BenchResult], list[float]]:
+    """Prepare every model of one mode and time them in interleaved rounds; with `probe` (a step),
+    it is timed between every few models too. Returns the results and the probe's call times."""
     results, candidates = [], []
     for config in group:
         source = plan.bench.sources[config.model]
@@ -356,14 +432,21 @@ def _time_group(group: list[BenchConfig], plan: ModelsPlan, pristine: dict, macs
             candidates.append((result, Candidate(config.model, prepared.step, timer, context)))
         except Exception as e:  # recorded; the others are timed
             result.status, result.error = classify_failure(e)
-    times = interleave([c for _, c in candidates], plan.rounds, keep_going=True)
+    timed, at = [c for _, c in candidates], []
+    if probe is not None and timed:
+        context = functools.partial(config_context, group[0])
+        probing = Candidate("compute probe", probe, device_timer(group[0].device, plan.clock), context)
+        timed, at = _with_probes(timed, probing, PROBES_PER_ROUND)
+    times = interleave(timed, plan.rounds, keep_going=True)
+    probe_s = [s for i in at if times[i].ok for s in times[i].samples_s]
+    times = [t for i, t in enumerate(times) if i not in at]
     for (result, candidate), t in zip(candidates, times):
         if t.error is not None:
             result.status, result.error = classify_failure(t.error)
         elif t.samples_s:
             _fill(result, t.samples_s, t.warmup, candidate.timer.name)
         result.threads = result.threads or torch.get_num_threads()
-    return results
+    return results, probe_s
 
 
 def run_models(
@@ -380,6 +463,10 @@ def run_models(
     not_run: list[str] = []
     pristine: dict = {}
     macs_cache: dict = {}
+    probe, flops, probes = None, 0.0, []
+    ceilings = latency_model.ceilings if latency_model is not None else None
+    if ceilings is not None and (ceilings.device, ceilings.precision) == (device, plan.configs[0].precision):
+        probe, flops = compute_probe(ceilings)
     with keep_freed_memory(plan.keep_memory), frozen_heap():
         report.environment["memory"] = memory_mode()
         for group in _groups(plan.configs):
@@ -388,17 +475,32 @@ def run_models(
                 continue
             if progress:
                 _logger.info("timing %s (%d models)", group[0].mode, len(group))
-            report.results += _time_group(group, plan, pristine, macs_cache)
-    out = ModelsReport(report, stopped="budget" if not_run else None, not_run=not_run)
+            results, probe_s = _time_group(group, plan, pristine, macs_cache, probe)
+            report.results += results
+            if probe_s:
+                probes.append(probe_record(group[0], probe_s, flops, ceilings.flops_per_s))
+    out = ModelsReport(report, stopped="budget" if not_run else None, not_run=not_run, probes=probes)
     if latency_model is not None:
-        out.predictions, out.latency_model = predictions_for(plan, report, latency_model)
+        out.predictions, out.latency_model = predictions_for(plan, report, latency_model, probes)
     return out
 
 
-def predictions_for(plan: ModelsPlan, report: BenchReport, latency_model) -> tuple[list[dict], dict]:
-    """The latency model's prediction of every measured model at every batch size that was timed."""
+def at_probe_speed(prediction: dict, time_scale: float) -> dict:
+    """A prediction record (`lowformer.analyze.predict.predict_model`) with its total for a device
+    `time_scale` times slower than its calibration beside it: every term divides by a ceiling or
+    multiplies the overhead, so the total scales alike."""
+    at_speed = prediction["predicted_ms"] * time_scale
+    return {**prediction, "time_scale": time_scale, "predicted_ms_at_probe_speed": at_speed}
+
+
+def predictions_for(
+    plan: ModelsPlan, report: BenchReport, latency_model, probes: Sequence[dict] = ()
+) -> tuple[list[dict], dict]:
+    """The latency model's prediction of every measured model at every batch size that was timed;
+    where a probe measured the device during that batch size's rounds, also at the speed it found."""
     from .predict import model_summary, predict_model
 
+    scales = {p["batch_size"]: p["time_scale"] for p in probes}
     out = []
     done = set()
     for r in report.results:
@@ -407,8 +509,10 @@ def predictions_for(plan: ModelsPlan, report: BenchReport, latency_model) -> tup
         done.add((r.model, r.batch_size))
         source = plan.bench.sources[r.model]
         try:
-            out.append(predict_model(source, latency_model, r.batch_size, (r.image_height, r.image_width)))
-            out[-1]["model"] = r.model
+            prediction = predict_model(source, latency_model, r.batch_size, (r.image_height, r.image_width))
+            if r.batch_size in scales:
+                prediction = at_probe_speed(prediction, scales[r.batch_size])
+            out.append({**prediction, "model": r.model})
         except Exception as e:  # a model the walk cannot count is left unpredicted
             _logger.warning("could not predict %s at batch %d: %s", r.model, r.batch_size, e)
     return out, model_summary(latency_model)

@@ -244,7 +244,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=list(MODEL_SETS),
         help="a named model set: bench (the benchmark's 9 models, the default), efficient24 (ours and timm's "
         "efficient families, 24 models, 0.06-2.6 GMACs), isomacs24 (24 models of 0.75-1.45 GMACs, where MACs "
-        "cannot rank them)",
+        "cannot rank them), isomacs24-large (24 others of 1.45-2.6 GMACs)",
     )
     s.add_argument("--rounds", type=positive_int, metavar="N", help="interleaved rounds per mode (default 5)")
     s.add_argument("--no-predict", action="store_true", help="no latency-model prediction (needs no calibration)")

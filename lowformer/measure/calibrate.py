@@ -22,6 +22,7 @@ cached per device, precision, thread count and torch version under `calibration_
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -170,11 +171,27 @@ def _repeat(what: Callable[[], float], repeats: int) -> tuple[float, float, list
     return stats.median(values), max(values) / min(values), values
 
 
-def _matmul_rate(n: int, dtype: torch.dtype, device: str, timer) -> float:
+def _matmul(n: int, dtype: torch.dtype, device: str) -> Callable[[], torch.Tensor]:
+    """One n x n x n product of fixed random operands (2 n^3 FLOPs per call)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    return 2 * n**3 / _median_s(lambda: torch.mm(a, b), timer)
+    return functools.partial(torch.mm, a, b)
+
+
+def _matmul_rate(n: int, dtype: torch.dtype, device: str, timer) -> float:
+    return 2 * n**3 / _median_s(_matmul(n, dtype, device), timer)
+
+
+def compute_probe(ceilings: Ceilings) -> tuple[Callable[[], torch.Tensor], float]:
+    """(step, FLOPs per call): the matmul these ceilings' compute figure was measured with, to measure
+    it again beside other work. A shared machine's speed drifts; timed interleaved with models
+    (`lowformer.analyze.models`), the probe says how fast the device computed while they ran, which
+    is only part of what drifts (`benchmarks/speed_drift.py`)."""
+    n = int(ceilings.details.get("matmul_size") or 0)
+    if n < 1:
+        raise ValueError("these ceilings do not record their matmul size; run `lowformer analyze calibrate` again")
+    return _matmul(n, MATMUL_DTYPES[ceilings.precision], ceilings.device), 2.0 * n**3
 
 
 def _copy_rate(nbytes: int, device: str, timer) -> float:

@@ -32,6 +32,7 @@ from .tables import (
     not_measured,
     overhead_from_hot_calls,
     prediction_rows,
+    probe_line,
     profile_head,
     profile_rows,
     ratio_grid,
@@ -228,6 +229,15 @@ def _timing_md(settings: dict) -> str:
     return f" Timing: per mode, the models interleaved in {settings['rounds']} rounds, on {clock}{memory}."
 
 
+def _error_cell(j: dict) -> str:
+    if "median_abs_error" not in j:
+        return "-"
+    text = f"{100 * j['median_abs_error']:.0f}%"
+    if "median_abs_error_at_probe_speed" in j:
+        text += f" ({100 * j['median_abs_error_at_probe_speed']:.0f}%)"
+    return text
+
+
 def _judgement_md(data: dict) -> str:
     headers = [
         "mode",
@@ -251,7 +261,7 @@ def _judgement_md(data: dict) -> str:
                 format_number(j.get("spearman_predicted"), ".2f"),
                 format_number(j.get("kendall_macs"), ".2f"),
                 format_number(j.get("kendall_predicted"), ".2f"),
-                "-" if "median_abs_error" not in j else f"{100 * j['median_abs_error']:.0f}%",
+                _error_cell(j),
                 "-" if "max_abs_error" not in j else f"{100 * j['max_abs_error']:.0f}%",
             ]
         )
@@ -263,6 +273,12 @@ def _judgement_md(data: dict) -> str:
             f"{ceilings_line(lm['ceilings'])}; its per-kind factors were fitted on single operators"
             + (" and design-element sweeps" if lm.get("settings", {}).get("elements") else "")
             + ", never on these models."
+        )
+    if data.get("probes"):
+        text += (
+            " The "
+            + probe_line(data["probes"]).replace("compute ceiling", "compute ceiling (the calibration's matmul)", 1)
+            + "; the median error of the prediction scaled to that speed is in parentheses."
         )
     return text
 

@@ -388,6 +388,8 @@ def format_models(data: dict) -> str:
         parts.append(corr)
     if data.get("latency_model"):
         parts.append("prediction: " + ceilings_line(data["latency_model"]["ceilings"]))
+    if data.get("probes"):
+        parts.append(probe_line(data["probes"]))
     failed = [r for r in bench["results"] if r["status"] != "ok"]
     for r in failed:
         parts.append(f"{r['model']} {r['mode']}: {r['status']}: {r['error']}")
@@ -607,5 +609,22 @@ def format_judgement(judgement: Sequence[dict]) -> str:
         text += ", ".join(parts)
         if "median_abs_error" in j:
             text += f"; prediction error median {100 * j['median_abs_error']:.0f}%, max {100 * j['max_abs_error']:.0f}%"
+        if "median_abs_error_at_probe_speed" in j:
+            text += f" ({100 * j['median_abs_error_at_probe_speed']:.0f}% at the probed speed)"
         lines.append(text)
     return "\n".join(lines)
+
+
+def probe_line(probes: Sequence[dict]) -> str:
+    """How fast the device ran each mode, by the compute probe timed between the models, against the
+    calibration."""
+    if not probes:
+        return ""
+    parts = [
+        f"batch {p['batch_size']} {p['flops_per_s'] / 1e9:.0f} GFLOP/s (time x{p['time_scale']:.2f})" for p in probes
+    ]
+    calibrated = probes[0]["calibrated_flops_per_s"] / 1e9
+    return (
+        f"compute ceiling re-measured between the models: {', '.join(parts)}, against {calibrated:.0f} GFLOP/s "
+        "at the calibration"
+    )
