@@ -10,7 +10,8 @@ A latency model file is what `lowformer analyze calibrate` caches (its path is p
 calibration-*.json it writes to --out. `--first-calls` adds, for each model whose sweep timed a hot
 call, the same samples refitted on their first calls alone (NAME-first: the overhead as well as the
 efficiencies from the first calls, as the first sweep version did), so the two fits compare on one
-sweep. Per run, mode and
+sweep; `--without-pages` adds, for each model with a fresh-page cost, its sweep refitted with that cost
+at 0 (NAME-nopages: no page-fault term), likewise. Per run, mode and
 batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
 measured time, and each prediction's median and largest absolute error; written as rejudged.json and
 rejudged.md in --out.
@@ -19,6 +20,7 @@ rejudged.md in --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -81,7 +83,7 @@ def to_markdown(entries: list[dict], names: list[str], command: str) -> str:
     rows = []
     for e in entries:
         row = [
-            Path(e["run"]).name,
+            "/".join(Path(e["run"]).parts[-2:]),
             f"{e['mode']}, batch {e['batch_size']}",
             str(e["models"]),
             f"{e['spearman_macs']:.2f}",
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=FILE", help="latency model files to compare")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--first-calls", action="store_true", help="also refit each model on its first calls alone")
+    p.add_argument(
+        "--without-pages", action="store_true", help="also refit each model with a fresh-page cost of 0 (no page term)"
+    )
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     for r in runs:
@@ -117,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.first_calls and all(x.hot_time_s for x in models[name].samples):
             first = [Sample(**{**x.to_dict(), "hot_time_s": None}) for x in models[name].samples]
             models[f"{name}-first"] = fit_latency_model(first, models[name].ceilings, models[name].settings)
+        if args.without_pages and models[name].ceilings.fresh_page_s:
+            ceilings = dataclasses.replace(models[name].ceilings, fresh_page_s=0.0)
+            models[f"{name}-nopages"] = fit_latency_model(models[name].samples, ceilings, models[name].settings)
     entries = judge(runs, models)
     out = Path(args.out)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

@@ -2,7 +2,9 @@
 of a set timed at one batch size, interleaved round by round (`lowformer.measure.timing.interleave`),
 first with the allocator's defaults (what `lowformer analyze models` measures unless --keep-memory),
 then with freed memory kept in the process (`lowformer.measure.env.keep_freed_memory`, what
---keep-memory measures). The minor page faults of the process are counted around each burst.
+--keep-memory measures). The minor page faults of the process are counted around each burst, beside
+the pages of the model's operator outputs larger than 32 MiB (counted on the meta device), which the
+latency model charges at the calibrated fresh-page cost (`lowformer.measure.calibrate.Ceilings.fresh_pages_s`).
 
     python benchmarks/page_faults.py --set isomacs24 --batch-size 1 --threads 2 \
         --out docs/analysis/cpu-latency-model/ceiling-probe/page-faults
@@ -25,7 +27,9 @@ from _record import measure_and_write
 from lowformer.analyze.models import model_set
 from lowformer.bench.models import build_source
 from lowformer.measure import stats
+from lowformer.measure.calibrate import FRESH_PAGES_ABOVE, PAGE_BYTES
 from lowformer.measure.env import keep_freed_memory, memory_mode
+from lowformer.measure.opcost import count_op_costs
 from lowformer.measure.session import input_shape, make_input, run_context
 from lowformer.measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
 
@@ -66,10 +70,13 @@ def _pass(steps: dict[str, _Counted], rounds: int) -> dict[str, dict]:
 
 def page_faults(names: list[str], batch: int, threads: int, rounds: int) -> dict:
     with run_context("cpu", "fp32", threads), torch.inference_mode():
-        steps = {}
+        steps, pages = {}, {}
         for name in names:
             model = build_source(name).eval()
-            steps[name] = _Counted(model, make_input(input_shape(model, batch, (224, 224)), "cpu"))
+            shape = input_shape(model, batch, (224, 224))
+            costs = count_op_costs(model, shape)
+            pages[name] = sum(c.bytes_written for c in costs if c.bytes_written > FRESH_PAGES_ABOVE) / PAGE_BYTES
+            steps[name] = _Counted(model, make_input(shape, "cpu"))
         default = _pass(steps, rounds)
         with keep_freed_memory():
             mode = memory_mode()
@@ -82,6 +89,7 @@ def page_faults(names: list[str], batch: int, threads: int, rounds: int) -> dict
             "kept_ms": kept[n]["ms"],
             "kept_faults_per_call": kept[n]["faults_per_call"],
             "default_over_kept": default[n]["ms"] / kept[n]["ms"],
+            "output_pages_above_32mib": pages[n],
         }
         for n in names
     ]
@@ -106,12 +114,14 @@ def to_markdown(result: dict, command: str, date: str, load: float | None) -> st
         "",
         summary + ".",
         "",
-        "| model | default ms | faults / call | kept memory ms | faults / call | default / kept |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | default ms | faults / call | pages of outputs > 32 MiB | kept memory ms | faults / call "
+        "| default / kept |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['default_ms']:.1f} | {r['default_faults_per_call']:.0f} | {r['kept_ms']:.1f} | "
+            f"| {r['model']} | {r['default_ms']:.1f} | {r['default_faults_per_call']:.0f} | "
+            f"{r['output_pages_above_32mib']:.0f} | {r['kept_ms']:.1f} | "
             f"{r['kept_faults_per_call']:.0f} | {r['default_over_kept']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -173,7 +173,8 @@ def test_calibration_is_positive_and_repeatable(ceilings):
     again = cal.calibrate("cpu", "fp32", threads=1, clock="cpu", sizes=TINY_SIZES)
     for c in (ceilings, again):
         assert c.flops_per_s > 1e8 and c.bytes_per_s > 1e8 and 0 < c.overhead_s < 1e-3
-        assert c.threads == 1 and c.clock == "cpu" and set(c.spread) == {"flops_per_s", "bytes_per_s", "overhead_s"}
+        assert c.threads == 1 and c.clock == "cpu" and c.fresh_page_s >= 0
+        assert set(c.spread) == {"flops_per_s", "bytes_per_s", "overhead_s", "fresh_page_s"}
         assert all(v >= 1 for v in c.spread.values())
         assert list(c.bandwidth_curve) == [str(2 << 16)] and c.bandwidth_curve[str(2 << 16)] > 0
     for name in ("flops_per_s", "bytes_per_s", "overhead_s"):
@@ -327,6 +328,34 @@ def test_fit_recovers_known_factors():
     assert fitted.median_abs_error < 0.02 and fitted.samples == len(samples)
 
 
+def test_fresh_pages_of_large_outputs():
+    """Outputs larger than glibc's largest mmap threshold cost their pages at the calibrated fresh-page
+    cost, smaller ones nothing; the fit takes the term as given and recovers the factors under it; a
+    calibration file without the cost (an older one) loads with none."""
+    c = synthetic_ceilings(fresh_page_s=2e-6)
+    big = cal.FRESH_PAGES_ABOVE + cal.PAGE_BYTES
+    assert c.fresh_pages_s(cal.FRESH_PAGES_ABOVE) == 0.0
+    assert c.fresh_pages_s(big) == pytest.approx(2e-6 * big / 4096)
+    old = {k: v for k, v in synthetic_ceilings().to_dict().items() if k != "fresh_page_s"}
+    assert Ceilings.from_dict(old).fresh_pages_s(big) == 0.0
+    # a ReLU on 64 x 512 x 512 writes 64 MiB: 16384 pages
+    costs = count_op_costs(nn.ReLU(), (1, 64, 512, 512), device="meta")
+    model = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0)})
+    pred = predict.predict_costs(costs, model)
+    assert pred["fresh_pages_ms"] == pytest.approx(1e3 * 2e-6 * 16384)
+    parts = ("compute_ms", "memory_ms", "overhead_ms", "fresh_pages_ms")
+    assert sum(pred[k] for k in parts) == pytest.approx(pred["predicted_ms"])
+    truth = KindFactors(0.4, 0.8, 5.0)
+    samples = []
+    for flops, nbytes, written in [(1e5, 1e5, 0), (1e9, 1e6, 0), (1e6, 1e8, 5e7), (1e8, 2e8, 1e8), (3e9, 1e7, 0)]:
+        t = float(latency._predict_s(flops, nbytes, truth, c, written)[0])
+        samples.append(Sample("conv_1x1", "x", 8, 8, 1, int(flops), int(nbytes), t, bytes_written=int(written)))
+    assert samples[2].time_s > float(latency._predict_s(1e6, 1e8, truth, c)[0])  # the pages count
+    fitted = fit_kind_factors(samples, c)
+    assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
+    assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
+
+
 def test_overhead_comes_from_the_hot_calls():
     """e_c and e_m are fitted on the first calls of each round, o on the second (hot) calls: samples
     made from two known factor sets, differing only in overhead, give back each where it belongs."""
@@ -414,7 +443,8 @@ def test_prediction_end_to_end(latency_model, tmp_path):
     tiny, resnet = data["models"]
     assert tiny["calls"] == 11 and tiny["batch_size"] == 2 and tiny["macs"] > 0
     assert tiny["predicted_ms"] > 0
-    assert tiny["compute_ms"] + tiny["memory_ms"] + tiny["overhead_ms"] == pytest.approx(tiny["predicted_ms"])
+    parts = ("compute_ms", "memory_ms", "overhead_ms", "fresh_pages_ms")
+    assert sum(tiny[k] for k in parts) == pytest.approx(tiny["predicted_ms"])
     assert sum(k["predicted_ms"] for k in tiny["by_kind"].values()) == pytest.approx(tiny["predicted_ms"])
     # the sum over calls, each at its kind's factors
     costs = count_op_costs(_Tiny(), (2, 3, 32, 32))

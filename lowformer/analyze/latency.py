@@ -5,13 +5,20 @@ For one top-level operator call of kind k (`lowformer.analyze.opkinds.fit_kind`)
 bytes moved (`lowformer.measure.opcost`), on a device with compute ceiling C, bandwidth M and
 per-call overhead O (`lowformer.measure.calibrate`):
 
-    t = s[k] * (max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O)
+    t = s[k] * (max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O) + P(W)
 
-and a model's predicted time is the sum over its calls. M(B) is the copy bandwidth the calibration
-measured at B bytes (`Ceilings.bandwidth_at`: caches make small copies faster); e_c and e_m are the
-shares of the ceilings the kind reaches; o is its overhead per call in units of O (a convolution's
-primitive set-up costs more than a tiny add's dispatch). s is 1 unless the model was refined on
-design-element sweeps (`lowformer.analyze.element_fit`): a kind's scale inside whole blocks.
+and a model's predicted time is the sum over its calls. P(W) is what the call's output of W bytes
+costs in page faults: W / 4 KiB pages at the calibrated cost of a fresh page when W is larger than
+32 MiB (`Ceilings.fresh_pages_s`; glibc's malloc maps such blocks anew on every allocation; 0 with
+freed memory kept or on CUDA). An approximation of the largest part: on the development CPU at batch
+16, the faults per call of the ten models with the most were 1.0-1.8x these outputs' pages, those
+of others 0.3-3.4x, and smaller blocks fault too when glibc trims its heap (benchmarks/page_faults.py).
+
+M(B) is the copy bandwidth the calibration measured at B bytes (`Ceilings.bandwidth_at`: caches make
+small copies faster); e_c and e_m are the shares of the ceilings the kind reaches; o is its overhead
+per call in units of O (a convolution's primitive set-up costs more than a tiny add's dispatch). s is
+1 unless the model was refined on design-element sweeps (`lowformer.analyze.element_fit`): a kind's
+scale inside whole blocks.
 
 The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
 3x3 convs, depthwise convs of 1-7 px kernels, linears on tokens, attention products, norms,
@@ -52,9 +59,10 @@ from .opkinds import fit_kind
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 2  # bump when the cases, their grid or the fit change
-# versions whose files still load: 1 timed each case once per round, so its overhead is the first call's
-READABLE_SWEEP_VERSIONS = (1, 2)
+SWEEP_VERSION = 3  # bump when the cases, their grid or the fit change
+# versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
+# 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit)
+READABLE_SWEEP_VERSIONS = (1, 2, 3)
 
 # the grid every case is built at: (channels, resolution), stage-like pairs and their neighbours
 CELLS = (
@@ -248,6 +256,7 @@ class Sample:
     bytes: int
     time_s: float  # the first call of each round: after the other cases (median over rounds)
     hot_time_s: float | None = None  # the second: right after itself
+    bytes_written: int = 0  # of the output (its fresh pages are a fixed term of the fit)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,7 +319,9 @@ def run_op_sweep(
             for (case, cost, _), t in zip(ready, times):
                 first = statistics.median(burst[0] for burst in t.rounds)
                 second = statistics.median(burst[-1] for burst in t.rounds)
-                samples.append(Sample(case.kind, case.label, c, r, b, cost.flops, cost.bytes, first, second))
+                samples.append(
+                    Sample(case.kind, case.label, c, r, b, cost.flops, cost.bytes, first, second, cost.bytes_written)
+                )
         if progress is not None:
             progress(len(groups), len(groups))
     return samples
@@ -348,14 +359,21 @@ def _bandwidths(nbytes, ceilings: Ceilings) -> np.ndarray:
     return np.array([ceilings.bandwidth_at(float(n)) for n in np.atleast_1d(nbytes)])
 
 
-def _predict_s(flops, nbytes, f: KindFactors, ceilings: Ceilings):
+def _fresh_pages(written, ceilings: Ceilings) -> np.ndarray:
+    return np.array([ceilings.fresh_pages_s(float(n)) for n in np.atleast_1d(written)])
+
+
+def _predict_s(flops, nbytes, f: KindFactors, ceilings: Ceilings, written=0):
     compute = flops / (f.compute_efficiency * ceilings.flops_per_s)
     memory = nbytes / (f.memory_efficiency * _bandwidths(nbytes, ceilings))
-    return np.maximum(compute, memory) + f.overhead_calls * ceilings.overhead_s
+    return np.maximum(compute, memory) + f.overhead_calls * ceilings.overhead_s + _fresh_pages(written, ceilings)
 
 
-def _fit_grid(flops: np.ndarray, nbytes: np.ndarray, times: np.ndarray, ceilings: Ceilings) -> tuple[float, ...]:
-    """(e_c, e_m, o) by least squares in log time over a grid, refined around the best point."""
+def _fit_grid(
+    flops: np.ndarray, nbytes: np.ndarray, times: np.ndarray, ceilings: Ceilings, fixed: np.ndarray | float = 0.0
+) -> tuple[float, ...]:
+    """(e_c, e_m, o) by least squares in log time over a grid, refined around the best point; `fixed`
+    (seconds per sample, the fresh pages) is added to every prediction and not fitted."""
     log_t = np.log(times)
     bandwidth = _bandwidths(nbytes, ceilings)
     lc, lm = np.linspace(-3.5, 0.5, 41), np.linspace(-2.5, 2.0, 46)
@@ -366,7 +384,7 @@ def _fit_grid(flops: np.ndarray, nbytes: np.ndarray, times: np.ndarray, ceilings
         m = 10.0 ** lm[None, :, None, None]
         o = np.concatenate([[0.0], 10.0**lo])[None, None, :, None]
         pred = np.maximum(flops / (c * ceilings.flops_per_s), nbytes / (m * bandwidth))
-        pred = pred + o * ceilings.overhead_s
+        pred = pred + o * ceilings.overhead_s + fixed
         loss = ((np.log(np.maximum(pred, 1e-12)) - log_t) ** 2).mean(-1)
         loss = loss + _PRIOR * (np.log(c[..., 0]) ** 2 + np.log(m[..., 0]) ** 2)
         i, j, k = np.unravel_index(np.argmin(loss), loss.shape)
@@ -385,14 +403,16 @@ def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings) -> KindFacto
     one (else on the first calls too). Each fit is least squares in log time over (e_c, e_m, o)."""
     flops = np.array([s.flops for s in samples], dtype=float)
     nbytes = np.array([s.bytes for s in samples], dtype=float)
+    written = np.array([s.bytes_written for s in samples], dtype=float)
+    pages = _fresh_pages(written, ceilings)
     first = np.array([s.time_s for s in samples], dtype=float)
-    compute, memory, first_o = _fit_grid(flops, nbytes, first, ceilings)
+    compute, memory, first_o = _fit_grid(flops, nbytes, first, ceilings, pages)
     factors = KindFactors(compute, memory, first_o, samples=len(samples))
-    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings) / first - 1)
+    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings, written) / first - 1)
     factors.median_abs_error = float(np.median(errors))
     if all(s.hot_time_s for s in samples):
         hot = np.array([s.hot_time_s for s in samples], dtype=float)
-        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings)[2]
+        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages)[2]
         factors.first_call_overhead = first_o
     return factors
 
@@ -426,6 +446,7 @@ class LatencyModel:
         for cost in costs:
             kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
             compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes)
+            pages = self.ceilings.fresh_pages_s(cost.bytes_written)
             dominant = "overhead" if overhead >= max(compute, memory) else "compute" if compute >= memory else "memory"
             out.append(
                 {
@@ -435,10 +456,11 @@ class LatencyModel:
                     "fit_kind": kind,
                     "flops": cost.flops,
                     "bytes": cost.bytes,
-                    "predicted_s": max(compute, memory) + overhead,
+                    "predicted_s": max(compute, memory) + overhead + pages,
                     "compute_s": compute,
                     "memory_s": memory,
                     "overhead_s": overhead,
+                    "fresh_pages_s": pages,
                     "dominant": dominant,
                 }
             )

@@ -40,18 +40,20 @@ PREDICTION_COLUMNS = [
     "compute_ms",
     "memory_ms",
     "overhead_ms",
+    "fresh_pages_ms",
 ]
 
 
 def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
     """The prediction of one forward pass from its operator costs: total, per fit kind, per term.
 
-    `compute_ms`, `memory_ms` and `overhead_ms` split the total by what dominates each call's
-    roofline term (the larger of compute and memory) plus every call's overhead.
+    `compute_ms`, `memory_ms`, `overhead_ms` and `fresh_pages_ms` split the total by what dominates
+    each call's roofline term (the larger of compute and memory), every call's overhead, and the page
+    faults of outputs larger than glibc serves from reused memory (`Ceilings.fresh_pages_s`).
     """
     ops = model.predict(costs)
     by_kind: dict[str, dict] = {}
-    compute = memory = overhead = 0.0
+    compute = memory = overhead = pages = 0.0
     for op in ops:
         k = by_kind.setdefault(op["fit_kind"], {"calls": 0, "predicted_ms": 0.0, "flops": 0, "bytes": 0})
         k["calls"] += 1
@@ -62,12 +64,14 @@ def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
         compute += roof if op["compute_s"] >= op["memory_s"] else 0.0
         memory += roof if op["compute_s"] < op["memory_s"] else 0.0
         overhead += op["overhead_s"]
+        pages += op["fresh_pages_s"]
     order = {k: i for i, k in enumerate(FIT_KINDS)}
     return {
         "predicted_ms": sum(op["predicted_s"] for op in ops) * 1e3,
         "compute_ms": compute * 1e3,
         "memory_ms": memory * 1e3,
         "overhead_ms": overhead * 1e3,
+        "fresh_pages_ms": pages * 1e3,
         "flops": sum(c.flops for c in costs),
         "bytes": sum(c.bytes for c in costs),
         "calls": len(costs),

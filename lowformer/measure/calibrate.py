@@ -10,7 +10,12 @@ numbers, each measured in a few seconds:
   second; the same at smaller sizes gives the bandwidth an operator that touches fewer bytes sees
   (`Ceilings.bandwidth_at`: caches make small copies several times faster);
 - **overhead**: the time of one call of a tiny operator (an add of two one-element tensors), the
-  floor every operator call pays, launch or dispatch, before any arithmetic.
+  floor every operator call pays, launch or dispatch, before any arithmetic;
+- **fresh pages** (CPU): what writing a newly allocated tensor larger than `FRESH_PAGES_ABOVE` costs
+  per 4 KiB page beyond writing a reused one. glibc's malloc serves such blocks from new mappings on
+  every allocation and returns them when freed, so each page of such an operator output is a page
+  fault (2-3 us here); with freed memory kept (`keep_freed_memory`) or a caching allocator this is
+  about 0.
 
 Each is measured `repeats` times; the value is the median and `spread` the max/min ratio over the
 repeats. `Ceilings.bound` classifies an operator by which of the three would bind it. Results are
@@ -46,6 +51,11 @@ _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.measure.calibration/1"
 CALIBRATION_ENV = "LOWFORMER_CALIBRATION_DIR"
+
+PAGE_BYTES = 4096
+# glibc's largest mmap threshold (32 MiB on 64-bit): larger blocks are always fresh mappings
+FRESH_PAGES_ABOVE = 32 << 20
+FRESH_PAGE_PROBE = 64 << 20
 
 MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BOUNDS = ("compute", "memory", "overhead")
@@ -95,6 +105,7 @@ class Ceilings:
     flops_per_s: float  # dense matmul
     bytes_per_s: float  # large copy, bytes read + written
     overhead_s: float  # one tiny operator call
+    fresh_page_s: float = 0.0  # per 4 KiB page of a fresh allocation above FRESH_PAGES_ABOVE (0: not measured)
     memory: str = "default"  # the allocator mode measured under (lowformer.measure.env.memory_mode)
     bandwidth_curve: dict[str, float] = field(default_factory=dict)  # bytes moved per copy -> bytes/s
     spread: dict[str, float] = field(default_factory=dict)  # max/min over repeats, per ceiling
@@ -120,6 +131,11 @@ class Ceilings:
                 w = math.log(nbytes / x0) / math.log(x1 / x0)
                 return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
         return self.bytes_per_s
+
+    def fresh_pages_s(self, nbytes_written: float) -> float:
+        """What an output of `nbytes_written` bytes costs in page faults: its 4 KiB pages at the
+        measured `fresh_page_s` when it is larger than `FRESH_PAGES_ABOVE`, else nothing."""
+        return self.fresh_page_s * nbytes_written / PAGE_BYTES if nbytes_written > FRESH_PAGES_ABOVE else 0.0
 
     def times(self, flops: float, nbytes: float) -> tuple[float, float]:
         """(compute time, memory time) in seconds of an operator at the ceilings."""
@@ -150,7 +166,7 @@ class Ceilings:
         return (
             f"{self.device_name} ({self.device}{threads}), {self.precision}: compute {self.flops_per_s / 1e9:.1f} "
             f"GFLOP/s, bandwidth {self.bytes_per_s / 1e9:.1f} GB/s, overhead {self.overhead_s * 1e6:.1f} us per call, "
-            f"ridge {self.ridge:.1f} FLOP/byte"
+            f"fresh page {self.fresh_page_s * 1e6:.2f} us, ridge {self.ridge:.1f} FLOP/byte"
         )
 
 
@@ -166,9 +182,12 @@ def _median_s(step: Callable[[], object], timer, policy: TimingPolicy = _POLICY)
 
 
 def _repeat(what: Callable[[], float], repeats: int) -> tuple[float, float, list[float]]:
-    """(median, max/min spread, all values) of `repeats` measurements."""
+    """(median, max/min spread, all values) of `repeats` measurements; the spread of values that
+    are all 0 is 1, and of some 0s among others the number of repeats (a stand-in for "unbounded")."""
     values = [what() for _ in range(repeats)]
-    return stats.median(values), max(values) / min(values), values
+    low, high = min(values), max(values)
+    spread = high / low if low > 0 else 1.0 if high == 0 else float(repeats)
+    return stats.median(values), spread, values
 
 
 def _matmul(n: int, dtype: torch.dtype, device: str) -> Callable[[], torch.Tensor]:
@@ -199,6 +218,18 @@ def _copy_rate(nbytes: int, device: str, timer) -> float:
     src = torch.ones(max(nbytes // 4, 1), device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() * src.element_size() / _median_s(lambda: dst.copy_(src), timer)
+
+
+def _fresh_page_cost(device: str, timer) -> float:
+    """Seconds per 4 KiB page that filling a newly allocated `FRESH_PAGE_PROBE`-byte tensor costs
+    beyond filling a reused one (0 where no more; 0 on CUDA, whose caching allocator reuses memory)."""
+    if str(device).startswith("cuda"):
+        return 0.0
+    numel = FRESH_PAGE_PROBE // 4
+    reused = torch.empty(numel)
+    fresh = _median_s(lambda: torch.empty(numel).fill_(1.0), timer)
+    again = _median_s(lambda: reused.fill_(1.0), timer)
+    return max(fresh - again, 0.0) / (FRESH_PAGE_PROBE / PAGE_BYTES)
 
 
 def _overhead(device: str, calls: int, clock: str) -> float:
@@ -243,6 +274,7 @@ def calibrate(
         flops, flops_spread, _ = per_size[best]
         bandwidth, bw_spread, _ = _repeat(lambda: _copy_rate(sizes.copy_bytes, device, timer), sizes.repeats)
         overhead, oh_spread, _ = _repeat(lambda: _overhead(device, sizes.tiny_calls, clock), sizes.repeats)
+        fresh_page, page_spread, _ = _repeat(lambda: _fresh_page_cost(device, timer), sizes.repeats)
         curve = {
             str(2 * n): _repeat(lambda n=n: _copy_rate(n, device, timer), sizes.repeats)[0] for n in sizes.small_copies
         }
@@ -256,9 +288,15 @@ def calibrate(
         flops_per_s=flops,
         bytes_per_s=bandwidth,
         overhead_s=overhead,
+        fresh_page_s=fresh_page,
         memory=memory_mode(),
         bandwidth_curve=curve,
-        spread={"flops_per_s": flops_spread, "bytes_per_s": bw_spread, "overhead_s": oh_spread},
+        spread={
+            "flops_per_s": flops_spread,
+            "bytes_per_s": bw_spread,
+            "overhead_s": oh_spread,
+            "fresh_page_s": page_spread,
+        },
         details={
             "load_avg_1m": None if cuda else cpu_load()[0],  # how busy the machine was (`staleness`)
             "sizes": sizes.to_dict(),
@@ -337,7 +375,9 @@ def calibrated(
     path = calibration_path(device, precision, threads, clock, quick, folder)
     if not fresh:
         data = read_cached(path)
-        if data is not None:
+        if data is not None and "fresh_page_s" not in data:
+            _logger.info("calibration file %s predates the fresh-page cost; measuring again", path)
+        elif data is not None:
             try:
                 return Ceilings.from_dict(data), True
             except (TypeError, ValueError) as e:

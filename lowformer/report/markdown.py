@@ -294,7 +294,7 @@ def _predict_md(data: dict) -> list[str]:
         f"Nothing was timed: every call's FLOPs and bytes (counted on the meta device) at the ceilings of "
         f"{ceilings_line(lm['ceilings'])}, with the per-kind factors below.",
         "",
-        _md_table([*PREDICT_HEADERS, "overhead"], prediction_rows(data["models"]), [False] + [True] * 9),
+        _md_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 10),
         "",
         *_factors_md(lm),
     ]

@@ -420,11 +420,12 @@ def ceilings_line(c: dict) -> str:
     threads = f", {c['threads']} thread{'s' * (c['threads'] != 1)}" if c.get("threads") else ""
     clock = ", CPU-time clock" if c.get("clock") == "cpu" else ""
     memory = ", freed memory kept" if c.get("memory") == "keep" else ""
+    fresh = f"fresh page {c['fresh_page_s'] * 1e6:.2f} us (outputs > 32 MiB), " if c.get("fresh_page_s") else ""
     return (
         f"{c['device_name']} ({c['device']}{threads}{clock}{memory}), {c['precision']}, torch {c['torch']}: "
         f"compute {format_rate(c['flops_per_s'], 'FLOP/s')} GFLOP/s (matmul), bandwidth "
         f"{format_rate(c['bytes_per_s'], 'B/s')} GB/s (large copy), overhead {c['overhead_s'] * 1e6:.1f} us per call "
-        f"(tiny op), ridge {c['flops_per_s'] / c['bytes_per_s']:.1f} FLOP/byte"
+        f"(tiny op), {fresh}ridge {c['flops_per_s'] / c['bytes_per_s']:.1f} FLOP/byte"
     )
 
 
@@ -501,6 +502,7 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
             "that size)) + overhead"
             + (", times the element scale" if refined is not None else "")
+            + (" + the fresh pages of an output over 32 MiB" if model.get("ceilings", {}).get("fresh_page_s") else "")
             + (
                 "; efficiencies fitted on each case's first call of a round, after the other cases; overhead on "
                 "its second, right after itself)"
@@ -559,7 +561,9 @@ def format_roofline(data: dict) -> str:
     return "\n".join(parts)
 
 
-PREDICT_HEADERS = ["model", "batch", "GMACs", "GFLOP", "MB moved", "calls", "predicted ms", "compute", "memory"]
+PREDICT_HEADERS = [
+    "model", "batch", "GMACs", "GFLOP", "MB moved", "calls", "predicted ms", "compute", "memory", "overhead", "pages",
+]  # fmt: skip
 
 
 def prediction_rows(models: Sequence[dict]) -> list[list[str]]:
@@ -578,6 +582,7 @@ def prediction_rows(models: Sequence[dict]) -> list[list[str]]:
                 f"{100 * m['compute_ms'] / total:.0f}%",
                 f"{100 * m['memory_ms'] / total:.0f}%",
                 f"{100 * m['overhead_ms'] / total:.0f}%",
+                f"{100 * m.get('fresh_pages_ms', 0.0) / total:.0f}%",
             ]
         )
     return rows
@@ -590,9 +595,10 @@ def format_predictions(data: dict) -> str:
         f"predicted on {ceilings_line(data['latency_model']['ceilings'])}\n"
         f"batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}, eager {s['precision']}; nothing timed"
     )
-    table = render_table([*PREDICT_HEADERS, "overhead"], prediction_rows(data["models"]), [False] + [True] * 9)
+    table = render_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 10)
     legend = (
-        "(compute / memory / overhead: share of the predicted time in calls bound by each, and the per-call overhead)"
+        "(compute / memory / overhead / pages: share of the predicted time in calls bound by each, the per-call "
+        "overhead, and the page faults of outputs over 32 MiB)"
     )
     return "\n".join([head, table, legend])
 
