@@ -15,14 +15,13 @@ caches, or the calibration-*.json it writes to --out. Writes kind-profile.json a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from lowformer._io import write_json, write_text
-from lowformer.analyze.latency import LatencyModel
+from lowformer.analyze.latency import LatencyModel, read_latency_model
 from lowformer.analyze.opkinds import FIT_KINDS
 from lowformer.analyze.profile import profile_model
 from lowformer.bench.models import build_source
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not Path(args.latency_model).is_file():
         p.error(f"--latency-model {args.latency_model}: no such file")
-    data = json.loads(Path(args.latency_model).read_text())
-    model = LatencyModel.from_dict(data.get("latency_model", data))
+    model = read_latency_model(args.latency_model)
     if model.ceilings.threads not in (None, args.threads):
         p.error(f"the latency model was calibrated with {model.ceilings.threads} threads; give --threads to match")
     entries = []

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from lowformer._io import write_json, write_text
-from lowformer.analyze.latency import LatencyModel, Sample, fit_latency_model
+from lowformer.analyze.latency import LatencyModel, Sample, fit_latency_model, read_latency_model
 from lowformer.analyze.predict import predict_costs
 from lowformer.bench.models import build_source
 from lowformer.measure import stats
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, path = spec.partition("=")
         if not sep or not Path(path).is_file():
             p.error(f"--models {spec!r}: give NAME=FILE with an existing latency model file")
-        data = json.loads(Path(path).read_text())
-        models[name] = LatencyModel.from_dict(data.get("latency_model", data))  # a calibration record holds one
+        models[name] = read_latency_model(path)
         if args.first_calls and all(x.hot_time_s for x in models[name].samples):
             first = [Sample(**{**x.to_dict(), "hot_time_s": None}) for x in models[name].samples]
             models[f"{name}-first"] = fit_latency_model(first, models[name].ceilings, models[name].settings)

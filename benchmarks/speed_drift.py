@@ -14,14 +14,13 @@ to --out (only its ceilings are used: the matmul size and precision). Writes dri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from _record import measure_and_write
 
-from lowformer.analyze.latency import LatencyModel
+from lowformer.analyze.latency import LatencyModel, read_latency_model
 from lowformer.bench.models import build_source
 from lowformer.measure import stats
 from lowformer.measure.calibrate import compute_probe
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.latency_model)
     if not path.is_file():
         p.error(f"--latency-model {path}: no such file")
-    data = json.loads(path.read_text())
-    model = LatencyModel.from_dict(data.get("latency_model", data))  # a calibration record holds one
+    model = read_latency_model(path)
     measure_and_write(args.out, "drift", argv, lambda: drift(args.model, model, args.rounds, args.threads), to_markdown)
     return 0
 

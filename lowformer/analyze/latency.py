@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import logging
 import statistics
 import time
@@ -536,6 +537,13 @@ def build_latency_model(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return fit_latency_model(samples, ceilings, settings)
+
+
+def read_latency_model(path: str | Path) -> LatencyModel:
+    """A latency model from a file: one `cached_latency_model` wrote, or a calibration record
+    (`lowformer analyze calibrate --out`), which holds one under "latency_model"."""
+    data = json.loads(Path(path).read_text())
+    return LatencyModel.from_dict(data.get("latency_model", data))
 
 
 def latency_model_path(ceilings: Ceilings, folder: str | Path | None = None) -> Path:

@@ -277,7 +277,7 @@ def _judgement_md(data: dict) -> str:
     if data.get("probes"):
         text += (
             " The "
-            + probe_line(data["probes"]).replace("compute ceiling", "compute ceiling (the calibration's matmul)", 1)
+            + probe_line(data["probes"], subject="compute ceiling (the calibration's matmul)")
             + "; the median error of the prediction scaled to that speed is in parentheses."
         )
     return text

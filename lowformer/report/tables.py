@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from ..analyze.cells import comparisons, summarize_comparison
 from ..bench.compare import CompareReport
 from ..bench.result import MODE_ORDER, BenchReport, BenchResult
+from ..measure.calibrate import FRESH_PAGES_ABOVE
 
 # --------------------------------------------------------------------------------------------
 # Layout and numbers
@@ -415,12 +416,17 @@ def format_share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%" if value < 10 else f"{100 * value:.0f}%"
 
 
+_FRESH_MIB = FRESH_PAGES_ABOVE >> 20  # outputs above this pay their pages (`Ceilings.fresh_pages_s`)
+
+
 def ceilings_line(c: dict) -> str:
     """One line: the measured ceilings and how they were measured."""
     threads = f", {c['threads']} thread{'s' * (c['threads'] != 1)}" if c.get("threads") else ""
     clock = ", CPU-time clock" if c.get("clock") == "cpu" else ""
     memory = ", freed memory kept" if c.get("memory") == "keep" else ""
-    fresh = f"fresh page {c['fresh_page_s'] * 1e6:.2f} us (outputs > 32 MiB), " if c.get("fresh_page_s") else ""
+    fresh = ""
+    if c.get("fresh_page_s"):
+        fresh = f"fresh page {c['fresh_page_s'] * 1e6:.2f} us (outputs > {_FRESH_MIB} MiB), "
     return (
         f"{c['device_name']} ({c['device']}{threads}{clock}{memory}), {c['precision']}, torch {c['torch']}: "
         f"compute {format_rate(c['flops_per_s'], 'FLOP/s')} GFLOP/s (matmul), bandwidth "
@@ -502,7 +508,11 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
             "that size)) + overhead"
             + (", times the element scale" if refined is not None else "")
-            + (" + the fresh pages of an output over 32 MiB" if model.get("ceilings", {}).get("fresh_page_s") else "")
+            + (
+                f" + the fresh pages of an output over {_FRESH_MIB} MiB"
+                if model.get("ceilings", {}).get("fresh_page_s")
+                else ""
+            )
             + (
                 "; efficiencies fitted on each case's first call of a round, after the other cases; overhead on "
                 "its second, right after itself)"
@@ -598,7 +608,7 @@ def format_predictions(data: dict) -> str:
     table = render_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 10)
     legend = (
         "(compute / memory / overhead / pages: share of the predicted time in calls bound by each, the per-call "
-        "overhead, and the page faults of outputs over 32 MiB)"
+        f"overhead, and the page faults of outputs over {_FRESH_MIB} MiB)"
     )
     return "\n".join([head, table, legend])
 
@@ -621,9 +631,9 @@ def format_judgement(judgement: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def probe_line(probes: Sequence[dict]) -> str:
+def probe_line(probes: Sequence[dict], subject: str = "compute ceiling") -> str:
     """How fast the device ran each mode, by the compute probe timed between the models, against the
-    calibration."""
+    calibration; `subject` names the probe."""
     if not probes:
         return ""
     parts = [
@@ -631,6 +641,6 @@ def probe_line(probes: Sequence[dict]) -> str:
     ]
     calibrated = probes[0]["calibrated_flops_per_s"] / 1e9
     return (
-        f"compute ceiling re-measured between the models: {', '.join(parts)}, against {calibrated:.0f} GFLOP/s "
+        f"{subject} re-measured between the models: {', '.join(parts)}, against {calibrated:.0f} GFLOP/s "
         "at the calibration"
     )
