@@ -11,7 +11,8 @@ calibration-*.json it writes to --out. `--first-calls` adds, for each model whos
 call, the same samples refitted on their first calls alone (NAME-first: the overhead as well as the
 efficiencies from the first calls, as the first sweep version did), so the two fits compare on one
 sweep; `--without-pages` adds, for each model with a fresh-page cost, its sweep refitted with that cost
-at 0 (NAME-nopages: no page-fault term), likewise. Per run, mode and
+at 0 (NAME-nopages: no page-fault term), likewise; `--without-serial` adds, for each model fitted with
+a serial share, its sweep refitted without one (NAME-noserial: every call on all threads). Per run, mode and
 batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
 measured time, and each prediction's median and largest absolute error; written as rejudged.json and
 rejudged.md in --out.
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--without-pages", action="store_true", help="also refit each model with a fresh-page cost of 0 (no page term)"
     )
+    p.add_argument("--without-serial", action="store_true", help="also refit each model without a serial share (h = 0)")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     for r in runs:
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.without_pages and models[name].ceilings.fresh_page_s:
             ceilings = dataclasses.replace(models[name].ceilings, fresh_page_s=0.0)
             models[f"{name}-nopages"] = fit_latency_model(models[name].samples, ceilings, models[name].settings)
+        if args.without_serial and any(f.half_parallel_bytes for f in models[name].factors.values()):
+            models[f"{name}-noserial"] = fit_latency_model(
+                models[name].samples, models[name].ceilings, models[name].settings, serial=False
+            )
     entries = judge(runs, models)
     out = Path(args.out)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

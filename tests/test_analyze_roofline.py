@@ -374,6 +374,58 @@ def test_overhead_comes_from_the_hot_calls():
     assert fitted.median_abs_error < 0.02  # of the first-call fit on the first calls
 
 
+def test_serial_share_of_small_calls():
+    """S(W) = 1 + (T - 1) h / (W + h): T for a call writing nothing, 1 + (T - 1) / 2 at W = h, towards 1
+    for large outputs; 1 without h, on one thread and on CUDA (threads None). A prediction adds
+    max(compute, memory) x (S - 1) as `serial_s`, and the parts still sum to the total."""
+    h = 2.0**20
+    assert latency.serial_share(0, h, 2) == pytest.approx(2.0)
+    assert latency.serial_share(h, h, 2) == pytest.approx(1.5)
+    assert latency.serial_share(h, h, 4) == pytest.approx(2.5)
+    assert latency.serial_share(1e12, h, 2) == pytest.approx(1.0, abs=1e-5)
+    assert latency.serial_share(0, 0.0, 2) == 1.0
+    assert latency.serial_share(0, h, 1) == 1.0 and latency.serial_share(0, h, None) == 1.0
+    c = synthetic_ceilings(threads=2)
+    costs = count_op_costs(nn.ReLU(), (1, 64, 64, 64), device="meta")  # writes 1 MiB
+    assert costs[0].bytes_written == 2**20
+    parallel = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0)})
+    serial = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0, half_parallel_bytes=h)})
+    (p_op,), (s_op,) = parallel.predict(costs), serial.predict(costs)
+    assert p_op["serial_s"] == 0.0
+    assert s_op["serial_s"] == pytest.approx(0.5 * max(s_op["compute_s"], s_op["memory_s"]))
+    assert s_op["predicted_s"] == pytest.approx(p_op["predicted_s"] + s_op["serial_s"])
+    pred = predict.predict_costs(costs, serial)
+    parts = ("compute_ms", "memory_ms", "serial_ms", "overhead_ms", "fresh_pages_ms")
+    assert pred["serial_ms"] > 0 and sum(pred[k] for k in parts) == pytest.approx(pred["predicted_ms"])
+    one_thread = LatencyModel(synthetic_ceilings(), serial.factors)
+    assert one_thread.predict(costs)[0]["serial_s"] == 0.0
+    text = format_calibration(c.to_dict(), serial.to_dict())
+    assert "half parallel at" in text and "1 MiB" in text and "x (1 + 1 x h / (output bytes + h))" in text
+    assert "half parallel at" not in format_calibration(c.to_dict(), parallel.to_dict())
+
+
+def test_fit_recovers_the_half_parallel_size():
+    """Samples made with a known h on two threads give back h (one of the sizes the fit tries) and the
+    efficiencies; on one thread the fit tries no h; a factor record without h (sweep version 3 and
+    before) loads with none."""
+    c = synthetic_ceilings(threads=2)
+    truth = KindFactors(0.4, 0.8, 5.0, half_parallel_bytes=2.0**20)
+    samples = []
+    for flops, nbytes, written in [(1e5, 1e5, 3e4), (1e7, 1e5, 4e4), (1e9, 1e6, 3e5), (1e6, 1e7, 3e6),
+                                   (1e8, 1e8, 3e7), (1e4, 1e3, 3e2), (3e9, 1e7, 3e6), (1e9, 3e7, 1e7),
+                                   (3e7, 3e6, 1e6), (2e8, 1e6, 2e5)]:  # fmt: skip
+        t = float(latency._predict_s(flops, nbytes, truth, c, written)[0])
+        samples.append(Sample("conv_1x1", "x", 8, 8, 1, int(flops), int(nbytes), t, bytes_written=int(written)))
+    fitted = fit_kind_factors(samples, c)
+    assert fitted.half_parallel_bytes == 2.0**20
+    assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
+    assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
+    assert fitted.median_abs_error < 0.02
+    assert fit_kind_factors(samples, synthetic_ceilings()).half_parallel_bytes == 0.0
+    old = {k: v for k, v in truth.to_dict().items() if k != "half_parallel_bytes"}
+    assert KindFactors(**old).half_parallel_bytes == 0.0
+
+
 def test_sweep_times_each_case_cold_then_hot(latency_model):
     """Every sample has both calls; at batch 1, a view or an add costs less right after itself."""
     assert all(s.time_s > 0 and s.hot_time_s > 0 for s in latency_model.samples)
@@ -443,13 +495,16 @@ def test_prediction_end_to_end(latency_model, tmp_path):
     tiny, resnet = data["models"]
     assert tiny["calls"] == 11 and tiny["batch_size"] == 2 and tiny["macs"] > 0
     assert tiny["predicted_ms"] > 0
-    parts = ("compute_ms", "memory_ms", "overhead_ms", "fresh_pages_ms")
+    parts = ("compute_ms", "memory_ms", "serial_ms", "overhead_ms", "fresh_pages_ms")
     assert sum(tiny[k] for k in parts) == pytest.approx(tiny["predicted_ms"])
     assert sum(k["predicted_ms"] for k in tiny["by_kind"].values()) == pytest.approx(tiny["predicted_ms"])
     # the sum over calls, each at its kind's factors
     costs = count_op_costs(_Tiny(), (2, 3, 32, 32))
-    by_hand = sum(max(c, m) + o for c, m, o in (latency_model.op_time_s(
-        opkinds.fit_kind(x.name, x.input_shapes, x.transposed, x.bytes), x.flops, x.bytes) for x in costs))  # fmt: skip
+    by_hand = 0.0
+    for x in costs:
+        kind = opkinds.fit_kind(x.name, x.input_shapes, x.transposed, x.bytes)
+        c, m, o = latency_model.op_time_s(kind, x.flops, x.bytes)
+        by_hand += max(c, m) * latency_model.serial_factor(kind, x.bytes_written) + o
     assert tiny["predicted_ms"] == pytest.approx(1e3 * by_hand)
     assert resnet["source"] == "timm" and resnet["predicted_ms"] > 0
     assert "test_resnet" in format_predictions(data)

@@ -5,9 +5,18 @@ For one top-level operator call of kind k (`lowformer.analyze.opkinds.fit_kind`)
 bytes moved (`lowformer.measure.opcost`), on a device with compute ceiling C, bandwidth M and
 per-call overhead O (`lowformer.measure.calibrate`):
 
-    t = s[k] * (max(F / (e_c[k] * C), B / (e_m[k] * M(B))) + o[k] * O) + P(W)
+    t = s[k] * (max(F / (e_c[k] * C), B / (e_m[k] * M(B))) * S(W) + o[k] * O) + P(W)
 
-and a model's predicted time is the sum over its calls. P(W) is what the call's output of W bytes
+and a model's predicted time is the sum over its calls. S(W) is the call's serial share on a CPU run
+with T > 1 threads: a call writing W bytes runs on all T threads when W is much larger than the kind's
+half-parallel size h[k] and on one when it is much smaller (PyTorch splits small tensors into fewer
+chunks than threads, and a kernel's set-up is serial), so
+
+    S(W) = 1 + (T - 1) * h[k] / (W + h[k])
+
+is 1 when the whole call runs in parallel and T when none of it does (h = 0, and on CUDA: always 1).
+C and M are measured with all T threads, so S is the factor by which a call falls short of them
+because it is small. P(W) is what the call's output of W bytes
 costs in page faults: W / 4 KiB pages at the calibrated cost of a fresh page when W is larger than
 32 MiB (`Ceilings.fresh_pages_s`; glibc's malloc maps such blocks anew on every allocation; 0 with
 freed memory kept or on CUDA). An approximation of the largest part: on the development CPU at batch
@@ -30,7 +39,8 @@ activations out of the caches, as a model's weights are between two of its uses)
 after itself (its code path and dispatch hot, as they are in a network that runs the same kinds of
 operator again and again). e_c and e_m are fitted on the first calls; o on the second (a model's small
 operators cost what the hot calls say: the first call of a batch norm at batch 1 is 3-5x its hot call,
-and a network's are close to hot). The fit is cached next to the calibration.
+and a network's are close to hot). h is chosen per kind from a grid of sizes by the same least squares
+on the first calls, e_c and e_m fitted again under it. The fit is cached next to the calibration.
 """
 
 from __future__ import annotations
@@ -60,10 +70,13 @@ from .opkinds import fit_kind
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 3  # bump when the cases, their grid or the fit change
+SWEEP_VERSION = 4  # bump when the cases, their grid or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
-# 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit)
-READABLE_SWEEP_VERSIONS = (1, 2, 3)
+# 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
+# 3 without the serial share (h = 0: every call runs on all threads)
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4)
+# the half-parallel sizes h tried per kind (output bytes; 0: always parallel): 1 KiB to 32 MiB
+SERIAL_HALVES = (0.0, *(2.0**e for e in range(10, 26)))
 
 # the grid every case is built at: (channels, resolution), stage-like pairs and their neighbours
 CELLS = (
@@ -344,6 +357,7 @@ class KindFactors:
     median_abs_error: float | None = None  # of the fit on its own first calls (e_c, e_m and their own o)
     element_scale: float = 1.0  # s: fitted on design-element sweeps (`lowformer.analyze.element_fit`)
     first_call_overhead: float | None = None  # o fitted on the first calls, for comparison; unused
+    half_parallel_bytes: float = 0.0  # h: the output size at which half of a call's work runs in parallel
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -364,32 +378,54 @@ def _fresh_pages(written, ceilings: Ceilings) -> np.ndarray:
     return np.array([ceilings.fresh_pages_s(float(n)) for n in np.atleast_1d(written)])
 
 
+def serial_share(written, half: float, threads: int | None):
+    """S(W) of the module's docstring: 1 + (T - 1) h / (W + h); 1 with h = 0 or one thread (or CUDA)."""
+    written = np.asarray(written, dtype=float)
+    if not half or not threads or threads < 2:
+        return np.ones_like(written)
+    return 1.0 + (threads - 1) * half / (written + half)
+
+
 def _predict_s(flops, nbytes, f: KindFactors, ceilings: Ceilings, written=0):
     compute = flops / (f.compute_efficiency * ceilings.flops_per_s)
     memory = nbytes / (f.memory_efficiency * _bandwidths(nbytes, ceilings))
-    return np.maximum(compute, memory) + f.overhead_calls * ceilings.overhead_s + _fresh_pages(written, ceilings)
+    serial = serial_share(written, f.half_parallel_bytes, ceilings.threads)
+    return (
+        np.maximum(compute, memory) * serial + f.overhead_calls * ceilings.overhead_s + _fresh_pages(written, ceilings)
+    )
 
 
 def _fit_grid(
-    flops: np.ndarray, nbytes: np.ndarray, times: np.ndarray, ceilings: Ceilings, fixed: np.ndarray | float = 0.0
+    flops: np.ndarray,
+    nbytes: np.ndarray,
+    times: np.ndarray,
+    ceilings: Ceilings,
+    fixed: np.ndarray | float = 0.0,
+    serial: np.ndarray | float = 1.0,
+    levels: int = 4,
+    coarse: bool = False,
 ) -> tuple[float, ...]:
-    """(e_c, e_m, o) by least squares in log time over a grid, refined around the best point; `fixed`
-    (seconds per sample, the fresh pages) is added to every prediction and not fitted."""
+    """(e_c, e_m, o, loss) by least squares in log time over a grid, refined `levels - 1` times around
+    the best point; `fixed` (seconds per sample, the fresh pages) is added to every prediction and
+    `serial` (the serial share per sample) multiplies its roofline time, neither fitted. `coarse`
+    starts from every other grid point (an eighth of the work)."""
     log_t = np.log(times)
     bandwidth = _bandwidths(nbytes, ceilings)
     lc, lm = np.linspace(-3.5, 0.5, 41), np.linspace(-2.5, 2.0, 46)
     lo = np.linspace(-1.0, 3.5, 46)  # log10 of o; o = 0 is tried too
+    if coarse:
+        lc, lm, lo = lc[::2], lm[::2], lo[::2]
     best = None
-    for _ in range(4):
+    for _ in range(levels):
         c = 10.0 ** lc[:, None, None, None]
         m = 10.0 ** lm[None, :, None, None]
         o = np.concatenate([[0.0], 10.0**lo])[None, None, :, None]
-        pred = np.maximum(flops / (c * ceilings.flops_per_s), nbytes / (m * bandwidth))
+        pred = np.maximum(flops / (c * ceilings.flops_per_s), nbytes / (m * bandwidth)) * serial
         pred = pred + o * ceilings.overhead_s + fixed
         loss = ((np.log(np.maximum(pred, 1e-12)) - log_t) ** 2).mean(-1)
         loss = loss + _PRIOR * (np.log(c[..., 0]) ** 2 + np.log(m[..., 0]) ** 2)
         i, j, k = np.unravel_index(np.argmin(loss), loss.shape)
-        best = (10.0 ** lc[i], 10.0 ** lm[j], 0.0 if k == 0 else 10.0 ** lo[k - 1])
+        best = (10.0 ** lc[i], 10.0 ** lm[j], 0.0 if k == 0 else 10.0 ** lo[k - 1], float(loss[i, j, k]))
         # refine: a finer grid around the best point
         step_c, step_m, step_o = (lc[1] - lc[0]), (lm[1] - lm[0]), (lo[1] - lo[0])
         lc = np.linspace(lc[i] - 2 * step_c, lc[i] + 2 * step_c, 21)
@@ -399,21 +435,32 @@ def _fit_grid(
     return tuple(float(v) for v in best)
 
 
-def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings) -> KindFactors:
+def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool = True) -> KindFactors:
     """e_c and e_m fitted on the samples' first calls; o on their hot calls where every sample has
-    one (else on the first calls too). Each fit is least squares in log time over (e_c, e_m, o)."""
+    one (else on the first calls too). Each fit is least squares in log time over (e_c, e_m, o). With
+    more than one CPU thread, h is the size of `SERIAL_HALVES` whose coarse fit (every other grid point,
+    refined once) fits the first calls best; the fits then run under its serial share.
+    `serial=False` fits h = 0 (every call on all threads: the model of sweep version 3)."""
     flops = np.array([s.flops for s in samples], dtype=float)
     nbytes = np.array([s.bytes for s in samples], dtype=float)
     written = np.array([s.bytes_written for s in samples], dtype=float)
     pages = _fresh_pages(written, ceilings)
     first = np.array([s.time_s for s in samples], dtype=float)
-    compute, memory, first_o = _fit_grid(flops, nbytes, first, ceilings, pages)
-    factors = KindFactors(compute, memory, first_o, samples=len(samples))
+    half = 0.0
+    if serial and ceilings.threads and ceilings.threads > 1:
+        losses = {
+            h: _fit_grid(flops, nbytes, first, ceilings, pages, serial_share(written, h, ceilings.threads), 2, True)[3]
+            for h in SERIAL_HALVES
+        }
+        half = min(losses, key=losses.get)
+    serial = serial_share(written, half, ceilings.threads)
+    compute, memory, first_o, _ = _fit_grid(flops, nbytes, first, ceilings, pages, serial)
+    factors = KindFactors(compute, memory, first_o, samples=len(samples), half_parallel_bytes=half)
     errors = np.abs(_predict_s(flops, nbytes, factors, ceilings, written) / first - 1)
     factors.median_abs_error = float(np.median(errors))
     if all(s.hot_time_s for s in samples):
         hot = np.array([s.hot_time_s for s in samples], dtype=float)
-        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages)[2]
+        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages, serial)[2]
         factors.first_call_overhead = first_o
     return factors
 
@@ -432,7 +479,8 @@ class LatencyModel:
         return self.factors.get(kind) or self.factors.get("elementwise") or DEFAULT_FACTORS
 
     def op_time_s(self, kind: str, flops: float, nbytes: float) -> tuple[float, float, float]:
-        """(compute, memory, overhead) seconds of one call at this kind's factors, times its element scale."""
+        """(compute, memory, overhead) seconds of one call at this kind's factors, times its element
+        scale; compute and memory at all the calibration's threads (see `serial_factor`)."""
         f = self.factors_of(kind)
         c = self.ceilings
         return (
@@ -441,12 +489,20 @@ class LatencyModel:
             f.element_scale * f.overhead_calls * c.overhead_s,
         )
 
+    def serial_factor(self, kind: str, bytes_written: float) -> float:
+        """S(W): by how much a call of this kind writing `bytes_written` bytes falls short of running on
+        all the calibration's threads (1: not at all)."""
+        f = self.factors_of(kind)
+        return float(serial_share(bytes_written, f.half_parallel_bytes, self.ceilings.threads))
+
     def predict(self, costs: Sequence[OpCost]) -> list[dict]:
-        """Per top-level call: its kind, cost, predicted time and what dominates it."""
+        """Per top-level call: its kind, cost, predicted time and what dominates it; `serial_s` is what
+        its serial share adds to the larger of compute and memory."""
         out = []
         for cost in costs:
             kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
             compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes)
+            serial = max(compute, memory) * (self.serial_factor(kind, cost.bytes_written) - 1.0)
             pages = self.ceilings.fresh_pages_s(cost.bytes_written)
             dominant = "overhead" if overhead >= max(compute, memory) else "compute" if compute >= memory else "memory"
             out.append(
@@ -457,9 +513,10 @@ class LatencyModel:
                     "fit_kind": kind,
                     "flops": cost.flops,
                     "bytes": cost.bytes,
-                    "predicted_s": max(compute, memory) + overhead + pages,
+                    "predicted_s": max(compute, memory) + serial + overhead + pages,
                     "compute_s": compute,
                     "memory_s": memory,
+                    "serial_s": serial,
                     "overhead_s": overhead,
                     "fresh_pages_s": pages,
                     "dominant": dominant,
@@ -494,12 +551,15 @@ class LatencyModel:
         )
 
 
-def fit_latency_model(samples: Sequence[Sample], ceilings: Ceilings, settings: dict | None = None) -> LatencyModel:
-    """Fit every kind that has samples; kinds without any use the elementwise factors."""
+def fit_latency_model(
+    samples: Sequence[Sample], ceilings: Ceilings, settings: dict | None = None, *, serial: bool = True
+) -> LatencyModel:
+    """Fit every kind that has samples; kinds without any use the elementwise factors. `serial=False`:
+    without the serial share (see `fit_kind_factors`)."""
     by_kind: dict[str, list[Sample]] = {}
     for s in samples:
         by_kind.setdefault(s.kind, []).append(s)
-    factors = {kind: fit_kind_factors(group, ceilings) for kind, group in by_kind.items()}
+    factors = {kind: fit_kind_factors(group, ceilings, serial) for kind, group in by_kind.items()}
     return LatencyModel(ceilings, factors, settings or {}, list(samples))
 
 

@@ -39,6 +39,7 @@ PREDICTION_COLUMNS = [
     "predicted_ms",
     "compute_ms",
     "memory_ms",
+    "serial_ms",
     "overhead_ms",
     "fresh_pages_ms",
 ]
@@ -47,13 +48,14 @@ PREDICTION_COLUMNS = [
 def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
     """The prediction of one forward pass from its operator costs: total, per fit kind, per term.
 
-    `compute_ms`, `memory_ms`, `overhead_ms` and `fresh_pages_ms` split the total by what dominates
-    each call's roofline term (the larger of compute and memory), every call's overhead, and the page
-    faults of outputs larger than glibc serves from reused memory (`Ceilings.fresh_pages_s`).
+    `compute_ms`, `memory_ms`, `serial_ms`, `overhead_ms` and `fresh_pages_ms` split the total by what
+    dominates each call's roofline term (the larger of compute and memory) at all threads, what running
+    partly on fewer threads adds to it (`LatencyModel.serial_factor`), every call's overhead, and the
+    page faults of outputs larger than glibc serves from reused memory (`Ceilings.fresh_pages_s`).
     """
     ops = model.predict(costs)
     by_kind: dict[str, dict] = {}
-    compute = memory = overhead = pages = 0.0
+    compute = memory = serial = overhead = pages = 0.0
     for op in ops:
         k = by_kind.setdefault(op["fit_kind"], {"calls": 0, "predicted_ms": 0.0, "flops": 0, "bytes": 0})
         k["calls"] += 1
@@ -63,6 +65,7 @@ def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
         roof = max(op["compute_s"], op["memory_s"])
         compute += roof if op["compute_s"] >= op["memory_s"] else 0.0
         memory += roof if op["compute_s"] < op["memory_s"] else 0.0
+        serial += op["serial_s"]
         overhead += op["overhead_s"]
         pages += op["fresh_pages_s"]
     order = {k: i for i, k in enumerate(FIT_KINDS)}
@@ -70,6 +73,7 @@ def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
         "predicted_ms": sum(op["predicted_s"] for op in ops) * 1e3,
         "compute_ms": compute * 1e3,
         "memory_ms": memory * 1e3,
+        "serial_ms": serial * 1e3,
         "overhead_ms": overhead * 1e3,
         "fresh_pages_ms": pages * 1e3,
         "flops": sum(c.flops for c in costs),

@@ -294,7 +294,7 @@ def _predict_md(data: dict) -> list[str]:
         f"Nothing was timed: every call's FLOPs and bytes (counted on the meta device) at the ceilings of "
         f"{ceilings_line(lm['ceilings'])}, with the per-kind factors below.",
         "",
-        _md_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 10),
+        _md_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 11),
         "",
         *_factors_md(lm),
     ]
@@ -335,6 +335,12 @@ def _calibration_md(data: dict) -> list[str]:
         "",
         *_factors_md(lm),
     ]
+    if any(f.get("half_parallel_bytes") for f in lm["factors"].values()):
+        out += [
+            "",
+            f"Half parallel at: the output size h at which half of a call's work runs on all {c['threads']} threads; "
+            f"a call writing W bytes takes its roofline time x (1 + {c['threads'] - 1} x h / (W + h)).",
+        ]
     return out
 
 

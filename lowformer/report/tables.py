@@ -34,6 +34,14 @@ def format_number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def format_bytes(n: float) -> str:
+    """A size in binary units ("48 KiB", "2 MiB")."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_ms(value: float | None) -> str:
     """Milliseconds with 3 significant digits or more ("-" when there is none)."""
     if value is None:
@@ -450,6 +458,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     first_calls = overhead_from_hot_calls(model)
     if first_calls:  # the overhead is the hot calls'; the first calls' beside it
         headers.insert(4, "1st-call overhead")
+    serial = any(f.get("half_parallel_bytes") for f in model["factors"].values())
+    if serial:
+        headers.insert(len(headers) - 2, "half parallel at")
     refined = "elements" in model.get("settings", {})
     if refined:
         headers.append("element scale")
@@ -467,6 +478,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
         if first_calls:
             first = f.get("first_call_overhead")
             row.insert(4, "-" if first is None else f"{first * overhead * 1e6:.1f}")
+        if serial:
+            half = f.get("half_parallel_bytes") or 0.0
+            row.insert(len(row) - 2, format_bytes(half) if half else "any size")
         if refined:
             row.append(f"{f.get('element_scale', 1.0):.2f}")
         rows.append(row)
@@ -506,7 +520,13 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             lines.append(refined)
         lines.append(
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
-            "that size)) + overhead"
+            "that size))"
+            + (
+                f" x (1 + {model['ceilings']['threads'] - 1} x h / (output bytes + h)), h = half parallel at,"
+                if any(f.get("half_parallel_bytes") for f in model["factors"].values())
+                else ""
+            )
+            + " + overhead"
             + (", times the element scale" if refined is not None else "")
             + (
                 f" + the fresh pages of an output over {_FRESH_MIB} MiB"
@@ -572,7 +592,8 @@ def format_roofline(data: dict) -> str:
 
 
 PREDICT_HEADERS = [
-    "model", "batch", "GMACs", "GFLOP", "MB moved", "calls", "predicted ms", "compute", "memory", "overhead", "pages",
+    "model", "batch", "GMACs", "GFLOP", "MB moved", "calls", "predicted ms", "compute", "memory", "serial", "overhead",
+    "pages",
 ]  # fmt: skip
 
 
@@ -591,6 +612,7 @@ def prediction_rows(models: Sequence[dict]) -> list[list[str]]:
                 format_ms(m["predicted_ms"]),
                 f"{100 * m['compute_ms'] / total:.0f}%",
                 f"{100 * m['memory_ms'] / total:.0f}%",
+                f"{100 * m.get('serial_ms', 0.0) / total:.0f}%",
                 f"{100 * m['overhead_ms'] / total:.0f}%",
                 f"{100 * m.get('fresh_pages_ms', 0.0) / total:.0f}%",
             ]
@@ -605,10 +627,11 @@ def format_predictions(data: dict) -> str:
         f"predicted on {ceilings_line(data['latency_model']['ceilings'])}\n"
         f"batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}, eager {s['precision']}; nothing timed"
     )
-    table = render_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 10)
+    table = render_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 11)
     legend = (
-        "(compute / memory / overhead / pages: share of the predicted time in calls bound by each, the per-call "
-        f"overhead, and the page faults of outputs over {_FRESH_MIB} MiB)"
+        "(compute / memory / serial / overhead / pages: share of the predicted time in calls bound by each at all "
+        "threads, what calls too small to run on all threads add, the per-call overhead, and the page faults of "
+        f"outputs over {_FRESH_MIB} MiB)"
     )
     return "\n".join([head, table, legend])
 
