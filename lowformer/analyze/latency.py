@@ -453,14 +453,14 @@ def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool
             for h in SERIAL_HALVES
         }
         half = min(losses, key=losses.get)
-    serial = serial_share(written, half, ceilings.threads)
-    compute, memory, first_o, _ = _fit_grid(flops, nbytes, first, ceilings, pages, serial)
+    share = serial_share(written, half, ceilings.threads)
+    compute, memory, first_o, _ = _fit_grid(flops, nbytes, first, ceilings, pages, share)
     factors = KindFactors(compute, memory, first_o, samples=len(samples), half_parallel_bytes=half)
     errors = np.abs(_predict_s(flops, nbytes, factors, ceilings, written) / first - 1)
     factors.median_abs_error = float(np.median(errors))
     if all(s.hot_time_s for s in samples):
         hot = np.array([s.hot_time_s for s in samples], dtype=float)
-        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages, serial)[2]
+        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages, share)[2]
         factors.first_call_overhead = first_o
     return factors
 
@@ -504,7 +504,8 @@ class LatencyModel:
             compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes)
             serial = max(compute, memory) * (self.serial_factor(kind, cost.bytes_written) - 1.0)
             pages = self.ceilings.fresh_pages_s(cost.bytes_written)
-            dominant = "overhead" if overhead >= max(compute, memory) else "compute" if compute >= memory else "memory"
+            roof = max(compute, memory) + serial
+            dominant = "overhead" if overhead >= roof else "compute" if compute >= memory else "memory"
             out.append(
                 {
                     "index": cost.index,
@@ -513,7 +514,7 @@ class LatencyModel:
                     "fit_kind": kind,
                     "flops": cost.flops,
                     "bytes": cost.bytes,
-                    "predicted_s": max(compute, memory) + serial + overhead + pages,
+                    "predicted_s": roof + overhead + pages,
                     "compute_s": compute,
                     "memory_s": memory,
                     "serial_s": serial,

@@ -28,6 +28,7 @@ from .tables import (
     element_fit_line,
     format_number,
     format_ratio,
+    has_serial_share,
     models_rows,
     not_measured,
     overhead_from_hot_calls,
@@ -335,7 +336,7 @@ def _calibration_md(data: dict) -> list[str]:
         "",
         *_factors_md(lm),
     ]
-    if any(f.get("half_parallel_bytes") for f in lm["factors"].values()):
+    if has_serial_share(lm):
         out += [
             "",
             f"Half parallel at: the output size h at which half of a call's work runs on all {c['threads']} threads; "

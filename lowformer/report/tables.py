@@ -449,6 +449,12 @@ def overhead_from_hot_calls(model: dict) -> bool:
     return any(f.get("first_call_overhead") is not None for f in model["factors"].values())
 
 
+def has_serial_share(model: dict) -> bool:
+    """Whether a latency model (`LatencyModel.to_dict()`) has a half-parallel size for any kind (sweep
+    version 4 on, fitted with more than one CPU thread)."""
+    return any(f.get("half_parallel_bytes") for f in model["factors"].values())
+
+
 def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     """The fitted factors of a latency model (`LatencyModel.to_dict()`), one row per kind."""
     from ..analyze.opkinds import FIT_KINDS
@@ -458,7 +464,7 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     first_calls = overhead_from_hot_calls(model)
     if first_calls:  # the overhead is the hot calls'; the first calls' beside it
         headers.insert(4, "1st-call overhead")
-    serial = any(f.get("half_parallel_bytes") for f in model["factors"].values())
+    serial = has_serial_share(model)
     if serial:
         headers.insert(len(headers) - 2, "half parallel at")
     refined = "elements" in model.get("settings", {})
@@ -523,7 +529,7 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
             "that size))"
             + (
                 f" x (1 + {model['ceilings']['threads'] - 1} x h / (output bytes + h)), h = half parallel at,"
-                if any(f.get("half_parallel_bytes") for f in model["factors"].values())
+                if has_serial_share(model)
                 else ""
             )
             + " + overhead"
