@@ -449,7 +449,9 @@ def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool
     half = 0.0
     if serial and ceilings.threads and ceilings.threads > 1:
         losses = {
-            h: _fit_grid(flops, nbytes, first, ceilings, pages, serial_share(written, h, ceilings.threads), 2, True)[3]
+            h: _fit_grid(
+                flops, nbytes, first, ceilings, pages, serial_share(written, h, ceilings.threads), levels=2, coarse=True
+            )[3]
             for h in SERIAL_HALVES
         }
         half = min(losses, key=losses.get)

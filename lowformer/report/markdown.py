@@ -38,6 +38,7 @@ from .tables import (
     profile_rows,
     ratio_grid,
     roofline_rows,
+    serial_share_formula,
     verdict,
 )
 
@@ -340,7 +341,7 @@ def _calibration_md(data: dict) -> list[str]:
         out += [
             "",
             f"Half parallel at: the output size h at which half of a call's work runs on all {c['threads']} threads; "
-            f"a call writing W bytes takes its roofline time x (1 + {c['threads'] - 1} x h / (W + h)).",
+            f"a call takes its roofline time {serial_share_formula(lm)}.",
         ]
     return out
 

@@ -455,6 +455,11 @@ def has_serial_share(model: dict) -> bool:
     return any(f.get("half_parallel_bytes") for f in model["factors"].values())
 
 
+def serial_share_formula(model: dict) -> str:
+    """The serial share's factor on a call's roofline time, as the calibration table and report print it."""
+    return f"x (1 + {model['ceilings']['threads'] - 1} x h / (output bytes + h))"
+
+
 def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     """The fitted factors of a latency model (`LatencyModel.to_dict()`), one row per kind."""
     from ..analyze.opkinds import FIT_KINDS
@@ -527,11 +532,7 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
         lines.append(
             "(time of one call = max(FLOPs / (compute eff. x compute ceiling), bytes / (memory eff. x bandwidth at "
             "that size))"
-            + (
-                f" x (1 + {model['ceilings']['threads'] - 1} x h / (output bytes + h)), h = half parallel at,"
-                if has_serial_share(model)
-                else ""
-            )
+            + (f" {serial_share_formula(model)}, h = half parallel at," if has_serial_share(model) else "")
             + " + overhead"
             + (", times the element scale" if refined is not None else "")
             + (
