@@ -12,7 +12,11 @@ call, the same samples refitted on their first calls alone (NAME-first: the over
 efficiencies from the first calls, as the first sweep version did), so the two fits compare on one
 sweep; `--without-pages` adds, for each model with a fresh-page cost, its sweep refitted with that cost
 at 0 (NAME-nopages: no page-fault term), likewise; `--without-serial` adds, for each model fitted with
-a serial share, its sweep refitted without one (NAME-noserial: every call on all threads). Per run, mode and
+a serial share, its sweep refitted without one (NAME-noserial: every call on all threads); `--with-reuse`
+adds, for each model fitted without hot-call factors (sweep version 4 and before) whose sweep timed hot
+calls, its sweep refitted with them and this machine's private cache size (NAME-reuse: the cache reuse of
+sweep version 5), and `--without-reuse`, for each model with them, the same model without cache reuse
+(NAME-noreuse: every call at its first-call time). Per run, mode and
 batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
 measured time, and each prediction's median and largest absolute error; written as rejudged.json and
 rejudged.md in --out.
@@ -31,6 +35,7 @@ from lowformer.analyze.latency import LatencyModel, Sample, fit_latency_model, r
 from lowformer.analyze.predict import predict_costs
 from lowformer.bench.models import build_source
 from lowformer.measure import stats
+from lowformer.measure.env import private_cache_bytes
 from lowformer.measure.opcost import count_op_costs
 from lowformer.measure.session import input_shape
 
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         "--without-pages", action="store_true", help="also refit each model with a fresh-page cost of 0 (no page term)"
     )
     p.add_argument("--without-serial", action="store_true", help="also refit each model without a serial share (h = 0)")
+    p.add_argument(
+        "--with-reuse", action="store_true", help="also refit each model with hot-call factors (cache reuse)"
+    )
+    p.add_argument("--without-reuse", action="store_true", help="also predict with each model's cache reuse off")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     for r in runs:
@@ -125,11 +134,23 @@ def main(argv: list[str] | None = None) -> int:
             models[f"{name}-first"] = fit_latency_model(first, models[name].ceilings, models[name].settings)
         if args.without_pages and models[name].ceilings.fresh_page_s:
             ceilings = dataclasses.replace(models[name].ceilings, fresh_page_s=0.0)
-            models[f"{name}-nopages"] = fit_latency_model(models[name].samples, ceilings, models[name].settings)
+            models[f"{name}-nopages"] = fit_latency_model(
+                models[name].samples, ceilings, models[name].settings, cache_bytes=models[name].cache_bytes
+            )
         if args.without_serial and any(f.half_parallel_bytes for f in models[name].factors.values()):
             models[f"{name}-noserial"] = fit_latency_model(
-                models[name].samples, models[name].ceilings, models[name].settings, serial=False
+                models[name].samples,
+                models[name].ceilings,
+                models[name].settings,
+                serial=False,
+                cache_bytes=models[name].cache_bytes,
             )
+        lm = models[name]
+        if args.with_reuse and not lm.cache_bytes and lm.samples and all(x.hot_time_s for x in lm.samples):
+            cache = private_cache_bytes(lm.ceilings.device, lm.ceilings.threads)
+            models[f"{name}-reuse"] = fit_latency_model(lm.samples, lm.ceilings, lm.settings, cache_bytes=cache)
+        if args.without_reuse and lm.cache_bytes:
+            models[f"{name}-noreuse"] = dataclasses.replace(lm, cache_bytes=0)
     entries = judge(runs, models)
     out = Path(args.out)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

@@ -151,6 +151,53 @@ def test_views_in_place_ops_and_composite_intermediates():
     assert sdpa.bytes_read == n * F32 and sdpa.bytes_written == n * F32
 
 
+def test_reuse_distances_count_the_traffic_since_last_use():
+    """conv -> batch norm -> ReLU (in place) -> 1x1 conv: each call reads what the call before it wrote at
+    distance 0; a weight's (and the input's) last use is in the pass before, so its distance is the
+    traffic of the whole pass after its own call and before it."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 1))
+    conv, bn, relu, pointwise = count_op_costs(model, (1, 3, 8, 8))
+    total = conv.bytes + bn.bytes + relu.bytes + pointwise.bytes
+    x, w, b = 3 * 64 * F32, 8 * 3 * 9 * F32, 8 * F32
+    assert sorted(conv.reads_reuse) == sorted(
+        [[x, total - conv.bytes], [w, total - conv.bytes], [b, total - conv.bytes]]
+    )
+    assert [8 * 64 * F32, 0] in bn.reads_reuse and relu.reads_reuse == [[8 * 64 * F32, 0]]
+    # the 1x1 conv reads the ReLU's output (written in place into the batch norm's) right after it
+    assert [8 * 64 * F32, 0] in pointwise.reads_reuse
+    assert [8 * 8 * F32, total - pointwise.bytes] in pointwise.reads_reuse
+    for cost in (conv, bn, relu, pointwise):
+        assert sum(n for n, _ in cost.reads_reuse) == cost.bytes_read + cost.bytes_weights
+
+
+def test_private_cache_bytes_reads_the_level_2_caches(tmp_path):
+    """Each level-2 cache of the CPUs a run's threads may use, once (two CPUs sharing one count it
+    once); a machine that does not say gives 0."""
+    from lowformer.measure.env import private_cache_bytes
+
+    def cache(cpu, index, level, kind, size, shared):
+        folder = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, text in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(text + "\n")
+
+    cpus = sorted(os.sched_getaffinity(0))
+    for cpu in cpus:
+        cache(cpu, 0, "1", "Data", "32K", str(cpu))
+        cache(cpu, 2, "2", "Unified", "1024K", str(cpu))
+        cache(cpu, 3, "3", "Unified", "32M", ",".join(map(str, cpus)))
+    assert private_cache_bytes("cpu", 1, sysfs=str(tmp_path)) == 2**20
+    assert private_cache_bytes("cpu", None, sysfs=str(tmp_path)) == len(cpus) * 2**20
+    shared = tmp_path / "shared"
+    for cpu in cpus:  # one L2 shared by all of them
+        folder = shared / f"cpu{cpu}" / "cache" / "index2"
+        folder.mkdir(parents=True)
+        for name, text in (("level", "2"), ("type", "Unified"), ("size", "2M"), ("shared_cpu_list", "0-63")):
+            (folder / name).write_text(text)
+    assert private_cache_bytes("cpu", None, sysfs=str(shared)) == 2 * 2**20
+    assert private_cache_bytes("cpu", 2, sysfs=str(tmp_path / "absent")) == 0
+
+
 def test_meta_costs_equal_real_costs_and_macs():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.Hardswish())
     meta = count_op_costs(model, (2, 3, 16, 16))
@@ -356,16 +403,23 @@ def test_fresh_pages_of_large_outputs():
     assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
 
 
-def test_overhead_comes_from_the_hot_calls():
-    """e_c and e_m are fitted on the first calls of each round, o on the second (hot) calls: samples
-    made from two known factor sets, differing only in overhead, give back each where it belongs."""
-    c = synthetic_ceilings()
-    first, hot = KindFactors(0.4, 0.8, 40.0), KindFactors(0.4, 0.8, 4.0)
+def _two_call_samples(first: KindFactors, hot: KindFactors, c: Ceilings) -> list[Sample]:
+    """1x1 conv samples over a spread of sizes whose first calls take the time of `first` and whose hot
+    calls that of `hot`."""
     samples = []
     for flops, nbytes in [(1e5, 1e5), (1e7, 1e5), (1e9, 1e6), (1e6, 1e7), (1e8, 1e8), (1e4, 1e3), (3e9, 1e7)]:
         t_first = float(latency._predict_s(flops, nbytes, first, c)[0])
         t_hot = float(latency._predict_s(flops, nbytes, hot, c)[0])
         samples.append(Sample("conv_1x1", "x", 8, 8, 1, int(flops), int(nbytes), t_first, t_hot))
+    return samples
+
+
+def test_overhead_comes_from_the_hot_calls():
+    """e_c and e_m are fitted on the first calls of each round, o on the second (hot) calls: samples
+    made from two known factor sets, differing only in overhead, give back each where it belongs."""
+    c = synthetic_ceilings()
+    first, hot = KindFactors(0.4, 0.8, 40.0), KindFactors(0.4, 0.8, 4.0)
+    samples = _two_call_samples(first, hot, c)
     fitted = fit_kind_factors(samples, c)
     assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
     assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
@@ -426,6 +480,53 @@ def test_fit_recovers_the_half_parallel_size():
     assert KindFactors(**old).half_parallel_bytes == 0.0
 
 
+def test_cache_reuse_blends_in_the_hot_factors():
+    """A call whose reads still fit in the private cache takes its time at the hot factors, one whose
+    reads do not its first-call time; `reuse_s` is the difference, and the parts still sum to the
+    total. Without a cache size (a sweep version 4 file) nothing changes."""
+    c = synthetic_ceilings()
+    f = KindFactors(1.0, 0.25, 1.0, hot=KindFactors(1.0, 1.0, 1.0))
+    costs = count_op_costs(nn.Sequential(nn.ReLU(), nn.ReLU()), (1, 8, 32, 32))
+    size = 8 * 32 * 32 * F32
+    cold = LatencyModel(c, {"activation": f})
+    hot = LatencyModel(c, {"activation": f}, cache_bytes=2**30)
+    tight = LatencyModel(c, {"activation": f}, cache_bytes=size)  # the tensor alone fits, not with the traffic between
+    (first, second), (first_hot, second_hot) = cold.predict(costs), hot.predict(costs)
+    assert first["reuse_s"] == second["reuse_s"] == 0.0 and first["cached_share"] == 0.0
+    assert first_hot["cached_share"] == second_hot["cached_share"] == 1.0
+    memory_s = lambda e: 2 * size / (e * c.bandwidth_at(2 * size))  # noqa: E731
+    assert second_hot["predicted_s"] == pytest.approx(memory_s(1.0) + c.overhead_s)
+    assert second_hot["reuse_s"] == pytest.approx(memory_s(1.0) - memory_s(0.25))
+    # in the tight cache the second ReLU reads the first's output right after it; the first reads the
+    # input, which a whole pass of traffic separates from its last use
+    assert [op["cached_share"] for op in tight.predict(costs)] == [0.0, 1.0]
+    pred = predict.predict_costs(costs, hot)
+    parts = ("compute_ms", "memory_ms", "serial_ms", "overhead_ms", "fresh_pages_ms", "reuse_ms")
+    assert pred["reuse_ms"] < 0 and sum(pred[k] for k in parts) == pytest.approx(pred["predicted_ms"])
+    assert "reuse" in format_predictions({"settings": {"batch_size": 1, "image_size": [32, 32], "precision": "fp32"},
+                                          "latency_model": hot.to_dict(), "models": []})  # fmt: skip
+    text = format_calibration(c.to_dict(), LatencyModel(c, {"activation": f}, cache_bytes=2**21).to_dict())
+    assert "hot memory eff." in text and "2 MiB private cache" in text
+    assert "hot memory eff." not in format_calibration(c.to_dict(), cold.to_dict())
+    loaded = LatencyModel.from_dict(json.loads(json.dumps(hot.to_dict())))
+    assert loaded.cache_bytes == 2**30 and loaded.factors["activation"].hot == f.hot
+
+
+def test_fit_recovers_the_hot_factors():
+    """Samples whose first calls follow one factor set and whose hot calls another give back both: the
+    first calls' efficiencies, and the hot calls' as `hot`."""
+    c = synthetic_ceilings()
+    first, hot = KindFactors(0.4, 0.2, 4.0), KindFactors(0.5, 0.8, 4.0)
+    samples = _two_call_samples(first, hot, c)
+    fitted = fit_kind_factors(samples, c)
+    assert fitted.memory_efficiency == pytest.approx(0.2, rel=0.05)
+    assert fitted.hot.compute_efficiency == pytest.approx(0.5, rel=0.05)
+    assert fitted.hot.memory_efficiency == pytest.approx(0.8, rel=0.05)
+    assert fitted.hot.overhead_calls == pytest.approx(4.0, rel=0.1)
+    first_only = [dataclasses.replace(s, hot_time_s=None) for s in samples]
+    assert fit_kind_factors(first_only, c).hot is None
+
+
 def test_sweep_times_each_case_cold_then_hot(latency_model):
     """Every sample has both calls; at batch 1, a view or an add costs less right after itself."""
     assert all(s.time_s > 0 and s.hot_time_s > 0 for s in latency_model.samples)
@@ -441,10 +542,12 @@ def test_older_sweep_files_still_load(latency_model):
     for sample in old["samples"]:
         del sample["hot_time_s"]
     for factors in old["factors"].values():
-        del factors["first_call_overhead"]
+        del factors["first_call_overhead"], factors["hot"]
+    del old["cache_bytes"]
     model = LatencyModel.from_dict(old)
     assert model.sweep_version == 1 and model.to_dict()["sweep_version"] == 1
     assert all(s.hot_time_s is None for s in model.samples)
+    assert all(f.hot is None for f in model.factors.values()) and model.cache_bytes == 0
     with pytest.raises(ValueError, match="readable: 1, 2"):
         LatencyModel.from_dict({**old, "sweep_version": 99})
 

@@ -23,6 +23,22 @@ freed memory kept or on CUDA). An approximation of the largest part: on the deve
 16, the faults per call of the ten models with the most were 1.0-1.8x these outputs' pages, those
 of others 0.3-3.4x, and smaller blocks fault too when glibc trims its heap (benchmarks/page_faults.py).
 
+A call whose inputs an earlier call left in cache runs faster than one that reads them from memory.
+Every kind therefore has a second set of factors, fitted the same way on the sweep's *hot* calls (the
+second call of each round, right after itself: inputs and weights in cache), and a call's time is
+
+    t = t_cold + r * (t_hot - t_cold)
+
+where t_cold and t_hot are the formula above with the first-call and the hot-call factors, and r is the
+share of the bytes it reads that are still in cache when it runs: a tensor counts as in cache when its
+size plus the traffic of the calls since its last use (its reuse distance,
+`lowformer.measure.opcost.reuse_distances`) fit in the caches private to the threads (`cache_bytes`:
+the L2 of the cores the threads run on, a GPU's L2; `lowformer.measure.env.private_cache_bytes`). In a
+network the input of most calls was written by the call before it, so at batch 1 r is near 1 for
+elementwise calls and near the activations' share for a conv (its weights were last used a whole pass
+ago); at batch 16 most tensors are larger than the cache and r is near 0. r * (t_hot - t_cold) is
+reported as the call's cache reuse (negative: time saved).
+
 M(B) is the copy bandwidth the calibration measured at B bytes (`Ceilings.bandwidth_at`: caches make
 small copies faster); e_c and e_m are the shares of the ceilings the kind reaches; o is its overhead
 per call in units of O (a convolution's primitive set-up costs more than a tiny add's dispatch). s is
@@ -40,7 +56,8 @@ after itself (its code path and dispatch hot, as they are in a network that runs
 operator again and again). e_c and e_m are fitted on the first calls; o on the second (a model's small
 operators cost what the hot calls say: the first call of a batch norm at batch 1 is 3-5x its hot call,
 and a network's are close to hot). h is chosen per kind from a grid of sizes by the same least squares
-on the first calls, e_c and e_m fitted again under it. The fit is cached next to the calibration.
+on the first calls, e_c and e_m fitted again under it; the hot factors are all four fitted the same way
+on the hot calls. The fit is cached next to the calibration.
 """
 
 from __future__ import annotations
@@ -49,9 +66,11 @@ import datetime
 import functools
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +81,7 @@ from torch import nn
 
 from .._io import write_json
 from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
+from ..measure.env import private_cache_bytes
 from ..measure.opcost import COST_CONVENTION, OpCost, count_op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
@@ -70,11 +90,12 @@ from .opkinds import fit_kind
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 4  # bump when the cases, their grid or the fit change
+SWEEP_VERSION = 5  # bump when the cases, their grid or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
 # 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
-# 3 without the serial share (h = 0: every call runs on all threads)
-READABLE_SWEEP_VERSIONS = (1, 2, 3, 4)
+# 3 without the serial share (h = 0: every call runs on all threads); 4 without hot-call factors (no
+# cache reuse: every call at its first-call time)
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5)
 # the half-parallel sizes h tried per kind (output bytes; 0: always parallel): 1 KiB to 32 MiB
 SERIAL_HALVES = (0.0, *(2.0**e for e in range(10, 26)))
 
@@ -358,9 +379,15 @@ class KindFactors:
     element_scale: float = 1.0  # s: fitted on design-element sweeps (`lowformer.analyze.element_fit`)
     first_call_overhead: float | None = None  # o fitted on the first calls, for comparison; unused
     half_parallel_bytes: float = 0.0  # h: the output size at which half of a call's work runs in parallel
+    hot: KindFactors | None = None  # e_c, e_m, o and h fitted on the hot calls (inputs and weights in cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KindFactors:
+        hot = d.get("hot")
+        return cls(**{**d, "hot": cls.from_dict(hot) if hot else None})
 
 
 DEFAULT_FACTORS = KindFactors(1.0, 1.0, 1.0)
@@ -435,35 +462,45 @@ def _fit_grid(
     return tuple(float(v) for v in best)
 
 
-def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool = True) -> KindFactors:
-    """e_c and e_m fitted on the samples' first calls; o on their hot calls where every sample has
-    one (else on the first calls too). Each fit is least squares in log time over (e_c, e_m, o). With
-    more than one CPU thread, h is the size of `SERIAL_HALVES` whose coarse fit (every other grid point,
-    refined once) fits the first calls best; the fits then run under its serial share.
-    `serial=False` fits h = 0 (every call on all threads: the model of sweep version 3)."""
-    flops = np.array([s.flops for s in samples], dtype=float)
-    nbytes = np.array([s.bytes for s in samples], dtype=float)
-    written = np.array([s.bytes_written for s in samples], dtype=float)
+def _fit_times(
+    flops: np.ndarray, nbytes: np.ndarray, written: np.ndarray, times: np.ndarray, ceilings: Ceilings, serial: bool
+) -> KindFactors:
+    """e_c, e_m, o and h fitted on one set of times (see `fit_kind_factors`), with its median error."""
     pages = _fresh_pages(written, ceilings)
-    first = np.array([s.time_s for s in samples], dtype=float)
     half = 0.0
     if serial and ceilings.threads and ceilings.threads > 1:
         losses = {
             h: _fit_grid(
-                flops, nbytes, first, ceilings, pages, serial_share(written, h, ceilings.threads), levels=2, coarse=True
+                flops, nbytes, times, ceilings, pages, serial_share(written, h, ceilings.threads), levels=2, coarse=True
             )[3]
             for h in SERIAL_HALVES
         }
         half = min(losses, key=losses.get)
     share = serial_share(written, half, ceilings.threads)
-    compute, memory, first_o, _ = _fit_grid(flops, nbytes, first, ceilings, pages, share)
-    factors = KindFactors(compute, memory, first_o, samples=len(samples), half_parallel_bytes=half)
-    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings, written) / first - 1)
+    compute, memory, o, _ = _fit_grid(flops, nbytes, times, ceilings, pages, share)
+    factors = KindFactors(compute, memory, o, samples=len(times), half_parallel_bytes=half)
+    errors = np.abs(_predict_s(flops, nbytes, factors, ceilings, written) / times - 1)
     factors.median_abs_error = float(np.median(errors))
+    return factors
+
+
+def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool = True) -> KindFactors:
+    """e_c and e_m fitted on the samples' first calls; o on their hot calls where every sample has
+    one (else on the first calls too), and then the hot factors on the hot calls alone. Each fit is
+    least squares in log time over (e_c, e_m, o). With more than one CPU thread, h is the size of
+    `SERIAL_HALVES` whose coarse fit (every other grid point, refined once) fits the times best; the
+    fits then run under its serial share. `serial=False` fits h = 0 (every call on all threads: the
+    model of sweep version 3)."""
+    flops = np.array([s.flops for s in samples], dtype=float)
+    nbytes = np.array([s.bytes for s in samples], dtype=float)
+    written = np.array([s.bytes_written for s in samples], dtype=float)
+    factors = _fit_times(flops, nbytes, written, np.array([s.time_s for s in samples], dtype=float), ceilings, serial)
     if all(s.hot_time_s for s in samples):
         hot = np.array([s.hot_time_s for s in samples], dtype=float)
-        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages, share)[2]
-        factors.first_call_overhead = first_o
+        share = serial_share(written, factors.half_parallel_bytes, ceilings.threads)
+        factors.first_call_overhead = factors.overhead_calls
+        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, _fresh_pages(written, ceilings), share)[2]
+        factors.hot = _fit_times(flops, nbytes, written, hot, ceilings, serial)
     return factors
 
 
@@ -476,30 +513,51 @@ class LatencyModel:
     settings: dict = field(default_factory=dict)  # how the sweep ran: batch sizes, cells, timing, clock
     samples: list[Sample] = field(default_factory=list)
     sweep_version: int = SWEEP_VERSION  # of the sweep that the factors were fitted on
+    cache_bytes: int = 0  # the caches private to the threads; 0: no cache reuse (every call at its first-call time)
 
     def factors_of(self, kind: str) -> KindFactors:
         return self.factors.get(kind) or self.factors.get("elementwise") or DEFAULT_FACTORS
 
-    def op_time_s(self, kind: str, flops: float, nbytes: float) -> tuple[float, float, float]:
-        """(compute, memory, overhead) seconds of one call at this kind's factors, times its element
-        scale; compute and memory at all the calibration's threads (see `serial_factor`)."""
+    def op_time_s(
+        self, kind: str, flops: float, nbytes: float, factors: KindFactors | None = None
+    ) -> tuple[float, float, float]:
+        """(compute, memory, overhead) seconds of one call at this kind's factors (or `factors`, its
+        hot ones), times its element scale; compute and memory at all the calibration's threads (see
+        `serial_factor`)."""
         f = self.factors_of(kind)
+        scale = f.element_scale
+        f = factors or f
         c = self.ceilings
         return (
-            f.element_scale * flops / (f.compute_efficiency * c.flops_per_s),
-            f.element_scale * nbytes / (f.memory_efficiency * c.bandwidth_at(nbytes)),
-            f.element_scale * f.overhead_calls * c.overhead_s,
+            scale * flops / (f.compute_efficiency * c.flops_per_s),
+            scale * nbytes / (f.memory_efficiency * c.bandwidth_at(nbytes)),
+            scale * f.overhead_calls * c.overhead_s,
         )
 
-    def serial_factor(self, kind: str, bytes_written: float) -> float:
+    def serial_factor(self, kind: str, bytes_written: float, factors: KindFactors | None = None) -> float:
         """S(W): by how much a call of this kind writing `bytes_written` bytes falls short of running on
-        all the calibration's threads (1: not at all)."""
-        f = self.factors_of(kind)
+        all the calibration's threads (1: not at all); with `factors`, at those (its hot ones)."""
+        f = factors or self.factors_of(kind)
         return float(serial_share(bytes_written, f.half_parallel_bytes, self.ceilings.threads))
 
+    def cached_share(self, cost: OpCost) -> float:
+        """r of the module's docstring: the share of the bytes a call reads that are still in the
+        threads' caches when it runs (0 without a cache size or reuse distances)."""
+        read = cost.bytes_read + cost.bytes_weights
+        if not self.cache_bytes or not read:
+            return 0.0
+        return sum(n for n, distance in cost.reads_reuse if n + distance <= self.cache_bytes) / read
+
+    def _time_s(self, kind: str, cost: OpCost, factors: KindFactors | None = None) -> float:
+        compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes, factors)
+        roof = max(compute, memory) * self.serial_factor(kind, cost.bytes_written, factors)
+        return roof + overhead + self.ceilings.fresh_pages_s(cost.bytes_written)
+
     def predict(self, costs: Sequence[OpCost]) -> list[dict]:
-        """Per top-level call: its kind, cost, predicted time and what dominates it; `serial_s` is what
-        its serial share adds to the larger of compute and memory."""
+        """Per top-level call: its kind, cost, predicted time and what dominates it. Its parts are its
+        first-call time's (compute or memory, `serial_s`: what its serial share adds to the larger,
+        overhead, fresh pages) and `reuse_s`, what reading inputs that are still in cache changes
+        (negative: saved); they sum to the prediction."""
         out = []
         for cost in costs:
             kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
@@ -508,6 +566,8 @@ class LatencyModel:
             pages = self.ceilings.fresh_pages_s(cost.bytes_written)
             roof = max(compute, memory) + serial
             dominant = "overhead" if overhead >= roof else "compute" if compute >= memory else "memory"
+            hot, cached = self.factors_of(kind).hot, self.cached_share(cost)
+            reuse = cached * (self._time_s(kind, cost, hot) - (roof + overhead + pages)) if hot and cached else 0.0
             out.append(
                 {
                     "index": cost.index,
@@ -516,12 +576,14 @@ class LatencyModel:
                     "fit_kind": kind,
                     "flops": cost.flops,
                     "bytes": cost.bytes,
-                    "predicted_s": roof + overhead + pages,
+                    "predicted_s": roof + overhead + pages + reuse,
                     "compute_s": compute,
                     "memory_s": memory,
                     "serial_s": serial,
                     "overhead_s": overhead,
                     "fresh_pages_s": pages,
+                    "reuse_s": reuse,
+                    "cached_share": cached,
                     "dominant": dominant,
                 }
             )
@@ -531,6 +593,7 @@ class LatencyModel:
         return {
             "schema": SCHEMA,
             "sweep_version": self.sweep_version,
+            "cache_bytes": self.cache_bytes,
             "ceilings": self.ceilings.to_dict(),
             "factors": {k: f.to_dict() for k, f in self.factors.items()},
             "settings": self.settings,
@@ -547,23 +610,33 @@ class LatencyModel:
             )
         return cls(
             ceilings=Ceilings.from_dict(d["ceilings"]),
-            factors={k: KindFactors(**f) for k, f in d["factors"].items()},
+            factors={k: KindFactors.from_dict(f) for k, f in d["factors"].items()},
             settings=d.get("settings", {}),
             samples=[Sample(**s) for s in d.get("samples", [])],
             sweep_version=d["sweep_version"],
+            cache_bytes=d.get("cache_bytes", 0),
         )
 
 
 def fit_latency_model(
-    samples: Sequence[Sample], ceilings: Ceilings, settings: dict | None = None, *, serial: bool = True
+    samples: Sequence[Sample],
+    ceilings: Ceilings,
+    settings: dict | None = None,
+    *,
+    serial: bool = True,
+    cache_bytes: int = 0,
 ) -> LatencyModel:
     """Fit every kind that has samples; kinds without any use the elementwise factors. `serial=False`:
-    without the serial share (see `fit_kind_factors`)."""
+    without the serial share (see `fit_kind_factors`); `cache_bytes`: the caches private to the threads
+    (0: no cache reuse)."""
     by_kind: dict[str, list[Sample]] = {}
     for s in samples:
         by_kind.setdefault(s.kind, []).append(s)
-    factors = {kind: fit_kind_factors(group, ceilings, serial) for kind, group in by_kind.items()}
-    return LatencyModel(ceilings, factors, settings or {}, list(samples))
+    # the kinds' fits are independent and numpy releases the GIL: a thread per CPU (1.6-1.8x faster on two)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        fitted = pool.map(lambda group: fit_kind_factors(group, ceilings, serial), by_kind.values())
+        factors = dict(zip(by_kind, fitted))
+    return LatencyModel(ceilings, factors, settings or {}, list(samples), cache_bytes=cache_bytes)
 
 
 def build_latency_model(
@@ -599,7 +672,8 @@ def build_latency_model(
         "seconds": time.perf_counter() - start,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return fit_latency_model(samples, ceilings, settings)
+    cache = private_cache_bytes(device, ceilings.threads)
+    return fit_latency_model(samples, ceilings, settings, cache_bytes=cache)
 
 
 def read_latency_model(path: str | Path) -> LatencyModel:

@@ -42,20 +42,23 @@ PREDICTION_COLUMNS = [
     "serial_ms",
     "overhead_ms",
     "fresh_pages_ms",
+    "reuse_ms",
 ]
 
 
 def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
     """The prediction of one forward pass from its operator costs: total, per fit kind, per term.
 
-    `compute_ms`, `memory_ms`, `serial_ms`, `overhead_ms` and `fresh_pages_ms` split the total by what
-    dominates each call's roofline term (the larger of compute and memory) at all threads, what running
-    partly on fewer threads adds to it (`LatencyModel.serial_factor`), every call's overhead, and the
-    page faults of outputs larger than glibc serves from reused memory (`Ceilings.fresh_pages_s`).
+    `compute_ms`, `memory_ms`, `serial_ms`, `overhead_ms`, `fresh_pages_ms` and `reuse_ms` split the
+    total by what dominates each call's roofline term (the larger of compute and memory) at all threads,
+    what running partly on fewer threads adds to it (`LatencyModel.serial_factor`), every call's
+    overhead, the page faults of outputs larger than glibc serves from reused memory
+    (`Ceilings.fresh_pages_s`), and what reading inputs still in cache changes (negative: saved;
+    `LatencyModel.cached_share`).
     """
     ops = model.predict(costs)
     by_kind: dict[str, dict] = {}
-    compute = memory = serial = overhead = pages = 0.0
+    compute = memory = serial = overhead = pages = reuse = 0.0
     for op in ops:
         k = by_kind.setdefault(op["fit_kind"], {"calls": 0, "predicted_ms": 0.0, "flops": 0, "bytes": 0})
         k["calls"] += 1
@@ -68,6 +71,7 @@ def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
         serial += op["serial_s"]
         overhead += op["overhead_s"]
         pages += op["fresh_pages_s"]
+        reuse += op["reuse_s"]
     order = {k: i for i, k in enumerate(FIT_KINDS)}
     return {
         "predicted_ms": sum(op["predicted_s"] for op in ops) * 1e3,
@@ -76,6 +80,7 @@ def predict_costs(costs: Sequence[OpCost], model: LatencyModel) -> dict:
         "serial_ms": serial * 1e3,
         "overhead_ms": overhead * 1e3,
         "fresh_pages_ms": pages * 1e3,
+        "reuse_ms": reuse * 1e3,
         "flops": sum(c.flops for c in costs),
         "bytes": sum(c.bytes for c in costs),
         "calls": len(costs),

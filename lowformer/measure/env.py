@@ -66,6 +66,50 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
 
 
+_CACHE_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)", re.IGNORECASE)
+
+
+def _cache_size(text: str) -> int:
+    """Bytes of a sysfs cache size ("1024K", "32M"); 0 when it cannot be read."""
+    m = _CACHE_SIZE.match(text)
+    return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()] if m else 0
+
+
+def private_cache_bytes(device: str, threads: int | None, sysfs: str = "/sys/devices/system/cpu") -> int:
+    """The caches private to a run's threads: on a GPU its L2; on a CPU the level-2 caches of the first
+    `threads` CPUs the process may run on (each cache once when CPUs share one), as Linux reports
+    them. 0 where that is not known (other systems)."""
+    if str(device).startswith("cuda"):
+        return int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0) or 0)
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    caches: dict[str, int] = {}
+    for cpu in cpus[: max(1, threads or len(cpus))]:
+        folder = os.path.join(sysfs, f"cpu{cpu}", "cache")
+        try:
+            indexes = sorted(os.listdir(folder))
+        except OSError:
+            return 0
+        for index in indexes:
+            path = os.path.join(folder, index)
+            try:
+                with open(os.path.join(path, "level")) as f:
+                    level = f.read().strip()
+                with open(os.path.join(path, "type")) as f:
+                    kind = f.read().strip()
+                with open(os.path.join(path, "size")) as f:
+                    size = _cache_size(f.read())
+                with open(os.path.join(path, "shared_cpu_list")) as f:
+                    shared = f.read().strip()
+            except OSError:
+                continue
+            if level == "2" and kind in ("Unified", "Data"):
+                caches[shared] = size
+    return sum(caches.values())
+
+
 def peak_tflops(name: str, precision: str) -> tuple[float | None, str | None]:
     """(peak TFLOP/s, which table row) for a device name and precision; (None, None) if unknown."""
     for pattern, label, peaks in PEAK_TFLOPS:

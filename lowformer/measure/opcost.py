@@ -121,6 +121,10 @@ class OpCost:
     bytes_weights: int = 0  # parameters and buffers read
     bytes_written: int = 0
     leaf_ops: list[str] = field(default_factory=list)  # the ATen calls it ran, as the dispatch mode saw them
+    # per tensor storage read (activations and weights): [bytes, reuse distance], the bytes all calls moved
+    # since the last call that touched that storage (the previous pass's, for its first use: the model
+    # runs again and again when it is timed); see `reuse_distances`
+    reads_reuse: list[list[int]] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
@@ -282,11 +286,12 @@ def _group(events, leaves: list[_Leaf], is_top_level, transposed_arg) -> list[Op
             parent = parent.cpu_parent
         if top is not None and top.id in position:
             members[position[top.id]].append(leaves[int(e.name[len(LEAF_TAG) :])])
-    costs = []
+    costs, touched = [], []
     for i, (event, group) in enumerate(zip(tops, members)):
         cost = OpCost(i, event.name, event.input_shapes, transposed_arg(event), _module_of(event))
-        _add_traffic(cost, group)
+        touched.append(_add_traffic(cost, group))
         costs.append(cost)
+    reuse_distances(costs, touched)
     return costs
 
 
@@ -299,8 +304,9 @@ def _module_of(event) -> str:
     return ""
 
 
-def _add_traffic(cost: OpCost, group: list[_Leaf]) -> None:
-    """FLOPs, MACs and compulsory bytes of one top-level call from the ATen calls it ran."""
+def _add_traffic(cost: OpCost, group: list[_Leaf]) -> tuple[dict[int, int], set[int]]:
+    """FLOPs, MACs and compulsory bytes of one top-level call from the ATen calls it ran; returns the
+    storages it read from outside (-> bytes) and those it wrote."""
     produced: dict[int, int] = {}  # storages written inside this call -> bytes
     consumed: set[int] = set()  # ... and read again inside it (intermediates)
     read: dict[int, list[tuple[int, int]]] = {}  # storages read from outside -> byte ranges
@@ -326,6 +332,34 @@ def _add_traffic(cost: OpCost, group: list[_Leaf]) -> None:
     cost.bytes_read = sum(n for storage, n in spans.items() if storage not in weights)
     cost.bytes_weights = sum(n for storage, n in spans.items() if storage in weights)
     cost.bytes_written = sum(n for s, n in produced.items() if s not in consumed)
+    return spans, set(produced)
+
+
+def reuse_distances(costs: list[OpCost], touched: list[tuple[dict[int, int], set[int]]]) -> None:
+    """Fill each call's `reads_reuse` from the storages each call read (-> bytes) and wrote, in call order.
+
+    A read's reuse distance is the traffic (`OpCost.bytes`) of the calls between the last call that
+    read or wrote the same storage and this one: a cache of that many bytes would still hold it (an
+    upper bound: calls between may move the same bytes twice). A storage's first use in the pass (a
+    weight, the input) is reused from the pass before, so its distance wraps around the pass.
+    """
+    ends = []  # traffic up to the end of each call
+    total = 0
+    for cost in costs:
+        total += cost.bytes
+        ends.append(total)
+    last = {}  # storage -> traffic at the end of the last call that touched it (this pass)
+    for i, (reads, writes) in enumerate(touched):
+        for storage in list(reads) + list(writes):
+            last[storage] = ends[i]
+    seen: dict[int, int] = {}
+    for i, (cost, (reads, writes)) in enumerate(zip(costs, touched)):
+        start = ends[i] - cost.bytes
+        for storage, nbytes in reads.items():
+            before = seen.get(storage, last[storage] - total)
+            cost.reads_reuse.append([nbytes, start - before])
+        for storage in list(reads) + list(writes):
+            seen[storage] = ends[i]
 
 
 def _union_length(ranges: list[tuple[int, int]]) -> int:

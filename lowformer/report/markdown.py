@@ -23,11 +23,13 @@ from .tables import (
     PREDICT_HEADERS,
     PROFILE_HEADERS,
     ROOFLINE_HEADERS,
+    cache_reuse_formula,
     calibration_rows,
     ceilings_line,
     element_fit_line,
     format_number,
     format_ratio,
+    has_cache_reuse,
     has_serial_share,
     models_rows,
     not_measured,
@@ -342,6 +344,12 @@ def _calibration_md(data: dict) -> list[str]:
             "",
             f"Half parallel at: the output size h at which half of a call's work runs on all {c['threads']} threads; "
             f"a call takes its roofline time {serial_share_formula(lm)}.",
+        ]
+    if has_cache_reuse(lm):
+        out += [
+            "",
+            "Hot compute/memory eff.: the same factors fitted on each case's hot call (inputs and weights in cache); "
+            f"a call's time is its time at the first-call factors {cache_reuse_formula(lm)}.",
         ]
     return out
 

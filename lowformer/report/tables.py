@@ -460,6 +460,20 @@ def serial_share_formula(model: dict) -> str:
     return f"x (1 + {model['ceilings']['threads'] - 1} x h / (output bytes + h))"
 
 
+def has_cache_reuse(model: dict) -> bool:
+    """Whether a latency model (`LatencyModel.to_dict()`) blends in hot-call factors for reads still in
+    cache (sweep version 5 on, where the private cache size is known)."""
+    return bool(model.get("cache_bytes")) and any(f.get("hot") for f in model["factors"].values())
+
+
+def cache_reuse_formula(model: dict) -> str:
+    """The cache reuse's part of a call's time, as the calibration table and report print it."""
+    return (
+        f"+ r x (that time at the hot factors - that time), r: the share of the call's reads that fit in the "
+        f"{format_bytes(model['cache_bytes'])} private cache with the traffic since their last use"
+    )
+
+
 def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     """The fitted factors of a latency model (`LatencyModel.to_dict()`), one row per kind."""
     from ..analyze.opkinds import FIT_KINDS
@@ -472,6 +486,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     serial = has_serial_share(model)
     if serial:
         headers.insert(len(headers) - 2, "half parallel at")
+    reuse = has_cache_reuse(model)
+    if reuse:
+        headers[3:3] = ["hot compute eff.", "hot memory eff."]
     refined = "elements" in model.get("settings", {})
     if refined:
         headers.append("element scale")
@@ -492,6 +509,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
         if serial:
             half = f.get("half_parallel_bytes") or 0.0
             row.insert(len(row) - 2, format_bytes(half) if half else "any size")
+        if reuse:
+            hot = f.get("hot") or {}
+            row[3:3] = [format_share(hot.get("compute_efficiency")), format_share(hot.get("memory_efficiency"))]
         if refined:
             row.append(f"{f.get('element_scale', 1.0):.2f}")
         rows.append(row)
@@ -540,6 +560,7 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
                 if model.get("ceilings", {}).get("fresh_page_s")
                 else ""
             )
+            + (f"; then {cache_reuse_formula(model)}" if has_cache_reuse(model) else "")
             + (
                 "; efficiencies fitted on each case's first call of a round, after the other cases; overhead on "
                 "its second, right after itself)"
@@ -600,7 +621,7 @@ def format_roofline(data: dict) -> str:
 
 PREDICT_HEADERS = [
     "model", "batch", "GMACs", "GFLOP", "MB moved", "calls", "predicted ms", "compute", "memory", "serial", "overhead",
-    "pages",
+    "pages", "reuse",
 ]  # fmt: skip
 
 
@@ -622,6 +643,7 @@ def prediction_rows(models: Sequence[dict]) -> list[list[str]]:
                 f"{100 * m.get('serial_ms', 0.0) / total:.0f}%",
                 f"{100 * m['overhead_ms'] / total:.0f}%",
                 f"{100 * m.get('fresh_pages_ms', 0.0) / total:.0f}%",
+                f"{100 * m.get('reuse_ms', 0.0) / total:.0f}%",
             ]
         )
     return rows
@@ -634,11 +656,12 @@ def format_predictions(data: dict) -> str:
         f"predicted on {ceilings_line(data['latency_model']['ceilings'])}\n"
         f"batch {s['batch_size']}, {s['image_size'][0]}x{s['image_size'][1]}, eager {s['precision']}; nothing timed"
     )
-    table = render_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 11)
+    table = render_table(PREDICT_HEADERS, prediction_rows(data["models"]), [False] + [True] * 12)
     legend = (
         "(compute / memory / serial / overhead / pages: share of the predicted time in calls bound by each at all "
         "threads, what calls too small to run on all threads add, the per-call overhead, and the page faults of "
-        f"outputs over {_FRESH_MIB} MiB)"
+        f"outputs over {_FRESH_MIB} MiB; reuse: what reading inputs still in cache changes, negative when it saves "
+        "time; the shares sum to 100%)"
     )
     return "\n".join([head, table, legend])
 
