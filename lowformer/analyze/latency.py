@@ -27,16 +27,16 @@ A call whose inputs an earlier call left in cache runs faster than one that read
 Every kind therefore has a second set of factors, fitted the same way on the sweep's *hot* calls (the
 second call of each round, right after itself: inputs and weights in cache), and a call's time is
 
-    t = t_cold + r * (t_hot - t_cold)
+    t = t_first + r * (t_hot - t_first)
 
-where t_cold and t_hot are the formula above with the first-call and the hot-call factors, and r is the
+where t_first and t_hot are the formula above with the first-call and the hot-call factors, and r is the
 share of the bytes it reads that are still in cache when it runs: a tensor counts as in cache when its
 size plus the traffic of the calls since its last use (its reuse distance,
 `lowformer.measure.opcost.reuse_distances`) fit in the caches private to the threads (`cache_bytes`:
 the L2 of the cores the threads run on, a GPU's L2; `lowformer.measure.env.private_cache_bytes`). In a
 network the input of most calls was written by the call before it, so at batch 1 r is near 1 for
 elementwise calls and near the activations' share for a conv (its weights were last used a whole pass
-ago); at batch 16 most tensors are larger than the cache and r is near 0. r * (t_hot - t_cold) is
+ago); at batch 16 most tensors are larger than the cache and r is near 0. r * (t_hot - t_first) is
 reported as the call's cache reuse (negative: time saved).
 
 M(B) is the copy bandwidth the calibration measured at B bytes (`Ceilings.bandwidth_at`: caches make
