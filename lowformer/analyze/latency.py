@@ -548,26 +548,32 @@ class LatencyModel:
             return 0.0
         return sum(n for n, distance in cost.reads_reuse if n + distance <= self.cache_bytes) / read
 
-    def _time_s(self, kind: str, cost: OpCost, factors: KindFactors | None = None) -> float:
+    def _terms(self, kind: str, cost: OpCost, factors: KindFactors | None = None) -> tuple[float, ...]:
+        """(compute, memory, serial, overhead, fresh pages) seconds of one call at this kind's factors
+        (or `factors`, its hot ones); `serial` is what its serial share adds to the larger of the first two."""
         compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes, factors)
-        roof = max(compute, memory) * self.serial_factor(kind, cost.bytes_written, factors)
-        return roof + overhead + self.ceilings.fresh_pages_s(cost.bytes_written)
+        serial = max(compute, memory) * (self.serial_factor(kind, cost.bytes_written, factors) - 1.0)
+        return compute, memory, serial, overhead, self.ceilings.fresh_pages_s(cost.bytes_written)
 
     def predict(self, costs: Sequence[OpCost]) -> list[dict]:
         """Per top-level call: its kind, cost, predicted time and what dominates it. Its parts are its
         first-call time's (compute or memory, `serial_s`: what its serial share adds to the larger,
         overhead, fresh pages) and `reuse_s`, what reading inputs that are still in cache changes
         (negative: saved); they sum to the prediction."""
+
+        def total(terms: tuple[float, ...]) -> float:
+            compute, memory, serial, overhead, pages = terms
+            return max(compute, memory) + serial + overhead + pages
+
         out = []
         for cost in costs:
             kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
-            compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes)
-            serial = max(compute, memory) * (self.serial_factor(kind, cost.bytes_written) - 1.0)
-            pages = self.ceilings.fresh_pages_s(cost.bytes_written)
+            terms = self._terms(kind, cost)
+            compute, memory, serial, overhead, pages = terms
             roof = max(compute, memory) + serial
             dominant = "overhead" if overhead >= roof else "compute" if compute >= memory else "memory"
             hot, cached = self.factors_of(kind).hot, self.cached_share(cost)
-            reuse = cached * (self._time_s(kind, cost, hot) - (roof + overhead + pages)) if hot and cached else 0.0
+            reuse = cached * (total(self._terms(kind, cost, hot)) - total(terms)) if hot and cached else 0.0
             out.append(
                 {
                     "index": cost.index,

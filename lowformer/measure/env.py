@@ -75,6 +75,11 @@ def _cache_size(text: str) -> int:
     return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()] if m else 0
 
 
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
 def private_cache_bytes(device: str, threads: int | None, sysfs: str = "/sys/devices/system/cpu") -> int:
     """The caches private to a run's threads: on a GPU its L2; on a CPU the level-2 caches of the first
     `threads` CPUs the process may run on (each cache once when CPUs share one), as Linux reports
@@ -95,18 +100,13 @@ def private_cache_bytes(device: str, threads: int | None, sysfs: str = "/sys/dev
         for index in indexes:
             path = os.path.join(folder, index)
             try:
-                with open(os.path.join(path, "level")) as f:
-                    level = f.read().strip()
-                with open(os.path.join(path, "type")) as f:
-                    kind = f.read().strip()
-                with open(os.path.join(path, "size")) as f:
-                    size = _cache_size(f.read())
-                with open(os.path.join(path, "shared_cpu_list")) as f:
-                    shared = f.read().strip()
+                level, kind, size, shared = (
+                    _read_text(os.path.join(path, name)) for name in ("level", "type", "size", "shared_cpu_list")
+                )
             except OSError:
                 continue
             if level == "2" and kind in ("Unified", "Data"):
-                caches[shared] = size
+                caches[shared] = _cache_size(size)
     return sum(caches.values())
 
 
