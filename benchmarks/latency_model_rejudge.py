@@ -16,7 +16,10 @@ a serial share, its sweep refitted without one (NAME-noserial: every call on all
 adds, for each model fitted without hot-call factors (sweep version 4 and before) whose sweep timed hot
 calls, its sweep refitted with them and this machine's private cache size (NAME-reuse: the cache reuse of
 sweep version 5), and `--without-reuse`, for each model with them, the same model without cache reuse
-(NAME-noreuse: every call at its first-call time). Per run, mode and
+(NAME-noreuse: every call at its first-call time). `--bias` also splits every judged model's error into
+what stays the same whichever latency model and run predict it (its bias: the log of predicted over
+measured time, less the run's median of it, averaged) and what moves between latency models (say,
+calibrations repeated on one machine) and between runs (timing noise), written as bias.md. Per run, mode and
 batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
 measured time, and each prediction's median and largest absolute error; written as rejudged.json and
 rejudged.md in --out.
@@ -27,6 +30,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -102,6 +107,74 @@ def to_markdown(entries: list[dict], names: list[str], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bias(entries: list[dict], names: list[str], batch: int) -> list[dict]:
+    """Per judged model at this batch size: `bias`, the mean over latency models of its mean over runs of
+    log(predicted / measured) less that run's median over the judged models (0: ranked where the run
+    ranks it, relative to the others); `across_models`, the spread (standard deviation) of those means
+    between latency models; `across_runs`, the mean over latency models of the spread between runs.
+    Sorted by bias."""
+    logs: dict[str, dict[str, list[float]]] = {}
+    for e in entries:
+        if e["batch_size"] != batch:
+            continue
+        for name in names:
+            errors = {m: math.log1p(x) for m, x in e[name]["errors"].items()}
+            centre = statistics.median(errors.values())
+            for m, x in errors.items():
+                logs.setdefault(m, {}).setdefault(name, []).append(x - centre)
+    rows = []
+    for model, by_name in logs.items():
+        means = [statistics.fmean(v) for v in by_name.values()]
+        runs = [statistics.pstdev(v) for v in by_name.values() if len(v) > 1]
+        rows.append(
+            {
+                "model": model,
+                "runs": max(len(v) for v in by_name.values()),
+                "bias": statistics.fmean(means),
+                "across_models": statistics.pstdev(means) if len(means) > 1 else None,
+                "across_runs": statistics.fmean(runs) if runs else None,
+            }
+        )
+    return sorted(rows, key=lambda r: r["bias"])
+
+
+def bias_markdown(entries: list[dict], names: list[str], command: str) -> str:
+    def spread(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = [f"Command: `{command}`", ""]
+    for batch in sorted({e["batch_size"] for e in entries}):
+        rows = bias(entries, names, batch)
+        spearman = {n: [e[n]["spearman"] for e in entries if e["batch_size"] == batch] for n in names}
+        lines += [f"## Batch {batch}", "", "Mean Spearman over the runs, per latency model: "]
+        lines[-1] += ", ".join(f"{n} {statistics.fmean(v):.3f}" for n, v in spearman.items()) + "."
+        lines += [
+            "",
+            "Median over the judged models: |bias| {:.2f}, spread across latency models {:.2f}, "
+            "across runs {:.2f} (natural log units; 0.10 = about 10%).".format(
+                statistics.median(abs(r["bias"]) for r in rows),
+                statistics.median(r["across_models"] or 0.0 for r in rows),
+                statistics.median(r["across_runs"] or 0.0 for r in rows),
+            ),
+        ]
+        lines += [
+            "",
+            "| model | runs | bias | spread across latency models | spread across runs |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [
+                r["model"],
+                str(r["runs"]),
+                f"{r['bias']:+.2f}",
+                spread(r["across_models"]),
+                spread(r["across_runs"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -118,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "--with-reuse", action="store_true", help="also refit each model with hot-call factors (cache reuse)"
     )
     p.add_argument("--without-reuse", action="store_true", help="also predict with each model's cache reuse off")
+    p.add_argument(
+        "--bias", action="store_true", help="also split each judged model's error into bias and spreads (bias.md)"
+    )
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     for r in runs:
@@ -158,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(entries, list(models), command)
     write_text(out / "rejudged.md", md)
     print(md)
+    if args.bias:
+        md = bias_markdown(entries, list(models), command)
+        write_text(out / "bias.md", md)
+        print(md)
     return 0
 
 

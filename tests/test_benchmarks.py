@@ -1,0 +1,54 @@
+"""The benchmark scripts' own arithmetic (the scripts live outside the package, in benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _entry(run: str, batch: int, logs_by_model: dict[str, dict[str, float]]) -> dict:
+    """A rejudged entry whose latency models erred by exp(log) - 1 on each judged model."""
+    entry = {"run": run, "mode": "latency", "batch_size": batch}
+    for name, logs in logs_by_model.items():
+        entry[name] = {"spearman": 1.0, "errors": {m: math.expm1(x) for m, x in logs.items()}}
+    return entry
+
+
+def test_rejudge_bias_splits_the_error_into_bias_and_spreads():
+    rejudge = _script("latency_model_rejudge")
+    same = {"A": 0.1, "B": 0.0, "C": -0.1}  # the run's median is B: A +0.1, C -0.1
+    entries = [
+        _entry("r1", 1, {"m1": same, "m2": same}),
+        _entry("r2", 1, {"m1": {"A": 0.3, "B": 0.1, "C": -0.2}, "m2": same}),  # m1: A +0.2, C -0.3
+        _entry("r1", 16, {"m1": {"A": 5.0, "B": 0.0, "C": 0.0}, "m2": same}),  # another batch size: ignored
+    ]
+    rows = {r["model"]: r for r in rejudge.bias(entries, ["m1", "m2"], batch=1)}
+    a, b, c = rows["A"], rows["B"], rows["C"]
+    # A: m1's mean over runs (0.1 + 0.2) / 2 = 0.15 with a spread of 0.05; m2's 0.1, spread 0
+    assert a["bias"] == pytest.approx(0.125)
+    assert a["across_models"] == pytest.approx(0.025)
+    assert a["across_runs"] == pytest.approx(0.025)
+    assert a["runs"] == 2
+    assert b["bias"] == pytest.approx(0.0) and b["across_models"] == pytest.approx(0.0)
+    # C: m1 -0.1 and -0.3 (mean -0.2, spread 0.1), m2 -0.1 twice
+    assert c["bias"] == pytest.approx(-0.15) and c["across_runs"] == pytest.approx(0.05)
+    assert [r["model"] for r in rejudge.bias(entries, ["m1", "m2"], batch=1)] == ["C", "B", "A"]  # by bias
+    assert rejudge.bias(entries, ["m1"], batch=1)[0]["across_models"] is None  # one latency model: no spread
+
+    md = rejudge.bias_markdown(entries, ["m1", "m2"], "cmd")
+    assert "## Batch 1" in md and "## Batch 16" in md
+    batch1, batch16 = md.split("## Batch 16")
+    assert "| A | 2 |" in batch1
+    assert "| A | 1 | +2.55 | 2.45 | - |" in batch16  # m1 +5.0, m2 +0.1; one run: no spread across runs
