@@ -19,10 +19,10 @@ sweep version 5), and `--without-reuse`, for each model with them, the same mode
 (NAME-noreuse: every call at its first-call time). `--bias` also splits every judged model's error into
 what stays the same whichever latency model and run predict it (its bias: the log of predicted over
 measured time, less the run's median of it, averaged) and what moves between latency models (say,
-calibrations repeated on one machine) and between runs (timing noise), written as bias.md. Per run, mode and
-batch size: the Spearman and Kendall rank correlation of MACs and of each model's prediction with the
-measured time, and each prediction's median and largest absolute error; written as rejudged.json and
-rejudged.md in --out.
+calibrations repeated on one machine) and between runs (timing noise), written as bias.md and
+bias.json. Per run, mode and batch size: the Spearman and Kendall rank correlation of MACs and of each
+model's prediction with the measured time, and each prediction's median and largest absolute error;
+written as rejudged.json and rejudged.md in --out.
 """
 
 from __future__ import annotations
@@ -142,6 +142,10 @@ def bias_markdown(entries: list[dict], names: list[str], command: str) -> str:
     def spread(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
+    def median_spread(rows: list[dict], key: str) -> str:
+        values = [r[key] for r in rows if r[key] is not None]
+        return spread(statistics.median(values) if values else None)
+
     lines = [f"Command: `{command}`", ""]
     for batch in sorted({e["batch_size"] for e in entries}):
         rows = bias(entries, names, batch)
@@ -150,12 +154,9 @@ def bias_markdown(entries: list[dict], names: list[str], command: str) -> str:
         lines[-1] += ", ".join(f"{n} {statistics.fmean(v):.3f}" for n, v in spearman.items()) + "."
         lines += [
             "",
-            "Median over the judged models: |bias| {:.2f}, spread across latency models {:.2f}, "
-            "across runs {:.2f} (natural log units; 0.10 = about 10%).".format(
-                statistics.median(abs(r["bias"]) for r in rows),
-                statistics.median(r["across_models"] or 0.0 for r in rows),
-                statistics.median(r["across_runs"] or 0.0 for r in rows),
-            ),
+            f"Median over the judged models: |bias| {statistics.median(abs(r['bias']) for r in rows):.2f}, "
+            f"spread across latency models {median_spread(rows, 'across_models')}, across runs "
+            f"{median_spread(rows, 'across_runs')} (natural log units; 0.10 = about 10%).",
         ]
         lines += [
             "",
@@ -192,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--without-reuse", action="store_true", help="also predict with each model's cache reuse off")
     p.add_argument(
-        "--bias", action="store_true", help="also split each judged model's error into bias and spreads (bias.md)"
+        "--bias",
+        action="store_true",
+        help="also split each judged model's error into bias and spreads (bias.md, bias.json)",
     )
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "rejudged.md", md)
     print(md)
     if args.bias:
+        batches = sorted({e["batch_size"] for e in entries})
+        rows = {str(b): bias(entries, list(models), b) for b in batches}
+        write_json(out / "bias.json", {"command": command, "batch_sizes": rows})
         md = bias_markdown(entries, list(models), command)
         write_text(out / "bias.md", md)
         print(md)

@@ -52,3 +52,4 @@ def test_rejudge_bias_splits_the_error_into_bias_and_spreads():
     batch1, batch16 = md.split("## Batch 16")
     assert "| A | 2 |" in batch1
     assert "| A | 1 | +2.55 | 2.45 | - |" in batch16  # m1 +5.0, m2 +0.1; one run: no spread across runs
+    assert "spread across latency models -," in rejudge.bias_markdown(entries, ["m1"], "cmd")  # one: none
