@@ -66,7 +66,6 @@ import datetime
 import functools
 import json
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -81,7 +80,7 @@ from torch import nn
 
 from .._io import write_json
 from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
-from ..measure.env import private_cache_bytes
+from ..measure.env import private_cache_bytes, usable_cpus
 from ..measure.opcost import COST_CONVENTION, OpCost, count_op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
@@ -570,10 +569,10 @@ class LatencyModel:
             kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
             terms = self._terms(kind, cost)
             compute, memory, serial, overhead, pages = terms
-            roof = max(compute, memory) + serial
+            roof, first = max(compute, memory) + serial, total(terms)
             dominant = "overhead" if overhead >= roof else "compute" if compute >= memory else "memory"
             hot, cached = self.factors_of(kind).hot, self.cached_share(cost)
-            reuse = cached * (total(self._terms(kind, cost, hot)) - total(terms)) if hot and cached else 0.0
+            reuse = cached * (total(self._terms(kind, cost, hot)) - first) if hot and cached else 0.0
             out.append(
                 {
                     "index": cost.index,
@@ -582,7 +581,7 @@ class LatencyModel:
                     "fit_kind": kind,
                     "flops": cost.flops,
                     "bytes": cost.bytes,
-                    "predicted_s": roof + overhead + pages + reuse,
+                    "predicted_s": first + reuse,
                     "compute_s": compute,
                     "memory_s": memory,
                     "serial_s": serial,
@@ -639,7 +638,7 @@ def fit_latency_model(
     for s in samples:
         by_kind.setdefault(s.kind, []).append(s)
     # the kinds' fits are independent and numpy releases the GIL: a thread per CPU (1.6-1.8x faster on two)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=len(usable_cpus())) as pool:
         fitted = pool.map(lambda group: fit_kind_factors(group, ceilings, serial), by_kind.values())
         factors = dict(zip(by_kind, fitted))
     return LatencyModel(ceilings, factors, settings or {}, list(samples), cache_bytes=cache_bytes)

@@ -80,16 +80,21 @@ def _read_text(path: str) -> str:
         return f.read().strip()
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity where the system reports one, else all)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
 def private_cache_bytes(device: str, threads: int | None, sysfs: str = "/sys/devices/system/cpu") -> int:
     """The caches private to a run's threads: on a GPU its L2; on a CPU the level-2 caches of the first
     `threads` CPUs the process may run on (each cache once when CPUs share one), as Linux reports
     them. 0 where that is not known (other systems)."""
     if str(device).startswith("cuda"):
         return int(getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0) or 0)
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = list(range(os.cpu_count() or 1))
+    cpus = usable_cpus()
     caches: dict[str, int] = {}
     for cpu in cpus[: max(1, threads or len(cpus))]:
         folder = os.path.join(sysfs, f"cpu{cpu}", "cache")
