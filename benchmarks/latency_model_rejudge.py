@@ -16,7 +16,9 @@ a serial share, its sweep refitted without one (NAME-noserial: every call on all
 adds, for each model fitted without hot-call factors (sweep version 4 and before) whose sweep timed hot
 calls, its sweep refitted with them and this machine's private cache size (NAME-reuse: the cache reuse of
 sweep version 5), and `--without-reuse`, for each model with them, the same model without cache reuse
-(NAME-noreuse: every call at its first-call time). `--bias` also splits every judged model's error into
+(NAME-noreuse: every call at its first-call time). `--refit` adds, for each model whose sweep timed
+hot calls, its sweep refitted with this version's fit (NAME-refit: a new fit judged on the samples an
+older one was fitted on, with the cache size the model has). `--bias` also splits every judged model's error into
 what stays the same whichever latency model and run predict it (its bias: the log of predicted over
 measured time, less the run's median of it, averaged) and what moves between latency models (say,
 calibrations repeated on one machine) and between runs (timing noise), written as bias.md and
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "--with-reuse", action="store_true", help="also refit each model with hot-call factors (cache reuse)"
     )
     p.add_argument("--without-reuse", action="store_true", help="also predict with each model's cache reuse off")
+    p.add_argument("--refit", action="store_true", help="also refit each model's sweep with this version's fit")
     p.add_argument(
         "--bias",
         action="store_true",
@@ -216,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             models[f"{name}-nopages"] = fit_latency_model(
                 models[name].samples, ceilings, models[name].settings, cache_bytes=models[name].cache_bytes
             )
-        if args.without_serial and any(f.half_parallel_bytes for f in models[name].factors.values()):
+        if args.without_serial and any(
+            f.half_parallel_s or f.half_parallel_bytes for f in models[name].factors.values()
+        ):
             models[f"{name}-noserial"] = fit_latency_model(
                 models[name].samples,
                 models[name].ceilings,
@@ -230,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             models[f"{name}-reuse"] = fit_latency_model(lm.samples, lm.ceilings, lm.settings, cache_bytes=cache)
         if args.without_reuse and lm.cache_bytes:
             models[f"{name}-noreuse"] = dataclasses.replace(lm, cache_bytes=0)
+        if args.refit and lm.samples and all(x.hot_time_s for x in lm.samples):
+            models[f"{name}-refit"] = fit_latency_model(
+                lm.samples, lm.ceilings, lm.settings, cache_bytes=lm.cache_bytes
+            )
     entries = judge(runs, models)
     out = Path(args.out)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

@@ -29,7 +29,7 @@ from lowformer.cli import main
 from lowformer.measure import calibrate as cal
 from lowformer.measure.calibrate import CalibrationSizes, Ceilings
 from lowformer.measure.env import keep_freed_memory, memory_mode
-from lowformer.measure.opcost import count_op_costs, op_costs
+from lowformer.measure.opcost import count_call_cost, count_op_costs, op_costs
 from lowformer.measure.profiler import OpCall
 from lowformer.measure.timing import ThreadCpuTimer, check_clock
 from lowformer.report import (
@@ -429,9 +429,10 @@ def test_overhead_comes_from_the_hot_calls():
 
 
 def test_serial_share_of_small_calls():
-    """S(W) = 1 + (T - 1) h / (W + h): T for a call writing nothing, 1 + (T - 1) / 2 at W = h, towards 1
-    for large outputs; 1 without h, on one thread and on CUDA (threads None). A prediction adds
-    max(compute, memory) x (S - 1) as `serial_s`, and the parts still sum to the total."""
+    """S(R) = 1 + (T - 1) h / (R + h): T for a call with no work, 1 + (T - 1) / 2 at R = h, towards 1
+    for large calls; 1 without h, on one thread and on CUDA (threads None). A prediction adds
+    max(compute, memory) x (S - 1) as `serial_s`, and the parts still sum to the total. R is the
+    call's roofline time; a sweep version 4 or 5 file sizes the share by the output bytes instead."""
     h = 2.0**20
     assert latency.serial_share(0, h, 2) == pytest.approx(2.0)
     assert latency.serial_share(h, h, 2) == pytest.approx(1.5)
@@ -443,27 +444,35 @@ def test_serial_share_of_small_calls():
     costs = count_op_costs(nn.ReLU(), (1, 64, 64, 64), device="meta")  # writes 1 MiB
     assert costs[0].bytes_written == 2**20
     parallel = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0)})
-    serial = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0, half_parallel_bytes=h)})
-    (p_op,), (s_op,) = parallel.predict(costs), serial.predict(costs)
+    (p_op,) = parallel.predict(costs)
+    roof = max(p_op["compute_s"], p_op["memory_s"])
+    serial = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0, half_parallel_s=roof)})
+    by_bytes = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0, half_parallel_bytes=h)})
+    by_bytes_quarter = LatencyModel(c, {"activation": KindFactors(1.0, 1.0, 1.0, half_parallel_bytes=h / 3)})
+    (s_op,), (b_op,), (q_op,) = serial.predict(costs), by_bytes.predict(costs), by_bytes_quarter.predict(costs)
     assert p_op["serial_s"] == 0.0
-    assert s_op["serial_s"] == pytest.approx(0.5 * max(s_op["compute_s"], s_op["memory_s"]))
+    assert s_op["serial_s"] == pytest.approx(0.5 * roof)
     assert s_op["predicted_s"] == pytest.approx(p_op["predicted_s"] + s_op["serial_s"])
+    assert b_op["serial_s"] == pytest.approx(0.5 * roof) and q_op["serial_s"] == pytest.approx(0.25 * roof)
     pred = predict.predict_costs(costs, serial)
     parts = ("compute_ms", "memory_ms", "serial_ms", "overhead_ms", "fresh_pages_ms")
     assert pred["serial_ms"] > 0 and sum(pred[k] for k in parts) == pytest.approx(pred["predicted_ms"])
     one_thread = LatencyModel(synthetic_ceilings(), serial.factors)
     assert one_thread.predict(costs)[0]["serial_s"] == 0.0
     text = format_calibration(c.to_dict(), serial.to_dict())
-    assert "half parallel at" in text and "1 MiB" in text and "x (1 + 1 x h / (output bytes + h))" in text
+    assert "half parallel at" in text and f"{roof * 1e6:.0f} us" in text and "x (1 + 1 x h / (that time + h))" in text
+    text = format_calibration(c.to_dict(), by_bytes.to_dict())
+    assert "1 MiB" in text and "x (1 + 1 x h / (output bytes + h))" in text
     assert "half parallel at" not in format_calibration(c.to_dict(), parallel.to_dict())
 
 
-def test_fit_recovers_the_half_parallel_size():
-    """Samples made with a known h on two threads give back h (one of the sizes the fit tries) and the
-    efficiencies; on one thread the fit tries no h; a factor record without h (sweep version 3 and
+def test_fit_recovers_the_half_parallel_time():
+    """Samples made with a known h on two threads give back h (within one of the times the fit tries)
+    and the efficiencies; on one thread the fit tries no h; a factor record without h (sweep version 3 and
     before) loads with none."""
     c = synthetic_ceilings(threads=2)
-    truth = KindFactors(0.4, 0.8, 5.0, half_parallel_bytes=2.0**20)
+    h = latency.SERIAL_HALVES[7]
+    truth = KindFactors(0.4, 0.8, 5.0, half_parallel_s=h)
     samples = []
     for flops, nbytes, written in [(1e5, 1e5, 3e4), (1e7, 1e5, 4e4), (1e9, 1e6, 3e5), (1e6, 1e7, 3e6),
                                    (1e8, 1e8, 3e7), (1e4, 1e3, 3e2), (3e9, 1e7, 3e6), (1e9, 3e7, 1e7),
@@ -471,13 +480,15 @@ def test_fit_recovers_the_half_parallel_size():
         t = float(latency._predict_s(flops, nbytes, truth, c, written)[0])
         samples.append(Sample("conv_1x1", "x", 8, 8, 1, int(flops), int(nbytes), t, bytes_written=int(written)))
     fitted = fit_kind_factors(samples, c)
-    assert fitted.half_parallel_bytes == 2.0**20
+    # h is chosen on coarse fits (every other grid point of the efficiencies, which R depends on): the
+    # time tried nearest the truth or a neighbour (a factor 10^0.25 apart)
+    assert h / 1.8 < fitted.half_parallel_s < h * 1.8 and fitted.half_parallel_bytes == 0.0
     assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
     assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
     assert fitted.median_abs_error < 0.02
-    assert fit_kind_factors(samples, synthetic_ceilings()).half_parallel_bytes == 0.0
-    old = {k: v for k, v in truth.to_dict().items() if k != "half_parallel_bytes"}
-    assert KindFactors(**old).half_parallel_bytes == 0.0
+    assert fit_kind_factors(samples, synthetic_ceilings()).half_parallel_s == 0.0
+    old = {k: v for k, v in truth.to_dict().items() if k not in ("half_parallel_s", "half_parallel_bytes")}
+    assert KindFactors(**old).half_parallel_s == KindFactors(**old).half_parallel_bytes == 0.0
 
 
 def test_cache_reuse_blends_in_the_hot_factors():
@@ -553,11 +564,34 @@ def test_older_sweep_files_still_load(latency_model):
 
 
 def test_every_case_runs_one_call_of_its_kind():
+    """The sweep counts a case without the profiler, as one call: the profiler's walk must find one
+    top-level call of the case's kind with the same FLOPs and bytes."""
     for case in CASES:
         module, shape = case.build(32, 8, 2)
         (cost,) = count_op_costs(module, shape)
         assert opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes) == case.kind, case.label
+        swept = latency._case_cost(module, shape)
+        assert (swept.flops, swept.bytes, swept.bytes_written) == (cost.flops, cost.bytes, cost.bytes_written)
     assert {case.kind for case in CASES} == set(opkinds.FIT_KINDS)
+
+
+def test_call_cost_sums_every_aten_call_and_tells_no_call_apart():
+    linear = nn.Linear(16, 8)  # aten::linear runs t and addmm: one call, both counted
+    (cost,) = count_op_costs(linear, (4, 16))
+    whole = count_call_cost(linear, (4, 16))
+    assert (whole.flops, whole.bytes_read, whole.bytes_weights, whole.bytes_written) == (
+        cost.flops,
+        cost.bytes_read,
+        cost.bytes_weights,
+        cost.bytes_written,
+    )
+    assert whole.flops == 2 * 4 * 16 * 8 and whole.bytes_weights == (16 * 8 + 8) * 4
+    # eval-mode dropout is one top-level call that dispatches nothing; a layout the tensor has is no call
+    assert count_call_cost(nn.Dropout(0.1), (2, 8)) is None
+    dropout = latency._case_cost(nn.Dropout(0.1), (2, 8))
+    assert dropout is not None and dropout.bytes == 0
+    channels_last = latency._Op(lambda x: x.contiguous(memory_format=torch.channels_last))
+    assert latency._case_cost(channels_last, (1, 8, 1, 1)) is None
 
 
 @pytest.mark.parametrize(
@@ -607,7 +641,7 @@ def test_prediction_end_to_end(latency_model, tmp_path):
     for x in costs:
         kind = opkinds.fit_kind(x.name, x.input_shapes, x.transposed, x.bytes)
         c, m, o = latency_model.op_time_s(kind, x.flops, x.bytes)
-        by_hand += max(c, m) * latency_model.serial_factor(kind, x.bytes_written) + o
+        by_hand += max(c, m) * latency_model.serial_factor(kind, max(c, m), x.bytes_written) + o
     assert tiny["predicted_ms"] == pytest.approx(1e3 * by_hand)
     assert resnet["source"] == "timm" and resnet["predicted_ms"] > 0
     assert "test_resnet" in format_predictions(data)

@@ -53,3 +53,42 @@ def test_rejudge_bias_splits_the_error_into_bias_and_spreads():
     assert "| A | 2 |" in batch1
     assert "| A | 1 | +2.55 | 2.45 | - |" in batch16  # m1 +5.0, m2 +0.1; one run: no spread across runs
     assert "spread across latency models -," in rejudge.bias_markdown(entries, ["m1"], "cmd")  # one: none
+
+
+def test_rejudge_refit_judges_a_sweep_refitted_with_this_fit(tmp_path):
+    """`--refit` adds NAME-refit, the model's own samples fitted again, judged on the same stored run."""
+    import json
+
+    from lowformer.analyze.latency import Sample, fit_latency_model
+    from lowformer.measure.calibrate import Ceilings
+
+    rejudge = _script("latency_model_rejudge")
+    ceilings = Ceilings("cpu", "test cpu", "fp32", 2, "wall", "0", 100e9, 10e9, 2e-6)
+    samples = [
+        Sample(kind, "x", 8, 8, 1, int(f), int(b), 2e-6 + f / 50e9 + b / 5e9, 1e-6 + f / 60e9 + b / 8e9, int(b / 3))
+        for kind in ("conv_1x1", "elementwise")
+        for f, b in [(1e5, 1e5), (1e7, 1e6), (1e9, 1e7), (1e6, 1e7), (1e8, 1e8)]
+    ]
+    stored = fit_latency_model(samples, ceilings)
+    stored.factors["conv_1x1"].compute_efficiency *= 2  # an older fit: not what this version fits
+    (tmp_path / "lm.json").write_text(json.dumps(stored.to_dict()))
+    run = tmp_path / "run"
+    run.mkdir()
+    results = [
+        {"model": m, "mode": "latency", "batch_size": 1, "status": "ok", "latency_ms_p50": t, "macs": macs,
+         "image_height": 32, "image_width": 32}
+        for m, t, macs in [("timm:test_resnet", 2.0, 3), ("timm:test_efficientnet", 1.0, 2)]
+    ]  # fmt: skip
+    (run / "models.json").write_text(json.dumps({"bench": {"results": results}}))
+    rejudge.main(
+        ["--runs", str(run), "--models", f"old={tmp_path / 'lm.json'}", "--refit", "--out", str(tmp_path / "o")]
+    )
+    (entry,) = json.loads((tmp_path / "o" / "rejudged.json").read_text())["entries"]
+    assert {"old", "old-refit"} <= set(entry)
+    refit = fit_latency_model(samples, ceilings)
+    errors = entry["old-refit"]["errors"]
+    assert errors != entry["old"]["errors"]
+    measured = {r["model"]: r["latency_ms_p50"] for r in results}
+    for name, error in errors.items():  # the refit predicts what fitting the samples now predicts
+        predicted = rejudge.predict_costs(rejudge._costs(name, 1, (32, 32), {}), refit)["predicted_ms"]
+        assert error == pytest.approx(predicted / measured[name] - 1)

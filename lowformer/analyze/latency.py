@@ -5,18 +5,23 @@ For one top-level operator call of kind k (`lowformer.analyze.opkinds.fit_kind`)
 bytes moved (`lowformer.measure.opcost`), on a device with compute ceiling C, bandwidth M and
 per-call overhead O (`lowformer.measure.calibrate`):
 
-    t = s[k] * (max(F / (e_c[k] * C), B / (e_m[k] * M(B))) * S(W) + o[k] * O) + P(W)
+    R = max(F / (e_c[k] * C), B / (e_m[k] * M(B)))
+    t = s[k] * (R * S(R) + o[k] * O) + P(W)
 
-and a model's predicted time is the sum over its calls. S(W) is the call's serial share on a CPU run
-with T > 1 threads: a call writing W bytes runs on all T threads when W is much larger than the kind's
-half-parallel size h[k] and on one when it is much smaller (PyTorch splits small tensors into fewer
-chunks than threads, and a kernel's set-up is serial), so
+and a model's predicted time is the sum over its calls. R is the call's roofline time and S(R) its
+serial share on a CPU run with T > 1 threads: a call runs on all T threads when its work (R) is much
+larger than the kind's half-parallel time h[k] and on one when it is much smaller (PyTorch splits
+small work into fewer chunks than threads, and a kernel's set-up is serial), so
 
-    S(W) = 1 + (T - 1) * h[k] / (W + h[k])
+    S(R) = 1 + (T - 1) * h[k] / (R + h[k])
 
 is 1 when the whole call runs in parallel and T when none of it does (h = 0, and on CUDA: always 1).
 C and M are measured with all T threads, so S is the factor by which a call falls short of them
-because it is small. P(W) is what the call's output of W bytes
+because it is small. (Sweep versions 4 and 5 measured a call's size by its output bytes W instead of
+its roofline time, S(W) with h in bytes; their files predict so. The roofline time measures the work
+that is split, whatever bounds it: seven version-5 sweeps refitted with it ranked the twenty stored
+runs of 2026-12-01/02 at batch 1 0.890 on average, 0.875 by output bytes; batch 16 0.944 and 0.948.) P(W) is what the
+call's output of W bytes
 costs in page faults: W / 4 KiB pages at the calibrated cost of a fresh page when W is larger than
 32 MiB (`Ceilings.fresh_pages_s`; glibc's malloc maps such blocks anew on every allocation; 0 with
 freed memory kept or on CUDA). An approximation of the largest part: on the development CPU at batch
@@ -55,7 +60,7 @@ activations out of the caches, as a model's weights are between two of its uses)
 after itself (its code path and dispatch hot, as they are in a network that runs the same kinds of
 operator again and again). e_c and e_m are fitted on the first calls; o on the second (a model's small
 operators cost what the hot calls say: the first call of a batch norm at batch 1 is 3-5x its hot call,
-and a network's are close to hot). h is chosen per kind from a grid of sizes by the same least squares
+and a network's are close to hot). h is chosen per kind from a grid of times by the same least squares
 on the first calls, e_c and e_m fitted again under it; the hot factors are all four fitted the same way
 on the hot calls. The fit is cached next to the calibration.
 """
@@ -81,7 +86,7 @@ from torch import nn
 from .._io import write_json
 from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
 from ..measure.env import private_cache_bytes, usable_cpus
-from ..measure.opcost import COST_CONVENTION, OpCost, count_op_costs
+from ..measure.opcost import COST_CONVENTION, OpCost, count_call_cost, count_op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
 from .opkinds import fit_kind
@@ -89,14 +94,15 @@ from .opkinds import fit_kind
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 5  # bump when the cases, their grid or the fit change
+SWEEP_VERSION = 6  # bump when the cases, their grid, their timing or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
 # 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
 # 3 without the serial share (h = 0: every call runs on all threads); 4 without hot-call factors (no
-# cache reuse: every call at its first-call time)
-READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5)
-# the half-parallel sizes h tried per kind (output bytes; 0: always parallel): 1 KiB to 32 MiB
-SERIAL_HALVES = (0.0, *(2.0**e for e in range(10, 26)))
+# cache reuse: every call at its first-call time); 4 and 5 sized the serial share by output bytes, 5
+# warmed each CPU case up with two calls, not one
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6)
+# the half-parallel times h tried per kind (roofline seconds; 0: always parallel): 1 us to 10 ms
+SERIAL_HALVES = (0.0, *(10.0 ** (e / 4) for e in range(-24, -7)))
 
 # the grid every case is built at: (channels, resolution), stage-like pairs and their neighbours
 CELLS = (
@@ -272,7 +278,9 @@ def sweep_rounds(device: str, quick: bool = False) -> Rounds:
     """How the cases of one cell are timed: a short warm-up each, then rounds in which every case runs
     twice in a row, interleaved with the others (see `run_op_sweep`)."""
     cuda = str(device).startswith("cuda")
-    warmup = TimingPolicy(warmup_iters=5 if cuda else 2, warmup_s=0.0, min_iters=1, min_s=0.0)
+    # on CPU one warm-up call builds what a call keeps (its oneDNN primitive, its allocations); the
+    # call after it, timed as the estimate, is a second
+    warmup = TimingPolicy(warmup_iters=5 if cuda else 1, warmup_s=0.0, min_iters=1, min_s=0.0)
     burst = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=2, min_s=0.0, max_iters=2)
     return Rounds(3 if quick else 5, burst=burst, warmup=warmup)
 
@@ -298,7 +306,12 @@ class Sample:
 
 def _case_cost(module: nn.Module, shape: tuple[int, ...]) -> OpCost | None:
     """The one top-level call of a case, counted on the meta device; None when the case has nothing
-    to do at this shape (a layout change of a tensor that already has it)."""
+    to do at this shape (a layout change of a tensor that already has it). Counted without the
+    profiler (`count_call_cost`; the tests check that every case runs one top-level call); a case
+    whose call reaches no ATen operator is asked the profiler whether it runs one."""
+    cost = count_call_cost(module, shape)
+    if cost is not None:
+        return cost
     costs = count_op_costs(module, shape)
     if len(costs) > 1:
         raise RuntimeError(f"an operator case must run one top-level call, got {[c.name for c in costs]}")
@@ -341,11 +354,9 @@ def run_op_sweep(
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
                     module, shape = case.build(c, r, b)
-                    cost = _case_cost(module, shape)
-                    if cost is None or cost.flops > limits.max_flops or cost.bytes > limits.max_bytes:
-                        continue
-                    torch.manual_seed(0)
-                    module, shape = case.build(c, r, b)
+                cost = _case_cost(module, shape)  # on a copy: the module is not touched
+                if cost is None or cost.flops > limits.max_flops or cost.bytes > limits.max_bytes:
+                    continue
                 module = module.to(device).eval()
                 x = make_input(shape, device)
                 ready.append((case, cost, Candidate(case.label, functools.partial(module, x), timer)))
@@ -377,7 +388,8 @@ class KindFactors:
     median_abs_error: float | None = None  # of the fit on its own first calls (e_c, e_m and their own o)
     element_scale: float = 1.0  # s: fitted on design-element sweeps (`lowformer.analyze.element_fit`)
     first_call_overhead: float | None = None  # o fitted on the first calls, for comparison; unused
-    half_parallel_bytes: float = 0.0  # h: the output size at which half of a call's work runs in parallel
+    half_parallel_s: float = 0.0  # h: the roofline time at which half of a call's work runs in parallel
+    half_parallel_bytes: float = 0.0  # h of sweep versions 4 and 5: the output size (bytes) instead
     hot: KindFactors | None = None  # e_c, e_m, o and h fitted on the hot calls (inputs and weights in cache)
 
     def to_dict(self) -> dict:
@@ -404,21 +416,21 @@ def _fresh_pages(written, ceilings: Ceilings) -> np.ndarray:
     return np.array([ceilings.fresh_pages_s(float(n)) for n in np.atleast_1d(written)])
 
 
-def serial_share(written, half: float, threads: int | None):
-    """S(W) of the module's docstring: 1 + (T - 1) h / (W + h); 1 with h = 0 or one thread (or CUDA)."""
-    written = np.asarray(written, dtype=float)
+def serial_share(size, half: float, threads: int | None):
+    """S of the module's docstring: 1 + (T - 1) h / (size + h), the size (a roofline time, or the output
+    bytes of sweep versions 4 and 5) in h's unit; 1 with h = 0 or one thread (or CUDA)."""
+    size = np.asarray(size, dtype=float)
     if not half or not threads or threads < 2:
-        return np.ones_like(written)
-    return 1.0 + (threads - 1) * half / (written + half)
+        return np.ones_like(size)
+    return 1.0 + (threads - 1) * half / (size + half)
 
 
 def _predict_s(flops, nbytes, f: KindFactors, ceilings: Ceilings, written=0):
     compute = flops / (f.compute_efficiency * ceilings.flops_per_s)
     memory = nbytes / (f.memory_efficiency * _bandwidths(nbytes, ceilings))
-    serial = serial_share(written, f.half_parallel_bytes, ceilings.threads)
-    return (
-        np.maximum(compute, memory) * serial + f.overhead_calls * ceilings.overhead_s + _fresh_pages(written, ceilings)
-    )
+    roof = np.maximum(compute, memory)
+    serial = serial_share(roof, f.half_parallel_s, ceilings.threads)
+    return roof * serial + f.overhead_calls * ceilings.overhead_s + _fresh_pages(written, ceilings)
 
 
 def _fit_grid(
@@ -427,28 +439,37 @@ def _fit_grid(
     times: np.ndarray,
     ceilings: Ceilings,
     fixed: np.ndarray | float = 0.0,
-    serial: np.ndarray | float = 1.0,
+    half: float = 0.0,
     levels: int = 4,
     coarse: bool = False,
 ) -> tuple[float, ...]:
     """(e_c, e_m, o, loss) by least squares in log time over a grid, refined `levels - 1` times around
-    the best point; `fixed` (seconds per sample, the fresh pages) is added to every prediction and
-    `serial` (the serial share per sample) multiplies its roofline time, neither fitted. `coarse`
-    starts from every other grid point (an eighth of the work)."""
-    log_t = np.log(times)
-    bandwidth = _bandwidths(nbytes, ceilings)
+    the best point; `fixed` (seconds per sample, the fresh pages) is added to every prediction, and
+    the roofline time R at each grid point is multiplied by its serial share with the half-parallel
+    time `half` (`serial_share`), neither fitted. `coarse`
+    starts from every other grid point (an eighth of the work). The grid is evaluated in float32 (six
+    times faster than float64 on the development CPU; the losses it compares differ in the sixth digit)."""
+    f32 = np.float32
+    log_t = np.log(times).astype(f32)
+    # the per-sample terms in seconds at unit factors, so that the grid's products stay in float32's range
+    compute_s = (np.asarray(flops, dtype=float) / ceilings.flops_per_s).astype(f32)
+    memory_s = (np.asarray(nbytes, dtype=float) / _bandwidths(nbytes, ceilings)).astype(f32)
+    fixed = np.asarray(fixed, dtype=f32)
+    parallel = half and ceilings.threads and ceilings.threads > 1
     lc, lm = np.linspace(-3.5, 0.5, 41), np.linspace(-2.5, 2.0, 46)
     lo = np.linspace(-1.0, 3.5, 46)  # log10 of o; o = 0 is tried too
     if coarse:
         lc, lm, lo = lc[::2], lm[::2], lo[::2]
     best = None
     for _ in range(levels):
-        c = 10.0 ** lc[:, None, None, None]
-        m = 10.0 ** lm[None, :, None, None]
-        o = np.concatenate([[0.0], 10.0**lo])[None, None, :, None]
-        pred = np.maximum(flops / (c * ceilings.flops_per_s), nbytes / (m * bandwidth)) * serial
-        pred = pred + o * ceilings.overhead_s + fixed
-        loss = ((np.log(np.maximum(pred, 1e-12)) - log_t) ** 2).mean(-1)
+        c = (10.0 ** lc[:, None, None, None]).astype(f32)
+        m = (10.0 ** lm[None, :, None, None]).astype(f32)
+        o = np.concatenate([[0.0], 10.0**lo])[None, None, :, None].astype(f32)
+        roof = np.maximum(compute_s / c, memory_s / m)
+        if parallel:
+            roof = roof * (1 + (ceilings.threads - 1) * f32(half) / (roof + f32(half)))
+        pred = roof + o * f32(ceilings.overhead_s) + fixed
+        loss = ((np.log(np.maximum(pred, f32(1e-12))) - log_t) ** 2).mean(-1, dtype=f32)
         loss = loss + _PRIOR * (np.log(c[..., 0]) ** 2 + np.log(m[..., 0]) ** 2)
         i, j, k = np.unravel_index(np.argmin(loss), loss.shape)
         best = (10.0 ** lc[i], 10.0 ** lm[j], 0.0 if k == 0 else 10.0 ** lo[k - 1], float(loss[i, j, k]))
@@ -469,15 +490,11 @@ def _fit_times(
     half = 0.0
     if serial and ceilings.threads and ceilings.threads > 1:
         losses = {
-            h: _fit_grid(
-                flops, nbytes, times, ceilings, pages, serial_share(written, h, ceilings.threads), levels=2, coarse=True
-            )[3]
-            for h in SERIAL_HALVES
+            h: _fit_grid(flops, nbytes, times, ceilings, pages, h, levels=2, coarse=True)[3] for h in SERIAL_HALVES
         }
         half = min(losses, key=losses.get)
-    share = serial_share(written, half, ceilings.threads)
-    compute, memory, o, _ = _fit_grid(flops, nbytes, times, ceilings, pages, share)
-    factors = KindFactors(compute, memory, o, samples=len(times), half_parallel_bytes=half)
+    compute, memory, o, _ = _fit_grid(flops, nbytes, times, ceilings, pages, half)
+    factors = KindFactors(compute, memory, o, samples=len(times), half_parallel_s=half)
     errors = np.abs(_predict_s(flops, nbytes, factors, ceilings, written) / times - 1)
     factors.median_abs_error = float(np.median(errors))
     return factors
@@ -486,7 +503,7 @@ def _fit_times(
 def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool = True) -> KindFactors:
     """e_c and e_m fitted on the samples' first calls; o on their hot calls where every sample has
     one (else on the first calls too), and then the hot factors on the hot calls alone. Each fit is
-    least squares in log time over (e_c, e_m, o). With more than one CPU thread, h is the size of
+    least squares in log time over (e_c, e_m, o). With more than one CPU thread, h is the time of
     `SERIAL_HALVES` whose coarse fit (every other grid point, refined once) fits the times best; the
     fits then run under its serial share. `serial=False` fits h = 0 (every call on all threads: the
     model of sweep version 3)."""
@@ -496,9 +513,9 @@ def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool
     factors = _fit_times(flops, nbytes, written, np.array([s.time_s for s in samples], dtype=float), ceilings, serial)
     if all(s.hot_time_s for s in samples):
         hot = np.array([s.hot_time_s for s in samples], dtype=float)
-        share = serial_share(written, factors.half_parallel_bytes, ceilings.threads)
         factors.first_call_overhead = factors.overhead_calls
-        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, _fresh_pages(written, ceilings), share)[2]
+        pages = _fresh_pages(written, ceilings)
+        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages, factors.half_parallel_s)[2]
         factors.hot = _fit_times(flops, nbytes, written, hot, ceilings, serial)
     return factors
 
@@ -533,11 +550,16 @@ class LatencyModel:
             scale * f.overhead_calls * c.overhead_s,
         )
 
-    def serial_factor(self, kind: str, bytes_written: float, factors: KindFactors | None = None) -> float:
-        """S(W): by how much a call of this kind writing `bytes_written` bytes falls short of running on
-        all the calibration's threads (1: not at all); with `factors`, at those (its hot ones)."""
+    def serial_factor(
+        self, kind: str, roofline_s: float, bytes_written: float, factors: KindFactors | None = None
+    ) -> float:
+        """S: by how much a call of this kind with roofline time `roofline_s` (at its factors, without
+        the element scale) falls short of running on all the calibration's threads (1: not at all);
+        with `factors`, at those (its hot ones). Sweep versions 4 and 5 size it by `bytes_written`."""
         f = factors or self.factors_of(kind)
-        return float(serial_share(bytes_written, f.half_parallel_bytes, self.ceilings.threads))
+        if f.half_parallel_bytes:
+            return float(serial_share(bytes_written, f.half_parallel_bytes, self.ceilings.threads))
+        return float(serial_share(roofline_s, f.half_parallel_s, self.ceilings.threads))
 
     def cached_share(self, cost: OpCost) -> float:
         """r of the module's docstring: the share of the bytes a call reads that are still in the
@@ -551,7 +573,9 @@ class LatencyModel:
         """(compute, memory, serial, overhead, fresh pages) seconds of one call at this kind's factors
         (or `factors`, its hot ones); `serial` is what its serial share adds to the larger of the first two."""
         compute, memory, overhead = self.op_time_s(kind, cost.flops, cost.bytes, factors)
-        serial = max(compute, memory) * (self.serial_factor(kind, cost.bytes_written, factors) - 1.0)
+        roof = max(compute, memory)
+        share = self.serial_factor(kind, roof / self.factors_of(kind).element_scale, cost.bytes_written, factors)
+        serial = roof * (share - 1.0)
         return compute, memory, serial, overhead, self.ceilings.fresh_pages_s(cost.bytes_written)
 
     def predict(self, costs: Sequence[OpCost]) -> list[dict]:

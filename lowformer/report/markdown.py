@@ -41,6 +41,7 @@ from .tables import (
     ratio_grid,
     roofline_rows,
     serial_share_formula,
+    serial_share_note,
     verdict,
 )
 
@@ -342,8 +343,7 @@ def _calibration_md(data: dict) -> list[str]:
     if has_serial_share(lm):
         out += [
             "",
-            f"Half parallel at: the output size h at which half of a call's work runs on all {c['threads']} threads; "
-            f"a call takes its roofline time {serial_share_formula(lm)}.",
+            f"Half parallel at: {serial_share_note(lm)}; a call takes its roofline time {serial_share_formula(lm)}.",
         ]
     if has_cache_reuse(lm):
         out += [

@@ -450,14 +450,40 @@ def overhead_from_hot_calls(model: dict) -> bool:
 
 
 def has_serial_share(model: dict) -> bool:
-    """Whether a latency model (`LatencyModel.to_dict()`) has a half-parallel size for any kind (sweep
-    version 4 on, fitted with more than one CPU thread)."""
+    """Whether a latency model (`LatencyModel.to_dict()`) has a half-parallel time (sweep version 6 on)
+    or size (versions 4 and 5) for any kind, fitted with more than one CPU thread."""
+    return any(f.get("half_parallel_s") or f.get("half_parallel_bytes") for f in model["factors"].values())
+
+
+def _serial_by_bytes(model: dict) -> bool:
     return any(f.get("half_parallel_bytes") for f in model["factors"].values())
 
 
 def serial_share_formula(model: dict) -> str:
     """The serial share's factor on a call's roofline time, as the calibration table and report print it."""
-    return f"x (1 + {model['ceilings']['threads'] - 1} x h / (output bytes + h))"
+    size = "output bytes" if _serial_by_bytes(model) else "that time"
+    return f"x (1 + {model['ceilings']['threads'] - 1} x h / ({size} + h))"
+
+
+def serial_share_note(model: dict) -> str:
+    """What h is, as the calibration report explains it."""
+    threads = model["ceilings"]["threads"]
+    if _serial_by_bytes(model):
+        return f"the output size h at which half of a call's work runs on all {threads} threads"
+    return f"the roofline time h at which half of a call's work runs on all {threads} threads"
+
+
+def format_half(f: dict) -> str:
+    """A kind's half-parallel time (or size, sweep versions 4 and 5) as the calibration table shows it."""
+    if f.get("half_parallel_bytes"):
+        return format_bytes(f["half_parallel_bytes"])
+    half = f.get("half_parallel_s") or 0.0
+    return _format_seconds(half) if half else "any size"
+
+
+def _format_seconds(s: float) -> str:
+    us = s * 1e6
+    return f"{us:.1f} us" if us < 10 else f"{us:.0f} us" if us < 1000 else f"{us / 1e3:.1f} ms"
 
 
 def has_cache_reuse(model: dict) -> bool:
@@ -507,8 +533,7 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
             first = f.get("first_call_overhead")
             row.insert(4, "-" if first is None else f"{first * overhead * 1e6:.1f}")
         if serial:
-            half = f.get("half_parallel_bytes") or 0.0
-            row.insert(len(row) - 2, format_bytes(half) if half else "any size")
+            row.insert(len(row) - 2, format_half(f))
         if reuse:
             hot = f.get("hot") or {}
             row[3:3] = [format_share(hot.get("compute_efficiency")), format_share(hot.get("memory_efficiency"))]
