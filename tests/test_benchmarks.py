@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -57,8 +58,6 @@ def test_rejudge_bias_splits_the_error_into_bias_and_spreads():
 
 def test_rejudge_refit_judges_a_sweep_refitted_with_this_fit(tmp_path):
     """`--refit` adds NAME-refit, the model's own samples fitted again, judged on the same stored run."""
-    import json
-
     from lowformer.analyze.latency import Sample, fit_latency_model
     from lowformer.measure.calibrate import Ceilings
 

@@ -467,10 +467,8 @@ def serial_share_formula(model: dict) -> str:
 
 def serial_share_note(model: dict) -> str:
     """What h is, as the calibration report explains it."""
-    threads = model["ceilings"]["threads"]
-    if _serial_by_bytes(model):
-        return f"the output size h at which half of a call's work runs on all {threads} threads"
-    return f"the roofline time h at which half of a call's work runs on all {threads} threads"
+    size = "output size" if _serial_by_bytes(model) else "roofline time"
+    return f"the {size} h at which half of a call's work runs on all {model['ceilings']['threads']} threads"
 
 
 def format_half(f: dict) -> str:
