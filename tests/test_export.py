@@ -62,10 +62,29 @@ def _fp16_copy(path: Path) -> Path:
     return fp16
 
 
+@pytest.fixture(scope="module")
+def exports(module_dir):
+    """Files exported once and read by several tests: `exports(name, format)` -> (model, path), made
+    on first use. ONNX: dynamo, 64x96, batch dynamic (the every-model test's export); TorchScript:
+    traced at 64x96. The model is `_deployed(name)`, seed 0."""
+    made = {}
+
+    def get(name: str, format: str = "onnx") -> tuple[torch.nn.Module, Path]:
+        if (name, format) not in made:
+            model = _deployed(name)
+            if format == "onnx":
+                path = export(model, module_dir / f"{name}_batch.onnx", "onnx", (64, 96), dynamic_batch=True)
+            else:
+                path = export(model, module_dir / f"{name}.pt", "torchscript", (64, 96))
+            made[name, format] = (model, path)
+        return made[name, format]
+
+    return get
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_onnx_every_model_dynamic_batch_fp32_and_fp16(name, tmp_path):
-    model = _deployed(name)
-    path = export(model, tmp_path / f"{name}.onnx", "onnx", (64, 96), dynamic_batch=True)
+def test_onnx_every_model_dynamic_batch_fp32_and_fp16(name, exports):
+    model, path = exports(name)
     assert _input_dims(path) == ["batch", 3, 64, 96]
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert props["lowformer.exporter"] == "dynamo" and _opset(path) == DEFAULT_OPSET == 18
@@ -197,9 +216,8 @@ def test_a_model_that_fixes_its_size_is_told_to_export_a_fixed_size(tmp_path):
 
 
 @pytest.mark.parametrize("name", SUBSET)
-def test_torchscript_traced_graph_follows_the_input_shape(name, tmp_path):
-    model = _deployed(name)
-    path = export(model, tmp_path / f"{name}.pt", "torchscript", (64, 96))
+def test_torchscript_traced_graph_follows_the_input_shape(name, exports):
+    model, path = exports(name, "torchscript")
     report = verify(model, path, "torchscript", (64, 96), dynamic_batch=True, dynamic_size=True)
     assert len(report.input_shapes) == 3
     assert report.passed, report.summary()
@@ -309,13 +327,14 @@ def test_fp16_verify_catches_an_overflow_inside_the_graph(exporter, tmp_path):
     assert report.checks[0].overflowed[0] == conv.output[0] and "fp16 tensors overflow" in report.summary()
 
 
-def test_verify_fails_for_a_file_from_other_weights(tmp_path):
-    path = export(_deployed("lowformer_b0", seed=0), tmp_path / "m.onnx", "onnx", (64, 64))
-    report = verify(_deployed("lowformer_b0", seed=10), path, "onnx", (64, 64))
+def test_verify_fails_for_a_file_from_other_weights(exports):
+    other = _deployed("lowformer_b0", seed=10)
+    _, path = exports("lowformer_b0")  # the weights of seed 0
+    report = verify(other, path, "onnx", (64, 96))
     assert report.finite and not report.passed
     assert report.max_rel_err > 1e-2 and "FAILED" in report.summary()
-    ts = export(_deployed("lowformer_b0", seed=0), tmp_path / "m.pt", "torchscript", (64, 64))
-    assert not verify(_deployed("lowformer_b0", seed=10), ts, "torchscript", (64, 64)).passed
+    _, ts = exports("lowformer_b0", "torchscript")
+    assert not verify(other, ts, "torchscript", (64, 96)).passed
 
 
 def test_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -515,11 +534,14 @@ def test_cli_disk_full_is_one_line_and_leaves_nothing(full_disk, capsys):
     assert (full_disk / "old.onnx").read_bytes() == b"an earlier export"
 
 
-def test_disk_full_in_the_library_keeps_the_old_file(tmp_path, monkeypatch):
+def test_disk_full_in_the_library_keeps_the_old_file(tmp_path, monkeypatch, exports):
     from lowformer.errors import OutputError
 
     path = tmp_path / "m.onnx"
     path.write_bytes(b"previous")
+    # the graph export() writes: the bytes of the same model's export, not a second export of it
+    data = exports("lowformer_b0")[1].read_bytes()
+    monkeypatch.setattr("lowformer.export.exporter.onnx_bytes", lambda *args: data)
 
     def full(self, data):
         with open(self, "wb") as f:
