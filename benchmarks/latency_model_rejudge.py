@@ -16,7 +16,10 @@ a serial share, its sweep refitted without one (NAME-noserial: every call on all
 adds, for each model fitted without hot-call factors (sweep version 4 and before) whose sweep timed hot
 calls, its sweep refitted with them and this machine's private cache size (NAME-reuse: the cache reuse of
 sweep version 5), and `--without-reuse`, for each model with them, the same model without cache reuse
-(NAME-noreuse: every call at its first-call time). `--refit` adds, for each model whose sweep timed
+(NAME-noreuse: every call at its first-call time). `--without-layout` adds, for each model with the
+kinds of sweep version 7 that depend on an input's layout (`FALLBACK_KINDS`), the same model without
+their factors (NAME-nolayout: those calls at the factors of the kind they were split off, as files of
+version 6 and before predict them). `--refit` adds, for each model whose sweep timed
 hot calls, its sweep refitted with this version's fit (NAME-refit: a new fit judged on the samples an
 older one was fitted on, with the cache size the model has). `--bias` also splits every judged model's error into
 what stays the same whichever latency model and run predict it (its bias: the log of predicted over
@@ -39,6 +42,7 @@ from pathlib import Path
 
 from lowformer._io import write_json, write_text
 from lowformer.analyze.latency import LatencyModel, Sample, fit_latency_model, read_latency_model
+from lowformer.analyze.opkinds import FALLBACK_KINDS
 from lowformer.analyze.predict import predict_costs
 from lowformer.bench.models import build_source
 from lowformer.measure import stats
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         "--with-reuse", action="store_true", help="also refit each model with hot-call factors (cache reuse)"
     )
     p.add_argument("--without-reuse", action="store_true", help="also predict with each model's cache reuse off")
+    p.add_argument(
+        "--without-layout",
+        action="store_true",
+        help="also predict with each model's layout kinds dropped (their calls at the kind they were split off)",
+    )
     p.add_argument("--refit", action="store_true", help="also refit each model's sweep with this version's fit")
     p.add_argument(
         "--bias",
@@ -235,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             models[f"{name}-reuse"] = fit_latency_model(lm.samples, lm.ceilings, lm.settings, cache_bytes=cache)
         if args.without_reuse and lm.cache_bytes:
             models[f"{name}-noreuse"] = dataclasses.replace(lm, cache_bytes=0)
+        if args.without_layout and FALLBACK_KINDS.keys() & lm.factors.keys():
+            factors = {k: f for k, f in lm.factors.items() if k not in FALLBACK_KINDS}
+            models[f"{name}-nolayout"] = dataclasses.replace(lm, factors=factors)
         if args.refit and lm.samples and all(x.hot_time_s for x in lm.samples):
             models[f"{name}-refit"] = fit_latency_model(
                 lm.samples, lm.ceilings, lm.settings, cache_bytes=lm.cache_bytes

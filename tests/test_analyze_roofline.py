@@ -7,6 +7,7 @@ and the prediction, `analyze models` and the command line end to end on tiny mod
 small sizes and short policies: nothing here depends on how fast this machine is.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -112,6 +113,74 @@ def test_depthwise_conv_costs():
     assert cost.macs == {"depthwise_conv": 3 * 8 * 120 * 9}
     assert cost.flops == 2 * 3 * 8 * 120 * 9
     assert (cost.bytes_read, cost.bytes_weights, cost.bytes_written) == (3 * 960 * F32, 8 * 9 * F32, 3 * 960 * F32)
+
+
+class _TokensDepthwise(nn.Module):
+    """A 3x3 depthwise conv on a token sequence (B, H*W, C) viewed as an image, as PVT-v2's MLP runs it."""
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        return self.conv(x.transpose(1, 2).view(b, c, self.size, self.size))
+
+
+def test_depthwise_conv_on_tokens_is_a_kind_of_its_own():
+    """The same depthwise conv costs the same on a token view, but runs another kernel: at batch 1 the
+    view is strided (its batch stride is C) and the conv copies it to NCHW first; at batch 2 it is
+    channels-last. `image_layout` says what PyTorch's convolution decides."""
+    image = _one(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), (1, 8, 10, 10))
+    assert image.layout == "nchw"
+    assert opkinds.fit_kind(image.name, image.input_shapes, image.transposed, image.bytes) == "depthwise_conv"
+    for batch, layout in ((1, "strided"), (2, "channels_last")):
+        *views, cost = count_op_costs(_TokensDepthwise(8, 10), (batch, 100, 8))
+        assert [v.name for v in views] == ["aten::transpose", "aten::view"] and not any(v.bytes for v in views)
+        assert cost.layout == layout
+        assert (cost.flops, cost.bytes_read, cost.bytes_weights, cost.bytes_written) == (
+            batch * image.flops,
+            batch * image.bytes_read,
+            image.bytes_weights,
+            batch * image.bytes_written,
+        )
+        kind = opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout)
+        assert kind == f"depthwise_conv_{layout}"
+    # a larger kernel keeps its kind
+    assert opkinds.fit_kind("aten::conv2d", [[1, 8, 9, 9], [8, 1, 7, 7]], layout="strided") == "depthwise_conv_large"
+
+
+def test_image_layout_is_the_one_the_convolution_runs():
+    """On a strided input PyTorch's convolution copies the input to NCHW (and writes NCHW); on a
+    channels-last one it copies nothing and writes channels-last. A token view at batch 1 is strided
+    though `is_contiguous(memory_format=torch.channels_last)` says it is channels-last."""
+    from torch.profiler import profile
+
+    from lowformer.measure.opcost import image_layout
+
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8).eval()
+    tokens = torch.randn(1, 25, 8).transpose(1, 2).view(1, 8, 5, 5)
+    assert tokens.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 5, 5)
+    inputs = {
+        "strided": [tokens, x.permute(0, 1, 3, 2)],
+        "channels_last": [
+            x.contiguous(memory_format=torch.channels_last),
+            torch.randn(2, 25, 8).transpose(1, 2).view(2, 8, 5, 5),
+        ],
+        "nchw": [x, x[:1, :4].repeat(1, 2, 1, 1)],
+    }
+    with torch.no_grad():
+        for layout, tensors in inputs.items():
+            for t in tensors:
+                assert image_layout(t) == layout
+                with profile() as prof:
+                    out = conv(t)
+                copied = any(e.name in ("aten::contiguous", "aten::clone") for e in prof.events())
+                assert copied == (layout == "strided"), layout
+                assert image_layout(out) == ("channels_last" if layout == "channels_last" else "nchw"), layout
+    assert image_layout(torch.zeros(2, 8, 5)) == ""
 
 
 class _Add(nn.Module):
@@ -563,14 +632,34 @@ def test_older_sweep_files_still_load(latency_model):
         LatencyModel.from_dict({**old, "sweep_version": 99})
 
 
+def test_a_file_without_a_later_kind_uses_the_kind_it_split_from(latency_model):
+    """Sweep versions before 7 have no channels-last depthwise case: their files predict those calls
+    with the depthwise conv's factors, and a kind no sweep has with the elementwise ones."""
+    old = latency_model.to_dict()
+    old["sweep_version"] = 6
+    del old["factors"]["depthwise_conv_channels_last"], old["factors"]["depthwise_conv_strided"]
+    model = LatencyModel.from_dict(old)
+    for kind in ("depthwise_conv_channels_last", "depthwise_conv_strided"):
+        assert model.factors_of(kind) is model.factors["depthwise_conv"]
+        fitted = latency_model.factors_of(kind)
+        assert fitted is not latency_model.factors["depthwise_conv"] and fitted.samples > 0
+    assert model.factors_of("no such kind") is model.factors["elementwise"]
+    calls = [p for p in model.predict(count_op_costs(_TokensDepthwise(16, 8), (1, 64, 16))) if p["flops"]]
+    image = model.predict(count_op_costs(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), (1, 16, 8, 8)))
+    assert [p["fit_kind"] for p in calls] == ["depthwise_conv_strided"]
+    assert calls[0]["predicted_s"] == pytest.approx(image[0]["predicted_s"])
+
+
 def test_every_case_runs_one_call_of_its_kind():
     """The sweep counts a case without the profiler, as one call: the profiler's walk must find one
     top-level call of the case's kind with the same FLOPs and bytes."""
     for case in CASES:
         module, shape = case.build(32, 8, 2)
-        (cost,) = count_op_costs(module, shape)
-        assert opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes) == case.kind, case.label
-        swept = latency._case_cost(module, shape)
+        x = latency._laid_out(torch.zeros(shape, device="meta"), case.layout)
+        (cost,) = op_costs(copy.deepcopy(module).to("meta"), x)
+        kind = opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout)
+        assert kind == case.kind, case.label
+        swept = latency._case_cost(module, shape, case.layout)
         assert (swept.flops, swept.bytes, swept.bytes_written) == (cost.flops, cost.bytes, cost.bytes_written)
     assert {case.kind for case in CASES} == set(opkinds.FIT_KINDS)
 
@@ -592,6 +681,10 @@ def test_call_cost_sums_every_aten_call_and_tells_no_call_apart():
     assert dropout is not None and dropout.bytes == 0
     channels_last = latency._Op(lambda x: x.contiguous(memory_format=torch.channels_last))
     assert latency._case_cost(channels_last, (1, 8, 1, 1)) is None
+    # at one pixel and batch 1 an image is NCHW and channels-last at once: the layout cases are not swept there
+    for case in [c for c in CASES if c.layout != "nchw"]:
+        assert latency._case_cost(case.build(8, 1, 1)[0], (1, 8, 1, 1), case.layout) is None
+        assert latency._case_cost(case.build(8, 2, 1)[0], (1, 8, 2, 2), case.layout).layout == case.layout
 
 
 @pytest.mark.parametrize(

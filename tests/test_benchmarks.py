@@ -56,6 +56,19 @@ def test_rejudge_bias_splits_the_error_into_bias_and_spreads():
     assert "spread across latency models -," in rejudge.bias_markdown(entries, ["m1"], "cmd")  # one: none
 
 
+def _stored_run(tmp_path):
+    """A stored `analyze models` run of two timm test models at batch 1, 32 px: (its folder, its results)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    results = [
+        {"model": m, "mode": "latency", "batch_size": 1, "status": "ok", "latency_ms_p50": t, "macs": macs,
+         "image_height": 32, "image_width": 32}
+        for m, t, macs in [("timm:test_resnet", 2.0, 3), ("timm:test_efficientnet", 1.0, 2)]
+    ]  # fmt: skip
+    (run / "models.json").write_text(json.dumps({"bench": {"results": results}}))
+    return run, results
+
+
 def test_rejudge_refit_judges_a_sweep_refitted_with_this_fit(tmp_path):
     """`--refit` adds NAME-refit, the model's own samples fitted again, judged on the same stored run."""
     from lowformer.analyze.latency import Sample, fit_latency_model
@@ -71,14 +84,7 @@ def test_rejudge_refit_judges_a_sweep_refitted_with_this_fit(tmp_path):
     stored = fit_latency_model(samples, ceilings)
     stored.factors["conv_1x1"].compute_efficiency *= 2  # an older fit: not what this version fits
     (tmp_path / "lm.json").write_text(json.dumps(stored.to_dict()))
-    run = tmp_path / "run"
-    run.mkdir()
-    results = [
-        {"model": m, "mode": "latency", "batch_size": 1, "status": "ok", "latency_ms_p50": t, "macs": macs,
-         "image_height": 32, "image_width": 32}
-        for m, t, macs in [("timm:test_resnet", 2.0, 3), ("timm:test_efficientnet", 1.0, 2)]
-    ]  # fmt: skip
-    (run / "models.json").write_text(json.dumps({"bench": {"results": results}}))
+    run, results = _stored_run(tmp_path)
     rejudge.main(
         ["--runs", str(run), "--models", f"old={tmp_path / 'lm.json'}", "--refit", "--out", str(tmp_path / "o")]
     )
@@ -91,3 +97,26 @@ def test_rejudge_refit_judges_a_sweep_refitted_with_this_fit(tmp_path):
     for name, error in errors.items():  # the refit predicts what fitting the samples now predicts
         predicted = rejudge.predict_costs(rejudge._costs(name, 1, (32, 32), {}), refit)["predicted_ms"]
         assert error == pytest.approx(predicted / measured[name] - 1)
+
+
+def test_rejudge_without_layout_drops_the_layout_kinds_only(tmp_path):
+    """`--without-layout` adds NAME-nolayout for a model with the layout kinds of sweep version 7 (those
+    calls then at the factors of the kind they were split off) and for no other model; a network
+    without such calls is predicted the same by both."""
+    from lowformer.analyze.latency import KindFactors, LatencyModel
+    from lowformer.measure.calibrate import Ceilings
+
+    rejudge = _script("latency_model_rejudge")
+    ceilings = Ceilings("cpu", "test cpu", "fp32", 2, "wall", "0", 100e9, 10e9, 2e-6)
+    kinds = ("conv_kxk", "conv_1x1", "batch_norm", "activation", "elementwise", "depthwise_conv")
+    factors = {k: KindFactors(0.5, 0.5, 1.0) for k in kinds}
+    old = LatencyModel(ceilings, factors, sweep_version=6)
+    new = LatencyModel(ceilings, {**factors, "depthwise_conv_strided": KindFactors(0.01, 0.01, 50.0)})
+    for name, model in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(model.to_dict()))
+    run, _ = _stored_run(tmp_path)
+    models = [f"old={tmp_path / 'old.json'}", f"new={tmp_path / 'new.json'}"]
+    rejudge.main(["--runs", str(run), "--models", *models, "--without-layout", "--out", str(tmp_path / "o")])
+    (entry,) = json.loads((tmp_path / "o" / "rejudged.json").read_text())["entries"]
+    assert {"old", "new", "new-nolayout"} <= set(entry) and "old-nolayout" not in entry
+    assert entry["new-nolayout"]["errors"] == entry["new"]["errors"] == entry["old"]["errors"]

@@ -52,7 +52,8 @@ per call in units of O (a convolution's primitive set-up costs more than a tiny 
 scale inside whole blocks.
 
 The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
-3x3 convs, depthwise convs of 1-7 px kernels, linears on tokens, attention products, norms,
+3x3 convs, depthwise convs of 1-7 px kernels (3x3 also on channels-last and strided inputs, which run
+other kernels), linears on tokens, attention products, norms,
 activations, elementwise ops, pools, copies, views) built alone at a range of channels, resolutions
 and batch sizes, timed with the measuring core interleaved with each other, and fitted in log space
 (relative errors), so no model that the prediction is judged on ever informs it. Each round calls
@@ -68,6 +69,7 @@ on the hot calls. The fit is cached next to the calibration.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import json
@@ -87,21 +89,22 @@ from torch import nn
 from .._io import write_json
 from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
 from ..measure.env import private_cache_bytes, usable_cpus
-from ..measure.opcost import COST_CONVENTION, OpCost, count_call_cost, count_op_costs
+from ..measure.opcost import COST_CONVENTION, OpCost, call_cost, image_layout, op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
-from .opkinds import fit_kind
+from .opkinds import FALLBACK_KINDS, fit_kind
 
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 6  # bump when the cases, their grid, their timing or the fit change
+SWEEP_VERSION = 7  # bump when the cases, their grid, their timing or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
 # 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
 # 3 without the serial share (h = 0: every call runs on all threads); 4 without hot-call factors (no
 # cache reuse: every call at its first-call time); 4 and 5 sized the serial share by output bytes, 5
-# warmed each CPU case up with two calls, not one
-READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6)
+# warmed each CPU case up with two calls, not one; 1-6 have no depthwise cases on channels-last or strided
+# inputs (their files predict those calls with the NCHW depthwise conv's factors)
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 # the half-parallel times h tried per kind (roofline seconds; 0: always parallel): 1 us to 10 ms
 SERIAL_HALVES = (0.0, *(10.0 ** (e / 4) for e in range(-24, -7)))
 
@@ -144,11 +147,13 @@ Built = tuple[nn.Module, tuple[int, ...]]  # (module, input shape with batch)
 @dataclass(frozen=True)
 class OpCase:
     """One operator of the micro-sweep: `build(channels, resolution, batch)` gives the module and its
-    input shape. The module runs exactly one top-level ATen call of kind `kind`."""
+    input shape. The module runs exactly one top-level ATen call of kind `kind`, on an input laid out as
+    `layout` says (`lowformer.measure.opcost.image_layout`)."""
 
     kind: str
     label: str
     build: Callable[[int, int, int], Built]
+    layout: str = "nchw"  # of the input: "nchw", "channels_last" or "strided" (`_laid_out`)
 
 
 def _image(c: int, r: int, b: int) -> tuple[int, ...]:
@@ -221,6 +226,18 @@ CASES: tuple[OpCase, ...] = (
     OpCase("conv_kxk", "3x3 s2 3->C (stem)", _conv(lambda c: 3, lambda c: c, 3, stride=2)),
     OpCase("grouped_conv", "3x3 groups C/16", _conv(lambda c: c, lambda c: c, 3, groups=lambda c: max(1, c // 16))),
     OpCase("depthwise_conv", "dw 3x3", _conv(lambda c: c, lambda c: c, 3, groups="depthwise")),
+    OpCase(
+        "depthwise_conv_channels_last",
+        "dw 3x3, channels-last input",
+        _conv(lambda c: c, lambda c: c, 3, groups="depthwise"),
+        layout="channels_last",
+    ),
+    OpCase(
+        "depthwise_conv_strided",
+        "dw 3x3, strided input (tokens as an image)",
+        _conv(lambda c: c, lambda c: c, 3, groups="depthwise"),
+        layout="strided",
+    ),
     OpCase("depthwise_conv_large", "dw 5x5", _conv(lambda c: c, lambda c: c, 5, groups="depthwise")),
     OpCase("depthwise_conv_large", "dw 7x7", _conv(lambda c: c, lambda c: c, 7, groups="depthwise")),
     OpCase("depthwise_conv", "dw 3x3 s2", _conv(lambda c: c, lambda c: c, 3, stride=2, groups="depthwise")),
@@ -305,18 +322,35 @@ class Sample:
         return asdict(self)
 
 
-def _case_cost(module: nn.Module, shape: tuple[int, ...]) -> OpCost | None:
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The image `x` laid out as `layout` says (`lowformer.measure.opcost.image_layout`): "strided" is a
+    sequence of H*W tokens of B x C values viewed as a B x C x H x W image (memory order H, W, B, C); at
+    batch 1 that is what a (1, H*W, C) token sequence viewed as an image is, which a network hands its
+    depthwise convs at batch 1 (at larger batches, (B, H*W, C) tokens viewed so are channels-last)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        return x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    return x
+
+
+def _case_cost(module: nn.Module, shape: tuple[int, ...], layout: str = "nchw") -> OpCost | None:
     """The one top-level call of a case, counted on the meta device; None when the case has nothing
-    to do at this shape (a layout change of a tensor that already has it). Counted without the
-    profiler (`count_call_cost`; the tests check that every case runs one top-level call); a case
-    whose call reaches no ATen operator is asked the profiler whether it runs one."""
-    cost = count_call_cost(module, shape)
-    if cost is not None:
-        return cost
-    costs = count_op_costs(module, shape)
-    if len(costs) > 1:
-        raise RuntimeError(f"an operator case must run one top-level call, got {[c.name for c in costs]}")
-    return costs[0] if costs else None
+    to do at this shape (a layout change of a tensor that already has it, an input that cannot have
+    the case's layout at this shape: one pixel is NCHW and channels-last at once). Counted without the
+    profiler (`call_cost`; the tests check that every case runs one top-level call); a case whose call
+    reaches no ATen operator is asked the profiler whether it runs one."""
+    module = copy.deepcopy(module).to("meta")
+    x = _laid_out(torch.zeros(shape, device="meta"), layout)
+    if len(shape) == 4 and image_layout(x) != layout:
+        return None
+    cost = call_cost(module, x)
+    if cost is None:
+        costs = op_costs(module, x)
+        if len(costs) > 1:
+            raise RuntimeError(f"an operator case must run one top-level call, got {[c.name for c in costs]}")
+        cost = costs[0] if costs else None
+    return cost
 
 
 def run_op_sweep(
@@ -355,11 +389,11 @@ def run_op_sweep(
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
                     module, shape = case.build(c, r, b)
-                cost = _case_cost(module, shape)  # on a copy: the module is not touched
+                cost = _case_cost(module, shape, case.layout)  # on a copy: the module is not touched
                 if cost is None or cost.flops > limits.max_flops or cost.bytes > limits.max_bytes:
                     continue
                 module = module.to(device).eval()
-                x = make_input(shape, device)
+                x = _laid_out(make_input(shape, device), case.layout)
                 ready.append((case, cost, Candidate(case.label, functools.partial(module, x), timer)))
             times = interleave([candidate for _, _, candidate in ready], rounds)
             for (case, cost, _), t in zip(ready, times):
@@ -533,7 +567,14 @@ class LatencyModel:
     cache_bytes: int = 0  # the caches private to the threads; 0: no cache reuse (every call at its first-call time)
 
     def factors_of(self, kind: str) -> KindFactors:
-        return self.factors.get(kind) or self.factors.get("elementwise") or DEFAULT_FACTORS
+        """A kind's factors; a kind split off another after the sweep that fitted these
+        (`FALLBACK_KINDS`) has that one's, any other kind without samples the elementwise ones."""
+        return (
+            self.factors.get(kind)
+            or self.factors.get(FALLBACK_KINDS.get(kind, ""))
+            or self.factors.get("elementwise")
+            or DEFAULT_FACTORS
+        )
 
     def op_time_s(
         self, kind: str, flops: float, nbytes: float, factors: KindFactors | None = None
@@ -591,7 +632,7 @@ class LatencyModel:
 
         out = []
         for cost in costs:
-            kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes)
+            kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout)
             terms = self._terms(kind, cost)
             compute, memory, serial, overhead, pages = terms
             roof, first = max(compute, memory) + serial, total(terms)
@@ -656,7 +697,7 @@ def fit_latency_model(
     serial: bool = True,
     cache_bytes: int = 0,
 ) -> LatencyModel:
-    """Fit every kind that has samples; kinds without any use the elementwise factors. `serial=False`:
+    """Fit every kind that has samples; kinds without any use another's (`LatencyModel.factors_of`). `serial=False`:
     without the serial share (see `fit_kind_factors`); `cache_bytes`: the caches private to the threads
     (0: no cache reuse)."""
     by_kind: dict[str, list[Sample]] = {}

@@ -125,6 +125,7 @@ class OpCost:
     # since the last call that touched that storage (the previous pass's, for its first use: the model
     # runs again and again when it is timed); see `reuse_distances`
     reads_reuse: list[list[int]] = field(default_factory=list)
+    layout: str = ""  # of its first input, when that is an image (`image_layout`): "nchw", "channels_last", "strided"
 
     @property
     def bytes(self) -> int:
@@ -148,6 +149,7 @@ class _Leaf:
     flops: int
     reads: list[tuple[int, int, int, bool]]  # (storage, first byte, end byte, is weight)
     writes: list[tuple[int, int]]  # (storage, bytes)
+    layout: str = ""  # of its first input (`image_layout`)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -166,6 +168,35 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
     first = t.storage_offset() * t.element_size()
     return first, first + span * t.element_size()
+
+
+def _strides_like_channels_last(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """PyTorch's test of whether a 4-D tensor's strides order its memory as N, H, W, C
+    (c10's `is_channels_last_strides_2d`): from C to W to H to N, each stride at least what the
+    dimensions before it span (one of size 1 spans nothing more); a batch whose stride is as small as
+    C's (N x 1 x 1 x 1, ambiguous) counts as NCHW."""
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def image_layout(t: torch.Tensor) -> str:
+    """How a 4-D tensor is laid out for the operators that read images (convolutions pick their kernel
+    by it, as `Tensor.suggest_memory_format` says): "channels_last" when its strides order its memory as
+    N, H, W, C; "nchw" when it is contiguous; else "strided", which a convolution first copies to NCHW
+    (a token sequence (1, H*W, C) viewed as a 1 x C x H x W image is one: its batch stride is C, so it
+    is not channels-last-like, though `is_contiguous(memory_format=torch.channels_last)` says it is
+    channels-last; at batch 2 and more the same view is channels-last). "" for other tensors."""
+    if t.dim() != 4:
+        return ""
+    if _strides_like_channels_last(t.shape, t.stride()):
+        return "channels_last"
+    return "nchw" if t.is_contiguous() else "strided"
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
@@ -225,7 +256,7 @@ class _CostWalk(TorchDispatchMode):
             flops = max((t.numel() for t in inputs + outputs), default=0)
         reads = [(_storage(t), *_byte_range(t), _storage(t) in self.weights) for t in inputs]
         writes = [(_storage(t), _nbytes(t)) for t in outputs]
-        return _Leaf(name, macs, flops, reads, writes)
+        return _Leaf(name, macs, flops, reads, writes, image_layout(inputs[0]) if inputs else "")
 
 
 @contextmanager
@@ -342,6 +373,7 @@ def _add_traffic(cost: OpCost, group: list[_Leaf]) -> tuple[dict[int, int], set[
     consumed: set[int] = set()  # ... and read again inside it (intermediates)
     read: dict[int, list[tuple[int, int]]] = {}  # storages read from outside -> byte ranges
     weights: set[int] = set()
+    cost.layout = next((leaf.layout for leaf in group if leaf.reads), "")
     for leaf in group:
         cost.leaf_ops.append(leaf.name)
         cost.flops += leaf.flops
