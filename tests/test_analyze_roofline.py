@@ -633,8 +633,8 @@ def test_older_sweep_files_still_load(latency_model):
 
 
 def test_a_file_without_a_later_kind_uses_the_kind_it_split_from(latency_model):
-    """Sweep versions before 7 have no channels-last depthwise case: their files predict those calls
-    with the depthwise conv's factors, and a kind no sweep has with the elementwise ones."""
+    """Sweep versions before 7 have no depthwise cases on channels-last or strided inputs: their files
+    predict those calls with the depthwise conv's factors, and a kind no sweep has with the elementwise ones."""
     old = latency_model.to_dict()
     old["sweep_version"] = 6
     del old["factors"]["depthwise_conv_channels_last"], old["factors"]["depthwise_conv_strided"]
