@@ -69,7 +69,6 @@ on the hot calls. The fit is cached next to the calibration.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import functools
 import json
@@ -89,6 +88,7 @@ from torch import nn
 from .._io import write_json
 from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
 from ..measure.env import private_cache_bytes, usable_cpus
+from ..measure.memory import meta_copy
 from ..measure.opcost import COST_CONVENTION, OpCost, call_cost, image_layout, op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
@@ -340,7 +340,7 @@ def _case_cost(module: nn.Module, shape: tuple[int, ...], layout: str = "nchw") 
     the case's layout at this shape: one pixel is NCHW and channels-last at once). Counted without the
     profiler (`call_cost`; the tests check that every case runs one top-level call); a case whose call
     reaches no ATen operator is asked the profiler whether it runs one."""
-    module = copy.deepcopy(module).to("meta")
+    module = meta_copy(module)
     x = _laid_out(torch.zeros(shape, device="meta"), layout)
     if len(shape) == 4 and image_layout(x) != layout:
         return None
