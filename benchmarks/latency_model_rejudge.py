@@ -19,7 +19,8 @@ sweep version 5), and `--without-reuse`, for each model with them, the same mode
 (NAME-noreuse: every call at its first-call time). `--without-layout` adds, for each model with the
 kinds of sweep version 7 that depend on an input's layout (`FALLBACK_KINDS`), the same model without
 their factors (NAME-nolayout: those calls at the factors of the kind they were split off, as files of
-version 6 and before predict them). `--refit` adds, for each model whose sweep timed
+version 6 and before predict them); `--without-kind KIND` (repeatable, one of them) adds the same model
+without that one kind's factors (NAME-no-KIND). `--refit` adds, for each model whose sweep timed
 hot calls, its sweep refitted with this version's fit (NAME-refit: a new fit judged on the samples an
 older one was fitted on, with the cache size the model has). `--bias` also splits every judged model's error into
 what stays the same whichever latency model and run predict it (its bias: the log of predicted over
@@ -203,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also predict with each model's layout kinds dropped (their calls at the kind they were split off)",
     )
+    p.add_argument(
+        "--without-kind",
+        action="append",
+        default=[],
+        choices=sorted(FALLBACK_KINDS),
+        metavar="KIND",
+        help=f"also predict with one split-off kind dropped (repeatable; one of {', '.join(sorted(FALLBACK_KINDS))})",
+    )
     p.add_argument("--refit", action="store_true", help="also refit each model's sweep with this version's fit")
     p.add_argument(
         "--bias",
@@ -247,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.without_layout and FALLBACK_KINDS.keys() & lm.factors.keys():
             factors = {k: f for k, f in lm.factors.items() if k not in FALLBACK_KINDS}
             models[f"{name}-nolayout"] = dataclasses.replace(lm, factors=factors)
+        for kind in dict.fromkeys(args.without_kind):
+            if kind in lm.factors:
+                factors = {k: f for k, f in lm.factors.items() if k != kind}
+                models[f"{name}-no-{kind}"] = dataclasses.replace(lm, factors=factors)
         if args.refit and lm.samples and all(x.hot_time_s for x in lm.samples):
             models[f"{name}-refit"] = fit_latency_model(
                 lm.samples, lm.ceilings, lm.settings, cache_bytes=lm.cache_bytes

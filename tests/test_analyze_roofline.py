@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lowformer.analyze import latency, opkinds, predict, roofline
 from lowformer.analyze.latency import CASES, KindFactors, LatencyModel, Sample, fit_kind_factors, run_op_sweep
@@ -181,6 +182,63 @@ def test_image_layout_is_the_one_the_convolution_runs():
                 assert copied == (layout == "strided"), layout
                 assert image_layout(out) == ("channels_last" if layout == "channels_last" else "nchw"), layout
     assert image_layout(torch.zeros(2, 8, 5)) == ""
+
+
+class _Attention(nn.Module):
+    """Attention on a conv's output: q, k and v are transposed chunks of one (B, heads, 3 x head_dim,
+    tokens) tensor, as LowFormer's attention makes them (`transposed`), or chunks of a
+    (B, heads, tokens, 3 x head_dim) one, whose rows stay contiguous."""
+
+    def __init__(self, heads: int, transposed: bool) -> None:
+        super().__init__()
+        self.heads, self.transposed = heads, transposed
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if self.transposed:
+            q, k, v = (t.transpose(-1, -2) for t in x.reshape(b, self.heads, c // self.heads, h * w).chunk(3, 2))
+        else:
+            q, k, v = x.reshape(b, self.heads, h * w, c // self.heads).chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_sdpa_on_a_strided_head_dimension_is_a_kind_of_its_own():
+    """The same attention costs the same whether its head dimension is contiguous or not, but runs
+    another kernel; `inner_stride` records which."""
+    rows, strided = (count_op_costs(_Attention(2, t), (1, 96, 7, 7))[-1] for t in (False, True))
+    assert (rows.inner_stride, strided.inner_stride) == (1, 49)
+    assert (rows.flops, rows.bytes) == (strided.flops, strided.bytes)
+    kinds = [
+        opkinds.fit_kind(c.name, c.input_shapes, c.transposed, c.bytes, c.layout, c.inner_stride)
+        for c in (rows, strided)
+    ]
+    assert kinds == ["sdpa", "sdpa_strided"]
+    assert opkinds.fit_kind("aten::matmul", [[1, 2, 49, 16], [1, 2, 16, 49]], inner_stride=49) == "matmul"
+
+
+def test_inner_stride_is_what_sdpa_decides():
+    """PyTorch's SDPA runs its fused CPU kernel on exactly the queries `inner_stride` gives 1: contiguous
+    ones and permuted ones with contiguous rows; a transposed query (the latency model's "transposed"
+    case, LowFormer's chunks) runs as matmuls and a softmax."""
+    from torch.profiler import profile
+
+    from lowformer.measure.opcost import inner_stride
+
+    x = torch.randn(2, 2, 49, 96)
+    queries = {
+        "contiguous": x[..., :32].contiguous(),
+        "permuted rows": torch.randn(2, 49, 2, 32).transpose(1, 2),
+        "chunk of rows": x.chunk(3, -1)[0],
+        "transposed": latency._laid_out(x[..., :32].contiguous(), "transposed"),
+        "transposed chunk": x.transpose(-1, -2).contiguous().chunk(3, 2)[0].transpose(-1, -2),
+    }
+    for name, q in queries.items():
+        assert q.shape == (2, 2, 49, 32), name
+        with torch.no_grad(), profile() as prof:
+            F.scaled_dot_product_attention(q, q, q)
+        fused = any("flash_attention" in e.name for e in prof.events())
+        assert fused == (inner_stride(q) == 1), name
+    assert (inner_stride(torch.zeros(3, 1)), inner_stride(torch.zeros(())), inner_stride(x.mT)) == (1, 1, 96)
 
 
 class _Add(nn.Module):
@@ -633,16 +691,19 @@ def test_older_sweep_files_still_load(latency_model):
 
 
 def test_a_file_without_a_later_kind_uses_the_kind_it_split_from(latency_model):
-    """Sweep versions before 7 have no depthwise cases on channels-last or strided inputs: their files
-    predict those calls with the depthwise conv's factors, and a kind no sweep has with the elementwise ones."""
+    """Sweep versions before 7 have no depthwise cases on channels-last or strided inputs, before 8 no
+    SDPA case with a strided head dimension: their files predict those calls with the kind's they were
+    split off, and a kind no sweep has with the elementwise ones."""
     old = latency_model.to_dict()
     old["sweep_version"] = 6
-    del old["factors"]["depthwise_conv_channels_last"], old["factors"]["depthwise_conv_strided"]
+    for kind in opkinds.FALLBACK_KINDS:
+        del old["factors"][kind]
     model = LatencyModel.from_dict(old)
-    for kind in ("depthwise_conv_channels_last", "depthwise_conv_strided"):
-        assert model.factors_of(kind) is model.factors["depthwise_conv"]
+    assert set(opkinds.FALLBACK_KINDS) == {"depthwise_conv_channels_last", "depthwise_conv_strided", "sdpa_strided"}
+    for kind, parent in opkinds.FALLBACK_KINDS.items():
+        assert model.factors_of(kind) is model.factors[parent]
         fitted = latency_model.factors_of(kind)
-        assert fitted is not latency_model.factors["depthwise_conv"] and fitted.samples > 0
+        assert fitted is not latency_model.factors[parent] and fitted.samples > 0
     assert model.factors_of("no such kind") is model.factors["elementwise"]
     calls = [p for p in model.predict(count_op_costs(_TokensDepthwise(16, 8), (1, 64, 16))) if p["flops"]]
     image = model.predict(count_op_costs(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), (1, 16, 8, 8)))
@@ -657,7 +718,9 @@ def test_every_case_runs_one_call_of_its_kind():
         module, shape = case.build(32, 8, 2)
         x = latency._laid_out(torch.zeros(shape, device="meta"), case.layout)
         (cost,) = op_costs(copy.deepcopy(module).to("meta"), x)
-        kind = opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout)
+        kind = opkinds.fit_kind(
+            cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout, cost.inner_stride
+        )
         assert kind == case.kind, case.label
         swept = latency._case_cost(module, shape, case.layout)
         assert (swept.flops, swept.bytes, swept.bytes_written) == (cost.flops, cost.bytes, cost.bytes_written)
@@ -681,10 +744,15 @@ def test_call_cost_sums_every_aten_call_and_tells_no_call_apart():
     assert dropout is not None and dropout.bytes == 0
     channels_last = latency._Op(lambda x: x.contiguous(memory_format=torch.channels_last))
     assert latency._case_cost(channels_last, (1, 8, 1, 1)) is None
-    # at one pixel and batch 1 an image is NCHW and channels-last at once: the layout cases are not swept there
+    # at one pixel and batch 1 an image is NCHW and channels-last at once, and a single token transposed is
+    # contiguous: the layout cases are not swept there
     for case in [c for c in CASES if c.layout != "nchw"]:
-        assert latency._case_cost(case.build(8, 1, 1)[0], (1, 8, 1, 1), case.layout) is None
-        assert latency._case_cost(case.build(8, 2, 1)[0], (1, 8, 2, 2), case.layout).layout == case.layout
+        assert latency._case_cost(*case.build(8, 1, 1), case.layout) is None
+        cost = latency._case_cost(*case.build(8, 2, 1), case.layout)
+        if case.layout == "transposed":
+            assert cost.inner_stride == 4 and cost.layout == "strided"  # 4 tokens: the head dimension's stride
+        else:
+            assert cost.layout == case.layout and cost.inner_stride != 1
 
 
 @pytest.mark.parametrize(

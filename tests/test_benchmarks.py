@@ -120,3 +120,26 @@ def test_rejudge_without_layout_drops_the_layout_kinds_only(tmp_path):
     (entry,) = json.loads((tmp_path / "o" / "rejudged.json").read_text())["entries"]
     assert {"old", "new", "new-nolayout"} <= set(entry) and "old-nolayout" not in entry
     assert entry["new-nolayout"]["errors"] == entry["new"]["errors"] == entry["old"]["errors"]
+
+
+def test_rejudge_without_kind_drops_that_kind_only(tmp_path, capsys):
+    """`--without-kind KIND` adds NAME-no-KIND for a model that has the kind, whose calls then take the
+    factors of the kind it was split off; a kind that is not split off is a usage error."""
+    from lowformer.analyze.latency import KindFactors, LatencyModel
+    from lowformer.measure.calibrate import Ceilings
+
+    rejudge = _script("latency_model_rejudge")
+    ceilings = Ceilings("cpu", "test cpu", "fp32", 2, "wall", "0", 100e9, 10e9, 2e-6)
+    kinds = ("conv_kxk", "conv_1x1", "batch_norm", "activation", "elementwise", "depthwise_conv", "sdpa")
+    factors = {k: KindFactors(0.5, 0.5, 1.0) for k in kinds}
+    model = LatencyModel(ceilings, {**factors, "sdpa_strided": KindFactors(0.01, 0.01, 50.0)})
+    (tmp_path / "m.json").write_text(json.dumps(model.to_dict()))
+    run, _ = _stored_run(tmp_path)
+    args = ["--runs", str(run), "--models", f"m={tmp_path / 'm.json'}", "--out", str(tmp_path / "o")]
+    rejudge.main([*args, "--without-kind", "sdpa_strided", "--without-kind", "depthwise_conv_strided"])
+    (entry,) = json.loads((tmp_path / "o" / "rejudged.json").read_text())["entries"]
+    assert {"m", "m-no-sdpa_strided"} <= set(entry) and "m-no-depthwise_conv_strided" not in entry
+    assert entry["m-no-sdpa_strided"]["errors"] == entry["m"]["errors"]  # no strided attention in these
+    with pytest.raises(SystemExit) as raised:
+        rejudge.main([*args, "--without-kind", "conv_1x1"])
+    assert raised.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -89,7 +89,7 @@ from .._io import write_json
 from ..measure.calibrate import Ceilings, cache_key, cache_path, read_cached
 from ..measure.env import private_cache_bytes, usable_cpus
 from ..measure.memory import meta_copy
-from ..measure.opcost import COST_CONVENTION, OpCost, call_cost, image_layout, op_costs
+from ..measure.opcost import COST_CONVENTION, OpCost, call_cost, image_layout, inner_stride, op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
 from .opkinds import FALLBACK_KINDS, fit_kind
@@ -97,14 +97,15 @@ from .opkinds import FALLBACK_KINDS, fit_kind
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 7  # bump when the cases, their grid, their timing or the fit change
+SWEEP_VERSION = 8  # bump when the cases, their grid, their timing or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
 # 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
 # 3 without the serial share (h = 0: every call runs on all threads); 4 without hot-call factors (no
 # cache reuse: every call at its first-call time); 4 and 5 sized the serial share by output bytes, 5
 # warmed each CPU case up with two calls, not one; 1-6 have no depthwise cases on channels-last or strided
-# inputs (their files predict those calls with the NCHW depthwise conv's factors)
-READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+# inputs (their files predict those calls with the NCHW depthwise conv's factors), 1-7 no SDPA case with a
+# strided head dimension (theirs predict it with SDPA's); `FALLBACK_KINDS`
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 # the half-parallel times h tried per kind (roofline seconds; 0: always parallel): 1 us to 10 ms
 SERIAL_HALVES = (0.0, *(10.0 ** (e / 4) for e in range(-24, -7)))
 
@@ -153,7 +154,7 @@ class OpCase:
     kind: str
     label: str
     build: Callable[[int, int, int], Built]
-    layout: str = "nchw"  # of the input: "nchw", "channels_last" or "strided" (`_laid_out`)
+    layout: str = "nchw"  # of the input: "nchw", "channels_last", "strided" or "transposed" (`_laid_out`)
 
 
 def _image(c: int, r: int, b: int) -> tuple[int, ...]:
@@ -195,6 +196,11 @@ def _attention(fn: Callable, operands: Callable[[int, int, int], list], input_sh
 
 def _qkv(c: int, r: int, b: int) -> tuple[int, ...]:
     return (b, _heads(c), r * r, HEAD_DIM)
+
+
+def _qkv_strided(c: int, r: int, b: int) -> torch.Tensor:
+    """A key or value with a strided head dimension (`_laid_out`'s "transposed")."""
+    return _laid_out(torch.randn(_qkv(c, r, b)), "transposed")
 
 
 def _keys_t(c: int, r: int, b: int) -> torch.Tensor:
@@ -254,6 +260,14 @@ CASES: tuple[OpCase, ...] = (
         "sdpa",
         "SDPA",
         _attention(F.scaled_dot_product_attention, lambda c, r, b: [_qkv(c, r, b), _qkv(c, r, b)], _qkv),
+    ),
+    OpCase(
+        "sdpa_strided",
+        "SDPA, strided head dimension",
+        _attention(
+            F.scaled_dot_product_attention, lambda c, r, b: [_qkv_strided(c, r, b), _qkv_strided(c, r, b)], _qkv
+        ),
+        layout="transposed",
     ),
     OpCase("softmax", "softmax", _attention(lambda a: a.softmax(-1), lambda c, r, b: [], _scores)),
     OpCase("batch_norm", "BatchNorm", _module(lambda c: nn.BatchNorm2d(c).eval())),
@@ -326,12 +340,24 @@ def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The image `x` laid out as `layout` says (`lowformer.measure.opcost.image_layout`): "strided" is a
     sequence of H*W tokens of B x C values viewed as a B x C x H x W image (memory order H, W, B, C); at
     batch 1 that is what a (1, H*W, C) token sequence viewed as an image is, which a network hands its
-    depthwise convs at batch 1 (at larger batches, (B, H*W, C) tokens viewed so are channels-last)."""
+    depthwise convs at batch 1 (at larger batches, (B, H*W, C) tokens viewed so are channels-last).
+    "transposed" (any tensor) swaps the order of its last two dimensions in memory, as a query of attention
+    that is a (B, heads, head_dim, tokens) tensor transposed has it (`lowformer.measure.opcost.inner_stride`)."""
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
     if layout == "strided":
         return x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    if layout == "transposed":
+        return x.transpose(-2, -1).contiguous().transpose(-2, -1)
     return x
+
+
+def _has_layout(x: torch.Tensor, layout: str) -> bool:
+    """Whether `x` has what `_laid_out` made of it: one pixel is NCHW and channels-last at once, and a
+    transposed single token (or a head dimension of 1) is contiguous."""
+    if layout == "transposed":
+        return inner_stride(x) != 1
+    return x.dim() != 4 or image_layout(x) == layout
 
 
 def _case_cost(module: nn.Module, shape: tuple[int, ...], layout: str = "nchw") -> OpCost | None:
@@ -342,7 +368,7 @@ def _case_cost(module: nn.Module, shape: tuple[int, ...], layout: str = "nchw") 
     reaches no ATen operator is asked the profiler whether it runs one."""
     module = meta_copy(module)
     x = _laid_out(torch.zeros(shape, device="meta"), layout)
-    if len(shape) == 4 and image_layout(x) != layout:
+    if not _has_layout(x, layout):
         return None
     cost = call_cost(module, x)
     if cost is None:
@@ -632,7 +658,7 @@ class LatencyModel:
 
         out = []
         for cost in costs:
-            kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout)
+            kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout, cost.inner_stride)
             terms = self._terms(kind, cost)
             compute, memory, serial, overhead, pages = terms
             roof, first = max(compute, memory) + serial, total(terms)

@@ -177,6 +177,7 @@ FIT_KINDS: dict[str, str] = {
     "linear": "linear",
     "matmul": "matmul",
     "sdpa": "SDPA",
+    "sdpa_strided": "SDPA, strided head dimension",
     "softmax": "softmax",
     "batch_norm": "batch norm",
     "group_norm": "group norm",
@@ -196,6 +197,7 @@ FIT_KINDS: dict[str, str] = {
 FALLBACK_KINDS: dict[str, str] = {
     "depthwise_conv_channels_last": "depthwise_conv",
     "depthwise_conv_strided": "depthwise_conv",
+    "sdpa_strided": "sdpa",
 }
 
 _TRANSCENDENTAL = {"gelu", "silu", "sigmoid", "tanh", "mish", "softplus", "elu", "erf", "exp", "log", "sin", "cos"}
@@ -240,13 +242,18 @@ def fit_kind(
     transposed: bool | None = None,
     nbytes: int = 0,
     layout: str = "",
+    inner_stride: int = 1,
 ) -> str:
     """The latency model's kind of one top-level ATen call (see `FIT_KINDS`); `nbytes` is the traffic the
     cost walk found (a "copy" that moved nothing is a view), `layout` that of its input
     (`lowformer.measure.opcost.image_layout`). A 3x3 depthwise conv runs another kernel on a
     channels-last input (0.3-0.7x the NCHW time on two threads of the development CPU, 512 channels at
     56 px: 0.6-0.8 ms against 2.2 ms), and copies a strided one to NCHW first (PVT-v2's token
-    sequence viewed as an image at batch 1: 6.6 ms at that size)."""
+    sequence viewed as an image at batch 1: 6.6 ms at that size). `inner_stride` is the stride of the
+    input's last dimension (`lowformer.measure.opcost.inner_stride`): SDPA on a query whose head
+    dimension is not contiguous (LowFormer's q, k and v, transposed chunks of one conv output) runs as
+    matmuls and a softmax, not PyTorch's fused CPU kernel (two threads of the development CPU, 2 heads
+    of 49 tokens: 51 us against 26 us; 4 heads of 196: 502 us against 254 us)."""
     op = name.split("::", 1)[-1].split(".", 1)[0]
     kind = classify_op(name, input_shapes, transposed)
     shapes = list(input_shapes or [])
@@ -269,7 +276,9 @@ def fit_kind(
     if kind in ("transposed_conv", "linear"):
         return kind
     if kind == "attention":
-        return "sdpa" if op in _SDPA else "softmax" if op in _SOFTMAX else "matmul"
+        if op in _SDPA:
+            return "sdpa" if inner_stride == 1 else "sdpa_strided"
+        return "softmax" if op in _SOFTMAX else "matmul"
     if kind == "norm":
         return "batch_norm" if op in _BATCH_NORM else "layer_norm" if "layer_norm" in op else "group_norm"
     if kind == "activation":

@@ -126,6 +126,9 @@ class OpCost:
     # runs again and again when it is timed); see `reuse_distances`
     reads_reuse: list[list[int]] = field(default_factory=list)
     layout: str = ""  # of its first input, when that is an image (`image_layout`): "nchw", "channels_last", "strided"
+    # the stride of its first input's last dimension (`inner_stride`): 1 when each row is contiguous, as the
+    # fused attention kernels need (PyTorch runs SDPA on other inputs as matmuls and a softmax)
+    inner_stride: int = 1
 
     @property
     def bytes(self) -> int:
@@ -150,6 +153,7 @@ class _Leaf:
     reads: list[tuple[int, int, int, bool]]  # (storage, first byte, end byte, is weight)
     writes: list[tuple[int, int]]  # (storage, bytes)
     layout: str = ""  # of its first input (`image_layout`)
+    inner_stride: int = 1  # of its first input (`inner_stride`)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -197,6 +201,14 @@ def image_layout(t: torch.Tensor) -> str:
     if _strides_like_channels_last(t.shape, t.stride()):
         return "channels_last"
     return "nchw" if t.is_contiguous() else "strided"
+
+
+def inner_stride(t: torch.Tensor) -> int:
+    """The stride of a tensor's last dimension: 1 when its rows are contiguous (and for a last dimension of
+    size 1, or none, whose stride nothing reads). A query of attention with another (the head dimension
+    of a transposed (B, heads, head_dim, tokens) tensor) makes PyTorch's SDPA refuse its fused CPU
+    kernel and run matmuls and a softmax instead."""
+    return t.stride(-1) if t.dim() and t.shape[-1] > 1 else 1
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
@@ -256,7 +268,9 @@ class _CostWalk(TorchDispatchMode):
             flops = max((t.numel() for t in inputs + outputs), default=0)
         reads = [(_storage(t), *_byte_range(t), _storage(t) in self.weights) for t in inputs]
         writes = [(_storage(t), _nbytes(t)) for t in outputs]
-        return _Leaf(name, macs, flops, reads, writes, image_layout(inputs[0]) if inputs else "")
+        first = inputs[0] if inputs else None
+        layout, inner = (image_layout(first), inner_stride(first)) if first is not None else ("", 1)
+        return _Leaf(name, macs, flops, reads, writes, layout, inner)
 
 
 @contextmanager
@@ -373,7 +387,9 @@ def _add_traffic(cost: OpCost, group: list[_Leaf]) -> tuple[dict[int, int], set[
     consumed: set[int] = set()  # ... and read again inside it (intermediates)
     read: dict[int, list[tuple[int, int]]] = {}  # storages read from outside -> byte ranges
     weights: set[int] = set()
-    cost.layout = next((leaf.layout for leaf in group if leaf.reads), "")
+    first = next((leaf for leaf in group if leaf.reads), None)
+    if first is not None:
+        cost.layout, cost.inner_stride = first.layout, first.inner_stride
     for leaf in group:
         cost.leaf_ops.append(leaf.name)
         cost.flops += leaf.flops
