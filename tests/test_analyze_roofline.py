@@ -146,7 +146,7 @@ def test_depthwise_conv_on_tokens_is_a_kind_of_its_own():
             image.bytes_weights,
             batch * image.bytes_written,
         )
-        kind = opkinds.fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout)
+        kind = opkinds.fit_kind_of(cost)
         assert kind == f"depthwise_conv_{layout}"
     # a larger kernel keeps its kind
     assert opkinds.fit_kind("aten::conv2d", [[1, 8, 9, 9], [8, 1, 7, 7]], layout="strided") == "depthwise_conv_large"
@@ -208,10 +208,7 @@ def test_sdpa_on_a_strided_head_dimension_is_a_kind_of_its_own():
     rows, strided = (count_op_costs(_Attention(2, t), (1, 96, 7, 7))[-1] for t in (False, True))
     assert (rows.inner_stride, strided.inner_stride) == (1, 49)
     assert (rows.flops, rows.bytes) == (strided.flops, strided.bytes)
-    kinds = [
-        opkinds.fit_kind(c.name, c.input_shapes, c.transposed, c.bytes, c.layout, c.inner_stride)
-        for c in (rows, strided)
-    ]
+    kinds = [opkinds.fit_kind_of(c) for c in (rows, strided)]
     assert kinds == ["sdpa", "sdpa_strided"]
     assert opkinds.fit_kind("aten::matmul", [[1, 2, 49, 16], [1, 2, 16, 49]], inner_stride=49) == "matmul"
 
@@ -692,8 +689,8 @@ def test_older_sweep_files_still_load(latency_model):
 
 def test_a_file_without_a_later_kind_uses_the_kind_it_split_from(latency_model):
     """Sweep versions before 7 have no depthwise cases on channels-last or strided inputs, before 8 no
-    SDPA case with a strided head dimension: their files predict those calls with the kind's they were
-    split off, and a kind no sweep has with the elementwise ones."""
+    SDPA case with a strided head dimension: their files predict those calls with the factors of the kind
+    each was split off from, and a kind no sweep has with the elementwise ones."""
     old = latency_model.to_dict()
     old["sweep_version"] = 6
     for kind in opkinds.FALLBACK_KINDS:
@@ -718,9 +715,7 @@ def test_every_case_runs_one_call_of_its_kind():
         module, shape = case.build(32, 8, 2)
         x = latency._laid_out(torch.zeros(shape, device="meta"), case.layout)
         (cost,) = op_costs(copy.deepcopy(module).to("meta"), x)
-        kind = opkinds.fit_kind(
-            cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout, cost.inner_stride
-        )
+        kind = opkinds.fit_kind_of(cost)
         assert kind == case.kind, case.label
         swept = latency._case_cost(module, shape, case.layout)
         assert (swept.flops, swept.bytes, swept.bytes_written) == (cost.flops, cost.bytes, cost.bytes_written)

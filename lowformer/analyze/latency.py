@@ -92,7 +92,7 @@ from ..measure.memory import meta_copy
 from ..measure.opcost import COST_CONVENTION, OpCost, call_cost, image_layout, inner_stride, op_costs
 from ..measure.session import make_input, run_context
 from ..measure.timing import Candidate, Rounds, TimingPolicy, device_timer, interleave
-from .opkinds import FALLBACK_KINDS, fit_kind
+from .opkinds import FALLBACK_KINDS, fit_kind_of
 
 _logger = logging.getLogger(__name__)
 
@@ -658,7 +658,7 @@ class LatencyModel:
 
         out = []
         for cost in costs:
-            kind = fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout, cost.inner_stride)
+            kind = fit_kind_of(cost)
             terms = self._terms(kind, cost)
             compute, memory, serial, overhead, pages = terms
             roof, first = max(compute, memory) + serial, total(terms)

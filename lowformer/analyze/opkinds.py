@@ -10,8 +10,12 @@ model gets one, and every operator case of the micro-sweep (`lowformer.analyze.l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..measure.macs import LAYOUT_OPS
+
+if TYPE_CHECKING:
+    from ..measure.opcost import OpCost
 
 KINDS: dict[str, str] = {
     "dense_conv": "dense conv",
@@ -296,3 +300,8 @@ def fit_kind(
     if op.rstrip("_") in _TRANSCENDENTAL:
         return "activation_exp"
     return "elementwise"
+
+
+def fit_kind_of(cost: OpCost) -> str:
+    """`fit_kind` of one call the cost walk recorded (`lowformer.measure.opcost.OpCost`)."""
+    return fit_kind(cost.name, cost.input_shapes, cost.transposed, cost.bytes, cost.layout, cost.inner_stride)
