@@ -411,6 +411,7 @@ def run_op_sweep(
             if progress is not None:
                 progress(i, len(groups))
             ready = []
+            inputs = {}  # one random input per shape, copied for each case (drawing it is slower than copying)
             for case in cases:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
@@ -419,7 +420,9 @@ def run_op_sweep(
                 if cost is None or cost.flops > limits.max_flops or cost.bytes > limits.max_bytes:
                     continue
                 module = module.to(device).eval()
-                x = _laid_out(make_input(shape, device), case.layout)
+                if shape not in inputs:
+                    inputs[shape] = make_input(shape, device)
+                x = _laid_out(inputs[shape].clone(), case.layout)
                 ready.append((case, cost, Candidate(case.label, functools.partial(module, x), timer)))
             times = interleave([candidate for _, _, candidate in ready], rounds)
             for (case, cost, _), t in zip(ready, times):
