@@ -17,18 +17,18 @@ adds, for each model fitted without hot-call factors (sweep version 4 and before
 calls, its sweep refitted with them and this machine's private cache size (NAME-reuse: the cache reuse of
 sweep version 5), and `--without-reuse`, for each model with them, the same model without cache reuse
 (NAME-noreuse: every call at its first-call time). `--without-layout` adds, for each model with the
-kinds of sweep version 7 that depend on an input's layout (`FALLBACK_KINDS`), the same model without
+kinds split off by an input's layout (`FALLBACK_KINDS`: sweep versions 7-9), the same model without
 their factors (NAME-nolayout: those calls at the factors of the kind they were split off, as files of
-version 6 and before predict them); `--without-kind KIND` (repeatable, one of them) adds the same model
-without that one kind's factors (NAME-no-KIND). `--refit` adds, for each model whose sweep timed
-hot calls, its sweep refitted with this version's fit (NAME-refit: a new fit judged on the samples an
-older one was fitted on, with the cache size the model has). `--bias` also splits every judged model's error into
-what stays the same whichever latency model and run predict it (its bias: the log of predicted over
-measured time, less the run's median of it, averaged) and what moves between latency models (say,
-calibrations repeated on one machine) and between runs (timing noise), written as bias.md and
-bias.json. Per run, mode and batch size: the Spearman and Kendall rank correlation of MACs and of each
-model's prediction with the measured time, and each prediction's median and largest absolute error;
-written as rejudged.json and rejudged.md in --out.
+version 6 and before predict them); `--without-kind KIND[,KIND...]` (repeatable, split-off kinds) adds
+the same model without those kinds' factors (NAME-no-KIND, NAME-no-KIND+KIND). `--refit` adds, for each
+model whose sweep timed hot calls, its sweep refitted with this version's fit (NAME-refit: a new fit
+judged on the samples an older one was fitted on, with the cache size the model has). `--bias` also splits
+every judged model's error into what stays the same whichever latency model and run predict it (its
+bias: the log of predicted over measured time, less the run's median of it, averaged) and what moves
+between latency models (say, calibrations repeated on one machine) and between runs (timing noise),
+written as bias.md and bias.json. Per run, mode and batch size: the Spearman and Kendall rank
+correlation of MACs and of each model's prediction with the measured time, and each prediction's median
+and largest absolute error; written as rejudged.json and rejudged.md in --out.
 """
 
 from __future__ import annotations
@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         "--without-kind",
         action="append",
         default=[],
-        choices=sorted(FALLBACK_KINDS),
-        metavar="KIND",
-        help=f"also predict with one split-off kind dropped (repeatable; one of {', '.join(sorted(FALLBACK_KINDS))})",
+        metavar="KIND[,KIND...]",
+        help="also predict with these split-off kinds dropped together (repeatable: one variant each; kinds: "
+        f"{', '.join(sorted(FALLBACK_KINDS))})",
     )
     p.add_argument("--refit", action="store_true", help="also refit each model's sweep with this version's fit")
     p.add_argument(
@@ -219,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also split each judged model's error into bias and spreads (bias.md, bias.json)",
     )
     args = p.parse_args(argv)
+    dropped = [tuple(dict.fromkeys(group.split(","))) for group in dict.fromkeys(args.without_kind)]
+    for group in dropped:
+        if unknown := [k for k in group if k not in FALLBACK_KINDS]:
+            p.error(
+                f"--without-kind: {', '.join(unknown)} is not a split-off kind; "
+                f"one of {', '.join(sorted(FALLBACK_KINDS))}"
+            )
     runs = [Path(r) for r in args.runs]
     for r in runs:
         if not (r / "models.json").is_file():
@@ -256,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.without_layout and FALLBACK_KINDS.keys() & lm.factors.keys():
             factors = {k: f for k, f in lm.factors.items() if k not in FALLBACK_KINDS}
             models[f"{name}-nolayout"] = dataclasses.replace(lm, factors=factors)
-        for kind in dict.fromkeys(args.without_kind):
-            if kind in lm.factors:
-                factors = {k: f for k, f in lm.factors.items() if k != kind}
-                models[f"{name}-no-{kind}"] = dataclasses.replace(lm, factors=factors)
+        for group in dropped:
+            if lm.factors.keys() & set(group):
+                factors = {k: f for k, f in lm.factors.items() if k not in group}
+                models[f"{name}-no-{'+'.join(group)}"] = dataclasses.replace(lm, factors=factors)
         if args.refit and lm.samples and all(x.hot_time_s for x in lm.samples):
             models[f"{name}-refit"] = fit_latency_model(
                 lm.samples, lm.ceilings, lm.settings, cache_bytes=lm.cache_bytes

@@ -184,6 +184,55 @@ def test_image_layout_is_the_one_the_convolution_runs():
     assert image_layout(torch.zeros(2, 8, 5)) == ""
 
 
+class _NormsKeepChannelsLast(nn.Module):
+    """What ConvNeXt and PoolFormer do: a layer norm on a permuted image, permuted back, and a group norm,
+    which keep the image channels-last on a CPU, so the convs and the pool after them run on channels-last
+    inputs."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.ln = nn.LayerNorm(c)
+        self.conv = nn.Conv2d(c, c, 1)
+        self.gn = nn.GroupNorm(1, c)
+        self.pool = nn.AvgPool2d(3, 1, 1)
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        x = self.ln(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.gn(self.conv(x))
+        return self.conv3(self.pool(x) - x)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_meta_walk_sees_the_layouts_the_model_runs_on(batch):
+    """The meta kernels of convolution, group norm and layer norm lay their outputs out unlike the CPU
+    kernels (NCHW after a channels-last input; a layer norm's strided input kept strided): the walk on the
+    meta device gives every call the layout and kind it has when the model runs on the CPU."""
+    model = _NormsKeepChannelsLast().eval()
+    on_meta = count_op_costs(model, (batch, 3, 8, 8))
+    on_cpu = count_op_costs(model, (batch, 3, 8, 8), device="cpu")
+    assert [(c.name, c.layout, c.bytes, opkinds.fit_kind_of(c)) for c in on_meta] == [
+        (c.name, c.layout, c.bytes, opkinds.fit_kind_of(c)) for c in on_cpu
+    ]
+    kinds = {c.name: opkinds.fit_kind_of(c) for c in on_meta}
+    assert kinds["aten::avg_pool2d"] == "pool_channels_last"
+    assert [opkinds.fit_kind_of(c) for c in on_meta if c.name == "aten::conv2d"] == [
+        "conv_kxk",
+        "conv_1x1_channels_last",
+        "conv_kxk_channels_last",
+    ]
+
+
+def test_dense_convs_and_pools_on_channels_last_inputs_are_kinds_of_their_own():
+    for layout, suffix in (("nchw", ""), ("channels_last", "_channels_last"), ("strided", "")):
+        assert opkinds.fit_kind("aten::conv2d", [[1, 16, 8, 8], [32, 16, 1, 1]], layout=layout) == "conv_1x1" + suffix
+        assert opkinds.fit_kind("aten::conv2d", [[1, 16, 8, 8], [32, 16, 3, 3]], layout=layout) == "conv_kxk" + suffix
+        assert opkinds.fit_kind("aten::max_pool2d", [[1, 16, 8, 8]], layout=layout) == "pool" + suffix
+    # grouped and depthwise convs keep their kinds (a 3x3 depthwise conv has its own channels-last kind)
+    assert opkinds.fit_kind("aten::conv2d", [[1, 16, 8, 8], [16, 4, 3, 3]], layout="channels_last") == "grouped_conv"
+
+
 class _Attention(nn.Module):
     """Attention on a conv's output: q, k and v are transposed chunks of one (B, heads, 3 x head_dim,
     tokens) tensor, as LowFormer's attention makes them (`transposed`), or chunks of a
@@ -689,14 +738,22 @@ def test_older_sweep_files_still_load(latency_model):
 
 def test_a_file_without_a_later_kind_uses_the_kind_it_split_from(latency_model):
     """Sweep versions before 7 have no depthwise cases on channels-last or strided inputs, before 8 no
-    SDPA case with a strided head dimension: their files predict those calls with the factors of the kind
-    each was split off from, and a kind no sweep has with the elementwise ones."""
+    SDPA case with a strided head dimension, before 9 no dense conv or pool on channels-last inputs: their
+    files predict those calls with the factors of the kind each was split off from, and a kind no sweep
+    has with the elementwise ones."""
     old = latency_model.to_dict()
     old["sweep_version"] = 6
     for kind in opkinds.FALLBACK_KINDS:
         del old["factors"][kind]
     model = LatencyModel.from_dict(old)
-    assert set(opkinds.FALLBACK_KINDS) == {"depthwise_conv_channels_last", "depthwise_conv_strided", "sdpa_strided"}
+    assert set(opkinds.FALLBACK_KINDS) == {
+        "depthwise_conv_channels_last",
+        "depthwise_conv_strided",
+        "sdpa_strided",
+        "conv_1x1_channels_last",
+        "conv_kxk_channels_last",
+        "pool_channels_last",
+    }
     for kind, parent in opkinds.FALLBACK_KINDS.items():
         assert model.factors_of(kind) is model.factors[parent]
         fitted = latency_model.factors_of(kind)
@@ -776,7 +833,7 @@ def test_fit_kinds(name, shapes, kind):
 
 @pytest.fixture(scope="module")
 def latency_model(ceilings) -> LatencyModel:
-    rounds = latency.sweep_rounds("cpu", quick=True)
+    rounds = latency.sweep_rounds("cpu")
     samples = run_op_sweep("cpu", threads=1, clock="cpu", batch_sizes=(1,), cells=((16, 8),), rounds=rounds)
     return latency.fit_latency_model(samples, ceilings, {"batch_sizes": [1]})
 

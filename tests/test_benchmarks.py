@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,8 @@ def test_rejudge_without_layout_drops_the_layout_kinds_only(tmp_path):
 
 def test_rejudge_without_kind_drops_that_kind_only(tmp_path, capsys):
     """`--without-kind KIND` adds NAME-no-KIND for a model that has the kind, whose calls then take the
-    factors of the kind it was split off; a kind that is not split off is a usage error."""
+    factors of the kind it was split off (`KIND,KIND`: both dropped in one variant); a kind that is not
+    split off is a usage error."""
     from lowformer.analyze.latency import KindFactors, LatencyModel
     from lowformer.measure.calibrate import Ceilings
 
@@ -136,10 +138,42 @@ def test_rejudge_without_kind_drops_that_kind_only(tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps(model.to_dict()))
     run, _ = _stored_run(tmp_path)
     args = ["--runs", str(run), "--models", f"m={tmp_path / 'm.json'}", "--out", str(tmp_path / "o")]
-    rejudge.main([*args, "--without-kind", "sdpa_strided", "--without-kind", "depthwise_conv_strided"])
+    drop = ["--without-kind", "sdpa_strided", "--without-kind", "depthwise_conv_strided"]
+    rejudge.main([*args, *drop, "--without-kind", "sdpa_strided,depthwise_conv_strided"])
     (entry,) = json.loads((tmp_path / "o" / "rejudged.json").read_text())["entries"]
-    assert {"m", "m-no-sdpa_strided"} <= set(entry) and "m-no-depthwise_conv_strided" not in entry
+    assert {"m", "m-no-sdpa_strided", "m-no-sdpa_strided+depthwise_conv_strided"} <= set(entry)
+    assert "m-no-depthwise_conv_strided" not in entry
     assert entry["m-no-sdpa_strided"]["errors"] == entry["m"]["errors"]  # no strided attention in these
     with pytest.raises(SystemExit) as raised:
-        rejudge.main([*args, "--without-kind", "conv_1x1"])
-    assert raised.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        rejudge.main([*args, "--without-kind", "sdpa_strided,conv_1x1"])
+    assert raised.value.code == 2 and "conv_1x1 is not a split-off kind" in capsys.readouterr().err
+
+
+class _NormsKeepChannelsLast(torch.nn.Module):
+    """A layer norm on a permuted image and a group norm, which keep the image channels-last on the CPU,
+    with a conv after each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.ln, self.gn = torch.nn.Conv2d(3, 4, 1), torch.nn.LayerNorm(4), torch.nn.GroupNorm(1, 4)
+        self.conv1, self.conv2 = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.ln(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv2(self.gn(self.conv1(x)))
+
+
+def test_meta_layouts_finds_the_meta_kernels_the_walk_corrects(monkeypatch, tmp_path):
+    """Without the walk's correction the meta kernels of convolution and group norm write NCHW where the
+    CPU's keep a channels-last input's layout; with it, no call differs."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports its sibling _record
+    script = _script("meta_layouts")
+    model = _NormsKeepChannelsLast().eval()
+    found = script.meta_layouts([model], 2, corrected=False)["operators"]
+    assert set(found) == {"aten.convolution.default", "aten.native_group_norm.default"}
+    assert found["aten.convolution.default"]["calls"] == 2  # the two after the norms, not the stem
+    assert found["aten.convolution.default"]["example"]["cpu_strides"] == [4 * 224 * 224, 1, 4 * 224, 4]
+    corrected = script.meta_layouts([model], 2, corrected=True)
+    assert corrected["operators"] == {} and corrected["calls"] >= 5
+    script.main(["timm:test_resnet", "--out", str(tmp_path)])
+    assert "laid out as on the CPU" in (tmp_path / "meta-layouts.md").read_text()

@@ -52,9 +52,9 @@ per call in units of O (a convolution's primitive set-up costs more than a tiny 
 scale inside whole blocks.
 
 The factors are fitted per kind on an *operator micro-sweep*: every kind's typical operators (1x1 and
-3x3 convs, depthwise convs of 1-7 px kernels (3x3 also on channels-last and strided inputs, which run
-other kernels), linears on tokens, attention products, norms,
-activations, elementwise ops, pools, copies, views) built alone at a range of channels, resolutions
+3x3 convs and window pools, also on channels-last inputs, depthwise convs of 1-7 px kernels (3x3 also on
+channels-last and strided inputs), which run other kernels, linears on tokens, attention products, norms,
+activations, elementwise ops, copies, views) built alone at a range of channels, resolutions
 and batch sizes, timed with the measuring core interleaved with each other, and fitted in log space
 (relative errors), so no model that the prediction is judged on ever informs it. Each round calls
 every case twice in a row: the first call comes after all the other cases (its weights and
@@ -97,15 +97,17 @@ from .opkinds import FALLBACK_KINDS, fit_kind_of
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 8  # bump when the cases, their grid, their timing or the fit change
+SWEEP_VERSION = 9  # bump when the cases, their grid, their timing or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
 # 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
 # 3 without the serial share (h = 0: every call runs on all threads); 4 without hot-call factors (no
 # cache reuse: every call at its first-call time); 4 and 5 sized the serial share by output bytes, 5
 # warmed each CPU case up with two calls, not one; 1-6 have no depthwise cases on channels-last or strided
 # inputs (their files predict those calls with the NCHW depthwise conv's factors), 1-7 no SDPA case with a
-# strided head dimension (theirs predict it with SDPA's); `FALLBACK_KINDS`
-READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+# strided head dimension (theirs predict it with SDPA's), 1-8 no dense conv or window pool on channels-last
+# inputs (theirs predict those with the NCHW kinds' factors), and 1-8 timed 5 rounds where 9 times 3;
+# `FALLBACK_KINDS`
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 # the half-parallel times h tried per kind (roofline seconds; 0: always parallel): 1 us to 10 ms
 SERIAL_HALVES = (0.0, *(10.0 ** (e / 4) for e in range(-24, -7)))
 
@@ -227,7 +229,25 @@ CASES: tuple[OpCase, ...] = (
     OpCase("conv_1x1", "1x1 C->C", _conv(lambda c: c, lambda c: c, 1)),
     OpCase("conv_1x1", "1x1 C->4C", _conv(lambda c: c, lambda c: 4 * c, 1)),
     OpCase("conv_1x1", "1x1 4C->C", _conv(lambda c: 4 * c, lambda c: c, 1)),
+    OpCase(
+        "conv_1x1_channels_last",
+        "1x1 C->4C, channels-last input",
+        _conv(lambda c: c, lambda c: 4 * c, 1),
+        layout="channels_last",
+    ),
+    OpCase(
+        "conv_1x1_channels_last",
+        "1x1 4C->C, channels-last input",
+        _conv(lambda c: 4 * c, lambda c: c, 1),
+        layout="channels_last",
+    ),
     OpCase("conv_kxk", "3x3 C->C", _conv(lambda c: c, lambda c: c, 3)),
+    OpCase(
+        "conv_kxk_channels_last",
+        "3x3 C->C, channels-last input",
+        _conv(lambda c: c, lambda c: c, 3),
+        layout="channels_last",
+    ),
     OpCase("conv_kxk", "3x3 s2 C->2C", _conv(lambda c: c, lambda c: 2 * c, 3, stride=2)),
     OpCase("conv_kxk", "3x3 s2 3->C (stem)", _conv(lambda c: 3, lambda c: c, 3, stride=2)),
     OpCase("grouped_conv", "3x3 groups C/16", _conv(lambda c: c, lambda c: c, 3, groups=lambda c: max(1, c // 16))),
@@ -284,6 +304,18 @@ CASES: tuple[OpCase, ...] = (
     OpCase("reduce", "adaptive avg pool 1", _fn(lambda x: F.adaptive_avg_pool2d(x, 1))),
     OpCase("pool", "max pool 3x3 s2", _fn(lambda x: F.max_pool2d(x, 3, 2, 1))),
     OpCase("pool", "avg pool 3x3", _fn(lambda x: F.avg_pool2d(x, 3, 1, 1))),
+    OpCase(
+        "pool_channels_last",
+        "max pool 3x3 s2, channels-last input",
+        _fn(lambda x: F.max_pool2d(x, 3, 2, 1)),
+        layout="channels_last",
+    ),
+    OpCase(
+        "pool_channels_last",
+        "avg pool 3x3, channels-last input",
+        _fn(lambda x: F.avg_pool2d(x, 3, 1, 1)),
+        layout="channels_last",
+    ),
     OpCase("resample", "bilinear x2", _fn(lambda x: F.interpolate(x, scale_factor=2.0, mode="bilinear"))),
     OpCase("concat", "cat", _with_operand(lambda x, y: torch.cat([x, y], 1), _image)),
     OpCase("copy", "pad", _fn(lambda x: F.pad(x, (1, 1, 1, 1)))),
@@ -306,7 +338,7 @@ def default_limits(device: str) -> SweepLimits:
     return SweepLimits(4e11, 8e9) if str(device).startswith("cuda") else SweepLimits()
 
 
-def sweep_rounds(device: str, quick: bool = False) -> Rounds:
+def sweep_rounds(device: str) -> Rounds:
     """How the cases of one cell are timed: a short warm-up each, then rounds in which every case runs
     twice in a row, interleaved with the others (see `run_op_sweep`)."""
     cuda = str(device).startswith("cuda")
@@ -314,7 +346,7 @@ def sweep_rounds(device: str, quick: bool = False) -> Rounds:
     # call after it, timed as the estimate, is a second
     warmup = TimingPolicy(warmup_iters=5 if cuda else 1, warmup_s=0.0, min_iters=1, min_s=0.0)
     burst = TimingPolicy(warmup_iters=0, warmup_s=0.0, min_iters=2, min_s=0.0, max_iters=2)
-    return Rounds(3 if quick else 5, burst=burst, warmup=warmup)
+    return Rounds(3, burst=burst, warmup=warmup)
 
 
 @dataclass
@@ -751,7 +783,7 @@ def build_latency_model(
     cuda = str(device).startswith("cuda")
     batch_sizes = tuple(batch_sizes or ((1, 256) if cuda else (1, 16)))
     cells = QUICK_CELLS if quick else CELLS
-    rounds = sweep_rounds(device, quick)
+    rounds = sweep_rounds(device)
     start = time.perf_counter()
     samples = run_op_sweep(
         device,

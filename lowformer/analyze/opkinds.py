@@ -169,7 +169,9 @@ def classify_op(name: str, input_shapes: Sequence | None = None, transposed: boo
 
 FIT_KINDS: dict[str, str] = {
     "conv_1x1": "1x1 conv",
+    "conv_1x1_channels_last": "1x1 conv, channels-last input",
     "conv_kxk": "kxk conv",
+    "conv_kxk_channels_last": "kxk conv, channels-last input",
     "depthwise_conv": "3x3 depthwise conv",
     "depthwise_conv_channels_last": "3x3 depthwise conv, channels-last input",
     "depthwise_conv_strided": "3x3 depthwise conv, strided input",
@@ -190,6 +192,7 @@ FIT_KINDS: dict[str, str] = {
     "activation_exp": "activation (transcendental)",
     "elementwise": "elementwise",
     "pool": "window pool",
+    "pool_channels_last": "window pool, channels-last input",
     "reduce": "reduce (mean, sum)",
     "resample": "resample",
     "concat": "concat",
@@ -199,6 +202,9 @@ FIT_KINDS: dict[str, str] = {
 
 # kinds split off another in a later sweep version -> the kind whose factors a file without them uses
 FALLBACK_KINDS: dict[str, str] = {
+    "conv_1x1_channels_last": "conv_1x1",
+    "conv_kxk_channels_last": "conv_kxk",
+    "pool_channels_last": "pool",
     "depthwise_conv_channels_last": "depthwise_conv",
     "depthwise_conv_strided": "depthwise_conv",
     "sdpa_strided": "sdpa",
@@ -253,7 +259,11 @@ def fit_kind(
     (`lowformer.measure.opcost.image_layout`). A 3x3 depthwise conv runs another kernel on a
     channels-last input (0.3-0.7x the NCHW time on two threads of the development CPU, 512 channels at
     56 px: 0.6-0.8 ms against 2.2 ms), and copies a strided one to NCHW first (PVT-v2's token
-    sequence viewed as an image at batch 1: 6.6 ms at that size). `inner_stride` is the stride of the
+    sequence viewed as an image at batch 1: 6.6 ms at that size). Dense convs and window pools run other
+    kernels on a channels-last input too (two threads of the development CPU, 64 channels at 56 px, batch 1:
+    a 1x1 conv to 256 channels 0.65 ms against 3.4 ms, a 3x3 avg pool 0.11 ms against 1.1 ms; batch 16: a
+    3x3 conv 19 ms against 36 ms), which a network whose norms keep channels-last (ConvNeXt, PoolFormer)
+    hands them all. `inner_stride` is the stride of the
     input's last dimension (`lowformer.measure.opcost.inner_stride`): SDPA on a query whose head
     dimension is not contiguous (LowFormer's q, k and v, transposed chunks of one conv output) runs as
     matmuls and a softmax, not PyTorch's fused CPU kernel (two threads of the development CPU, 2 heads
@@ -266,7 +276,8 @@ def fit_kind(
     if kind == "dense_conv":
         if len(x) > 1 and len(weight) > 1 and 1 < x[1] != weight[1]:  # C_in / groups < C_in: grouped
             return "grouped_conv"
-        return "conv_1x1" if pointwise else "conv_kxk"
+        kind = "conv_1x1" if pointwise else "conv_kxk"
+        return f"{kind}_channels_last" if layout == "channels_last" else kind
     if kind == "depthwise_conv":
         if len(x) > 1 and weight[0] != x[1]:  # a channel multiplier: C_out = k * C_in, another kernel
             return "depthwise_multiplier"
@@ -292,7 +303,7 @@ def fit_kind(
     if op in _NO_OP:
         return "view"
     if op in _POOL:
-        return "pool"
+        return "pool_channels_last" if layout == "channels_last" else "pool"
     if op in _REDUCE:
         return "reduce"
     if op in _RESAMPLE:

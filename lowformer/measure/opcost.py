@@ -219,6 +219,44 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """`Tensor.suggest_memory_format` of a 4-D tensor (channels-last by its strides, `image_layout`)."""
+    channels_last = t.dim() == 4 and _strides_like_channels_last(t.shape, t.stride())
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _conv_layout(args: tuple, out):
+    """A convolution's output is channels-last when its input or weight is (oneDNN's and cuDNN's rule); the
+    meta kernel returns NCHW for a channels-last input at any batch size."""
+    x, weight = args[0], args[1]
+    if out.dim() == 4 and torch.channels_last in (_memory_format(x), _memory_format(weight)):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _group_norm_layout(args: tuple, out):
+    """Group norm's output has its input's memory format on CPU; the meta kernel's is always NCHW."""
+    return (out[0].contiguous(memory_format=_memory_format(args[0])), *out[1:])
+
+
+def _layer_norm_layout(args: tuple, out):
+    """Layer norm's output is contiguous on CPU; the meta kernel keeps the strides of an input that is dense
+    but for the stride of a dimension of size 1 (a batch of 1 viewed so: EdgeNeXt's tokens), a stride no
+    layout rule reads, corrected so that the walk's strides are the CPU's."""
+    return (out[0].contiguous(), *out[1:])
+
+
+# the ATen calls whose meta kernels lay out their output unlike the eager CPU kernels that the latency model's
+# sweep timed (every other call of the 48 models of `analyze models --set isomacs24` and `isomacs24-large`,
+# batch 1 and 16, matches: benchmarks/meta_layouts.py): their meta output is copied (free on the meta device)
+# to the eager layout, so that the calls after them see the layout (`image_layout`) they see when the model runs
+_EAGER_LAYOUT = {
+    "convolution": _conv_layout,
+    "native_group_norm": _group_norm_layout,
+    "native_layer_norm": _layer_norm_layout,
+}
+
+
 class _CostWalk(TorchDispatchMode):
     """Records every ATen call with its MACs, FLOPs, the tensors it reads and writes, and the module it
     runs in; tags each call for the profiler (`lowformer.op#N`) so that it can be grouped under its
@@ -241,6 +279,8 @@ class _CostWalk(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if name in _EAGER_LAYOUT and next(_tensors(out)).device.type == "meta":
+            out = _EAGER_LAYOUT[name](args, out)
         self.leaves.append(self._leaf(name, args, kwargs, out))
         return out
 
