@@ -260,10 +260,10 @@ def fit_kind(
     channels-last input (0.3-0.7x the NCHW time on two threads of the development CPU, 512 channels at
     56 px: 0.6-0.8 ms against 2.2 ms), and copies a strided one to NCHW first (PVT-v2's token
     sequence viewed as an image at batch 1: 6.6 ms at that size). Dense convs and window pools run other
-    kernels on a channels-last input too (two threads of the development CPU, 64 channels at 56 px, batch 1:
-    a 1x1 conv to 256 channels 0.65 ms against 3.4 ms, a 3x3 avg pool 0.11 ms against 1.1 ms; batch 16: a
-    3x3 conv 19 ms against 36 ms), which a network whose norms keep channels-last (ConvNeXt, PoolFormer)
-    hands them all. `inner_stride` is the stride of the
+    kernels on a channels-last input too (in the sweep of a calibration on two threads of the development
+    CPU, the channels-last time over the NCHW time at the same cell: window pools 0.08-0.42, median 0.13;
+    1x1 and 3x3 convs 0.16-1.87, median 0.87-0.92), which a network whose norms keep channels-last
+    (ConvNeXt, PoolFormer) hands them all. `inner_stride` is the stride of the
     input's last dimension (`lowformer.measure.opcost.inner_stride`): SDPA on a query whose head
     dimension is not contiguous (LowFormer's q, k and v, transposed chunks of one conv output) runs as
     matmuls and a softmax, not PyTorch's fused CPU kernel (two threads of the development CPU, 2 heads

@@ -226,7 +226,7 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def _conv_layout(args: tuple, out):
-    """A convolution's output is channels-last when its input or weight is (oneDNN's and cuDNN's rule); the
+    """A convolution's output is channels-last on the CPU when its input or weight is (oneDNN's rule); the
     meta kernel returns NCHW for a channels-last input at any batch size."""
     x, weight = args[0], args[1]
     if out.dim() == 4 and torch.channels_last in (_memory_format(x), _memory_format(weight)):
