@@ -260,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
             models[f"{name}-reuse"] = fit_latency_model(lm.samples, lm.ceilings, lm.settings, cache_bytes=cache)
         if args.without_reuse and lm.cache_bytes:
             models[f"{name}-noreuse"] = dataclasses.replace(lm, cache_bytes=0)
-        if args.without_layout and FALLBACK_KINDS.keys() & lm.factors.keys():
-            factors = {k: f for k, f in lm.factors.items() if k not in FALLBACK_KINDS}
-            models[f"{name}-nolayout"] = dataclasses.replace(lm, factors=factors)
-        for group in dropped:
-            if lm.factors.keys() & set(group):
+        variants = {f"{name}-no-{'+'.join(group)}": group for group in dropped}
+        if args.without_layout:
+            variants[f"{name}-nolayout"] = tuple(FALLBACK_KINDS)
+        for variant, group in variants.items():
+            if lm.factors.keys() & set(group):  # the model has one of them: its calls fall back without it
                 factors = {k: f for k, f in lm.factors.items() if k not in group}
-                models[f"{name}-no-{'+'.join(group)}"] = dataclasses.replace(lm, factors=factors)
+                models[variant] = dataclasses.replace(lm, factors=factors)
         if args.refit and lm.samples and all(x.hot_time_s for x in lm.samples):
             models[f"{name}-refit"] = fit_latency_model(
                 lm.samples, lm.ceilings, lm.settings, cache_bytes=lm.cache_bytes

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_map
 
 from lowformer.analyze.models import model_set
 from lowformer.bench.models import build_source
-from lowformer.measure.opcost import _EAGER_LAYOUT
+from lowformer.measure.opcost import _EAGER_LAYOUT, _tensors
 
 
 def _on_meta(x):
@@ -45,7 +45,7 @@ class _Compare(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        first = next((t for t in _outputs(out)), None)
+        first = next(_tensors(out), None)
         if first is None or first.numel() < 2:
             return out
         self.counts["calls"] += 1
@@ -58,7 +58,7 @@ class _Compare(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if self.corrected and name in _EAGER_LAYOUT:
             meta = _EAGER_LAYOUT[name](meta_args, meta)
-        meta_first = next((t for t in _outputs(meta)), None)
+        meta_first = next(_tensors(meta), None)
         if meta_first is not None and meta_first.stride() != first.stride():
             x = next((a for a in args if isinstance(a, torch.Tensor)), None)
             entry = self.found.setdefault(str(func), {"calls": 0, "models": [], "example": None})
@@ -73,15 +73,6 @@ class _Compare(TorchDispatchMode):
                 "meta_strides": list(meta_first.stride()),
             }
         return out
-
-
-def _outputs(out):
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                yield o
 
 
 def meta_layouts(names: list, batch: int, corrected: bool) -> dict:

@@ -220,9 +220,8 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """`Tensor.suggest_memory_format` of a 4-D tensor (channels-last by its strides, `image_layout`)."""
-    channels_last = t.dim() == 4 and _strides_like_channels_last(t.shape, t.stride())
-    return torch.channels_last if channels_last else torch.contiguous_format
+    """`Tensor.suggest_memory_format`: channels-last for what `image_layout` calls channels-last."""
+    return torch.channels_last if image_layout(t) == "channels_last" else torch.contiguous_format
 
 
 def _conv_layout(args: tuple, out):
