@@ -587,18 +587,31 @@ def _two_call_samples(first: KindFactors, hot: KindFactors, c: Ceilings) -> list
     return samples
 
 
-def test_overhead_comes_from_the_hot_calls():
-    """e_c and e_m are fitted on the first calls of each round, o on the second (hot) calls: samples
-    made from two known factor sets, differing only in overhead, give back each where it belongs."""
+def test_first_and_hot_factors_are_fitted_apart():
+    """The first-call factors, overhead included, are fitted on the first calls of each round and the hot
+    ones on the second (hot) calls: samples made from two known factor sets, differing in overhead and
+    memory efficiency, give back each where it belongs, and a prediction of a call with nothing in cache
+    costs the first call's overhead (sweep versions 2-9 took it from the hot calls)."""
     c = synthetic_ceilings()
-    first, hot = KindFactors(0.4, 0.8, 40.0), KindFactors(0.4, 0.8, 4.0)
+    first, hot = KindFactors(0.4, 0.8, 40.0), KindFactors(0.4, 1.6, 4.0)
     samples = _two_call_samples(first, hot, c)
     fitted = fit_kind_factors(samples, c)
     assert fitted.compute_efficiency == pytest.approx(0.4, rel=0.05)
     assert fitted.memory_efficiency == pytest.approx(0.8, rel=0.05)
-    assert fitted.overhead_calls == pytest.approx(4.0, rel=0.1)
-    assert fitted.first_call_overhead == pytest.approx(40.0, rel=0.1)
+    assert fitted.overhead_calls == pytest.approx(40.0, rel=0.1)
+    assert fitted.first_call_overhead is None
+    assert fitted.hot.overhead_calls == pytest.approx(4.0, rel=0.1)
+    assert fitted.hot.memory_efficiency == pytest.approx(1.6, rel=0.05)
     assert fitted.median_abs_error < 0.02  # of the first-call fit on the first calls
+    costs = count_op_costs(nn.Conv2d(8, 8, 1), (1, 8, 8, 8))
+    (op,) = LatencyModel(c, {"conv_1x1": fitted}).predict(costs)  # no cache: nothing is reused
+    assert op["fit_kind"] == "conv_1x1" and op["reuse_s"] == 0.0
+    assert op["overhead_s"] == pytest.approx(40.0 * c.overhead_s, rel=0.1)
+    text = format_calibration(c.to_dict(), LatencyModel(c, {"conv_1x1": fitted}, cache_bytes=2**21).to_dict())
+    assert "hot overhead" in text and "1st-call overhead" not in text
+    older = dataclasses.replace(fitted, overhead_calls=fitted.hot.overhead_calls, first_call_overhead=40.0)
+    text = format_calibration(c.to_dict(), LatencyModel(c, {"conv_1x1": older}, cache_bytes=2**21).to_dict())
+    assert "1st-call overhead" in text and "hot overhead" not in text
 
 
 def test_serial_share_of_small_calls():

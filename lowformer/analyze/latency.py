@@ -60,11 +60,15 @@ and batch sizes, timed with the measuring core interleaved with each other, and 
 every case twice in a row: the first call comes after all the other cases (its weights and
 activations out of the caches, as a model's weights are between two of its uses), the second right
 after itself (its code path and dispatch hot, as they are in a network that runs the same kinds of
-operator again and again). e_c and e_m are fitted on the first calls; o on the second (a model's small
-operators cost what the hot calls say: the first call of a batch norm at batch 1 is 3-5x its hot call,
-and a network's are close to hot). h is chosen per kind from a grid of times by the same least squares
-on the first calls, e_c and e_m fitted again under it; the hot factors are all four fitted the same way
-on the hot calls. The fit is cached next to the calibration.
+operator again and again). The first-call factors (e_c, e_m, o and h) are fitted on the first calls and
+the hot factors, all four, on the hot calls, so that t_first and t_hot each describe one kind of call and
+r chooses between them: a batch norm at batch 1, whose input the call before it wrote, runs at its hot
+time (its first call costs 3-5x that), a conv whose weights were last used a pass ago near its first.
+h is chosen per kind from a grid of times by the same least squares, the other three fitted again under
+it. (Sweep versions 2-9 took t_first's o from the hot calls too, a choice of version 2, made before r
+existed; judged on the same stored runs, the first calls' o ranks the models better at batch 1:
+docs/analyze.md, "The first call's overhead, now that reuse prices the hot calls".) The fit is cached
+next to the calibration.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ from .opkinds import FALLBACK_KINDS, fit_kind_of
 _logger = logging.getLogger(__name__)
 
 SCHEMA = "lowformer.analyze.latency-model/1"
-SWEEP_VERSION = 9  # bump when the cases, their grid, their timing or the fit change
+SWEEP_VERSION = 10  # bump when the cases, their grid, their timing or the fit change
 # versions whose files still load: 1 timed each case once per round, so its overhead is the first call's;
 # 2 fitted without the fresh-page term (its samples carry no output bytes, so the term is 0 in its fit);
 # 3 without the serial share (h = 0: every call runs on all threads); 4 without hot-call factors (no
@@ -106,8 +110,9 @@ SWEEP_VERSION = 9  # bump when the cases, their grid, their timing or the fit ch
 # inputs (their files predict those calls with the NCHW depthwise conv's factors), 1-7 no SDPA case with a
 # strided head dimension (theirs predict it with SDPA's), 1-8 no dense conv or window pool on channels-last
 # inputs (theirs predict those with the NCHW kinds' factors), and 1-8 timed 5 rounds where 9 times 3;
-# `FALLBACK_KINDS`
-READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# `FALLBACK_KINDS`; 2-9 fitted the first-call time's overhead on the hot calls (kept beside it as
+# `first_call_overhead`, their files predict with the hot one), where 10 fits it on the first calls
+READABLE_SWEEP_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 # the half-parallel times h tried per kind (roofline seconds; 0: always parallel): 1 us to 10 ms
 SERIAL_HALVES = (0.0, *(10.0 ** (e / 4) for e in range(-24, -7)))
 
@@ -479,11 +484,11 @@ class KindFactors:
 
     compute_efficiency: float  # e_c: share of the compute ceiling
     memory_efficiency: float  # e_m: share of the bandwidth ceiling
-    overhead_calls: float  # o: overhead per call in units of the calibrated overhead (hot calls)
+    overhead_calls: float  # o: overhead per call in units of the calibrated overhead (sweep versions 2-9: hot calls)
     samples: int = 0
     median_abs_error: float | None = None  # of the fit on its own first calls (e_c, e_m and their own o)
     element_scale: float = 1.0  # s: fitted on design-element sweeps (`lowformer.analyze.element_fit`)
-    first_call_overhead: float | None = None  # o fitted on the first calls, for comparison; unused
+    first_call_overhead: float | None = None  # sweep versions 2-9: o fitted on the first calls; unused
     half_parallel_s: float = 0.0  # h: the roofline time at which half of a call's work runs in parallel
     half_parallel_bytes: float = 0.0  # h of sweep versions 4 and 5: the output size (bytes) instead
     hot: KindFactors | None = None  # e_c, e_m, o and h fitted on the hot calls (inputs and weights in cache)
@@ -597,21 +602,17 @@ def _fit_times(
 
 
 def fit_kind_factors(samples: Sequence[Sample], ceilings: Ceilings, serial: bool = True) -> KindFactors:
-    """e_c and e_m fitted on the samples' first calls; o on their hot calls where every sample has
-    one (else on the first calls too), and then the hot factors on the hot calls alone. Each fit is
-    least squares in log time over (e_c, e_m, o). With more than one CPU thread, h is the time of
-    `SERIAL_HALVES` whose coarse fit (every other grid point, refined once) fits the times best; the
-    fits then run under its serial share. `serial=False` fits h = 0 (every call on all threads: the
-    model of sweep version 3)."""
+    """e_c, e_m, o and h fitted on the samples' first calls, and where every sample has a hot call, the
+    hot factors, all four, on the hot calls alone. Each fit is least squares in log time over (e_c,
+    e_m, o). With more than one CPU thread, h is the time of `SERIAL_HALVES` whose coarse fit (every
+    other grid point, refined once) fits the times best; the fit then runs under its serial share.
+    `serial=False` fits h = 0 (every call on all threads: the model of sweep version 3)."""
     flops = np.array([s.flops for s in samples], dtype=float)
     nbytes = np.array([s.bytes for s in samples], dtype=float)
     written = np.array([s.bytes_written for s in samples], dtype=float)
     factors = _fit_times(flops, nbytes, written, np.array([s.time_s for s in samples], dtype=float), ceilings, serial)
     if all(s.hot_time_s for s in samples):
         hot = np.array([s.hot_time_s for s in samples], dtype=float)
-        factors.first_call_overhead = factors.overhead_calls
-        pages = _fresh_pages(written, ceilings)
-        factors.overhead_calls = _fit_grid(flops, nbytes, hot, ceilings, pages, factors.half_parallel_s)[2]
         factors.hot = _fit_times(flops, nbytes, written, hot, ceilings, serial)
     return factors
 

@@ -31,6 +31,7 @@ from .tables import (
     format_ratio,
     has_cache_reuse,
     has_serial_share,
+    hot_factors_apart,
     models_rows,
     not_measured,
     overhead_from_hot_calls,
@@ -335,6 +336,9 @@ def _calibration_md(data: dict) -> list[str]:
             "; the efficiencies on each case's first call of a round (after the other cases), the overhead on its "
             "second (right after itself):"
             if overhead_from_hot_calls(lm)
+            else "; the factors on each case's first call of a round (after the other cases), the hot ones on its "
+            "second (right after itself):"
+            if hot_factors_apart(lm)
             else ":"
         ),
         "",
@@ -348,7 +352,8 @@ def _calibration_md(data: dict) -> list[str]:
     if has_cache_reuse(lm):
         out += [
             "",
-            "Hot compute/memory eff.: the same factors fitted on each case's hot call (inputs and weights in cache); "
+            f"Hot compute/memory eff.{', hot overhead' if hot_factors_apart(lm) else ''}: the same factors fitted on "
+            "each case's hot call (inputs and weights in cache); "
             f"a call's time is its time at the first-call factors {cache_reuse_formula(lm)}.",
         ]
     return out

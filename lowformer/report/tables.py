@@ -444,9 +444,15 @@ def ceilings_line(c: dict) -> str:
 
 
 def overhead_from_hot_calls(model: dict) -> bool:
-    """Whether a latency model (`LatencyModel.to_dict()`) fitted its overheads on hot calls (sweep
-    version 2 on), keeping the first calls' beside them."""
+    """Whether a latency model (`LatencyModel.to_dict()`) fitted the overheads of its first-call factors on
+    hot calls (sweep versions 2-9), keeping the first calls' beside them."""
     return any(f.get("first_call_overhead") is not None for f in model["factors"].values())
+
+
+def hot_factors_apart(model: dict) -> bool:
+    """Whether a latency model (`LatencyModel.to_dict()`) fitted all its first-call factors on first calls
+    and all its hot factors, the overhead too, on hot calls (sweep version 10 on)."""
+    return has_cache_reuse(model) and not overhead_from_hot_calls(model)
 
 
 def has_serial_share(model: dict) -> bool:
@@ -511,6 +517,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
     if serial:
         headers.insert(len(headers) - 2, "half parallel at")
     reuse = has_cache_reuse(model)
+    hot_overhead = hot_factors_apart(model)
+    if hot_overhead:
+        headers.insert(4, "hot overhead")
     if reuse:
         headers[3:3] = ["hot compute eff.", "hot memory eff."]
     refined = "elements" in model.get("settings", {})
@@ -530,6 +539,9 @@ def calibration_rows(model: dict) -> tuple[list[str], list[list[str]]]:
         if first_calls:
             first = f.get("first_call_overhead")
             row.insert(4, "-" if first is None else f"{first * overhead * 1e6:.1f}")
+        if hot_overhead:
+            hot = (f.get("hot") or {}).get("overhead_calls")
+            row.insert(4, "-" if hot is None else f"{hot * overhead * 1e6:.1f}")
         if serial:
             row.insert(len(row) - 2, format_half(f))
         if reuse:
@@ -588,6 +600,9 @@ def format_calibration(ceilings: dict, model: dict | None = None) -> str:
                 "; efficiencies fitted on each case's first call of a round, after the other cases; overhead on "
                 "its second, right after itself)"
                 if overhead_from_hot_calls(model)
+                else "; the factors fitted on each case's first call of a round, after the other cases; the hot ones "
+                "on its second, right after itself)"
+                if hot_factors_apart(model)
                 else ")"
             )
         )
