@@ -19,11 +19,11 @@ import argparse
 import sys
 
 import torch
+from _models_arg import add_model_arguments, model_names
 from _record import measure_and_write
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from lowformer.analyze.models import model_set
 from lowformer.bench.models import build_source
 from lowformer.measure.opcost import _EAGER_LAYOUT, _tensors
 
@@ -113,28 +113,16 @@ def to_markdown(result: dict, command: str, date: str, load: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", metavar="MODEL", help="our names or timm:NAME (or --set)")
-    p.add_argument(
-        "--set",
-        dest="model_sets",
-        action="append",
-        default=[],
-        help="a named model set of `lowformer analyze models` (repeatable)",
-    )
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument(
         "--uncorrected", action="store_true", help="compare the meta kernels' own outputs, without the correction"
     )
     p.add_argument("--out", required=True, metavar="DIR")
     args = p.parse_args(argv)
-    if bool(args.models) == bool(args.model_sets):
-        p.error("give model names or --set, not both (and not neither)")
+    names = model_names(p, args)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        names = list(args.models) or [name for s in args.model_sets for name in model_set(s)]
-    except ValueError as e:
-        p.error(str(e))
     measure_and_write(
         args.out,
         "meta-layouts",

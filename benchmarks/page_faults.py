@@ -22,9 +22,9 @@ import resource
 import sys
 
 import torch
+from _models_arg import add_model_arguments, model_names
 from _record import measure_and_write
 
-from lowformer.analyze.models import model_set
 from lowformer.bench.models import build_source
 from lowformer.measure import stats
 from lowformer.measure.calibrate import FRESH_PAGES_ABOVE, PAGE_BYTES
@@ -129,19 +129,13 @@ def to_markdown(result: dict, command: str, date: str, load: float | None) -> st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", metavar="MODEL", help="our names or timm:NAME (or --set)")
-    p.add_argument("--set", dest="model_set", help="a named model set of `lowformer analyze models`")
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", required=True, metavar="DIR")
     args = p.parse_args(argv)
-    if bool(args.models) == bool(args.model_set):
-        p.error("give model names or --set, not both (and not neither)")
-    try:
-        names = list(args.models) or list(model_set(args.model_set))
-    except ValueError as e:
-        p.error(str(e))
+    names = model_names(p, args)
     measure_and_write(
         args.out,
         "page-faults",

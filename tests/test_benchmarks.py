@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lowformer.analyze.models import model_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,3 +180,23 @@ def test_meta_layouts_finds_the_meta_kernels_the_walk_corrects(monkeypatch, tmp_
     assert corrected["operators"] == {} and corrected["calls"] >= 5
     script.main(["timm:test_resnet", "--out", str(tmp_path)])
     assert "laid out as on the CPU" in (tmp_path / "meta-layouts.md").read_text()
+
+
+def test_benchmark_model_arguments(monkeypatch, capsys):
+    """The benchmarks that run on models take names or repeatable --set, never both or neither; an unknown
+    set is a usage error (exit 2) that names the sets."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    helper = _script("_models_arg")
+    p = argparse.ArgumentParser()
+    helper.add_model_arguments(p)
+    assert helper.model_names(p, p.parse_args(["a", "timm:b"])) == ["a", "timm:b"]
+    both = helper.model_names(p, p.parse_args(["--set", "isomacs24", "--set", "isomacs24-large"]))
+    assert both == [*model_set("isomacs24"), *model_set("isomacs24-large")] and len(both) == 48
+    for argv, message in [
+        ([], "not both"),
+        (["a", "--set", "isomacs24"], "not both"),
+        (["--set", "nope"], "isomacs24"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            helper.model_names(p, p.parse_args(argv))
+        assert stop.value.code == 2 and message in capsys.readouterr().err
